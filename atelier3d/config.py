@@ -1,0 +1,63 @@
+"""Application settings: the ``args`` of the Serve application in the Serve YAML.
+
+Deployment sizing (replicas, CPUs/GPUs, autoscaling, ``max_ongoing_requests``) is *not* here: it
+lives in the YAML's ``deployments`` section, where Ray Serve applies it. This model holds what the
+Python code needs to know: which weights, which limits, how long sessions live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from atelier3d.models.sam import default_cache_dir
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamSettings(_Strict):
+    checkpoint: str = Field("vit_b", description="local .pth path, URL, or vit_b / vit_l / vit_h")
+    model_type: str | None = Field(None, description="architecture; inferred from the file name")
+    decoder_int8: bool = Field(False, description="dynamic int8 quantisation of the ONNX decoder")
+    onnx_providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime providers in order of preference; unavailable ones are skipped",
+    )
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    encode_timeout_s: float = Field(300.0, gt=0)
+
+
+class Limits(_Strict):
+    max_upload_bytes: int = Field(25 * 2**20, gt=0)
+    max_json_bytes: int = Field(4 * 2**20, gt=0)
+    max_pixels: int = Field(36_000_000, gt=0, description="decompression-bomb guard")
+    max_points: int = Field(64, gt=0)
+    max_sessions_per_client: int = Field(32, gt=0)
+
+
+class SessionSettings(_Strict):
+    ttl_s: float = Field(3600.0, gt=0, description="idle time after which a session expires")
+    max_sessions: int = Field(512, gt=0, description="least recently used sessions go first")
+    max_resident_embeddings: int = Field(
+        128, gt=0, description="embeddings kept in the object store; others are recomputed"
+    )
+    max_history: int = Field(64, gt=0, description="undo steps kept per object")
+
+
+class AppConfig(_Strict):
+    models: Literal["auto", "tiny", "real"] = "auto"
+    cache_dir: str | None = Field(None, description="weights and ONNX cache; $ATELIER3D_HOME")
+    sam: SamSettings = Field(default_factory=SamSettings)
+    limits: Limits = Field(default_factory=Limits)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
+    ui: bool = Field(True, description="mount the Gradio UI at /")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()

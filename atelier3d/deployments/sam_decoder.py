@@ -1,0 +1,144 @@
+"""SamDecoder: SAM's prompt encoder + mask decoder as an ONNX graph run by ONNX Runtime.
+
+The replica imports no torch unless the ONNX file must first be exported. Each click fetches the
+session's embedding from the object store by reference (zero-copy on the same node); a small LRU
+keeps recently used ones so repeated clicks on one image skip even that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from pydantic import BaseModel, Field
+from ray import serve
+
+from atelier3d import rle
+from atelier3d.config import AppConfig
+from atelier3d.errors import EmbeddingLostError
+from atelier3d.models.sam import resolve_checkpoint
+from atelier3d.models.sam_prompts import decoder_prompt
+from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
+from atelier3d.serve.schemas import ModelInfo
+
+logger = logging.getLogger("ray.serve")
+
+
+class DecoderUserConfig(BaseModel):
+    # One thread per replica: ORT and torch pools collapse when cores are oversubscribed.
+    intra_op_threads: int = Field(1, ge=1)
+    embedding_cache_size: int = Field(8, ge=0)
+
+
+@dataclass
+class DecodeRequest:
+    embedding: list  # [ObjectRef] - wrapped so Serve passes the reference, not the 4 MiB array
+    size: tuple[int, int]
+    points: np.ndarray | None
+    labels: np.ndarray | None
+    box: np.ndarray | None
+    mask_logits: np.ndarray | None
+    multimask: bool
+    return_low_res: bool
+
+
+@dataclass
+class DecodeResult:
+    rles: list[dict]
+    scores: list[float]
+    bboxes: list[list[int]]
+    areas: list[int]
+    low_res: np.ndarray | None  # (K, 256, 256) float32 logits
+    decode_ms: float
+
+
+@serve.deployment(name="SamDecoder")
+class SamDecoder:
+    def __init__(self, config: dict) -> None:
+        cfg = AppConfig.model_validate(config)
+        self.checkpoint = resolve_checkpoint(
+            cfg.sam.checkpoint, cfg.models, cfg.sam.model_type, cfg.cache_path
+        )
+        self.onnx_paths = {
+            multimask: cached_decoder_onnx(
+                self.checkpoint, cfg.cache_path, multimask=multimask, int8=cfg.sam.decoder_int8
+            )
+            for multimask in (True, False)
+        }
+        self.providers = cfg.sam.onnx_providers
+        self.sessions: dict = {}
+        self.embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_size = 8
+
+    def reconfigure(self, user_config: dict) -> None:
+        import onnxruntime as ort
+
+        settings = DecoderUserConfig.model_validate(user_config or {})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.providers if p in available] or ["CPUExecutionProvider"]
+        self.sessions = {
+            multimask: ort.InferenceSession(str(path), options, providers=providers)
+            for multimask, path in self.onnx_paths.items()
+        }
+        self.cache_size = settings.embedding_cache_size
+        logger.info("SamDecoder ready: providers %s, %d thread(s)", providers,
+                    settings.intra_op_threads)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model_type=self.checkpoint.model_type,
+            weights="trained" if self.checkpoint.trained else "untrained",
+            checkpoint_sha256=self.checkpoint.sha256,
+        )
+
+    def _embedding(self, ref: ray.ObjectRef) -> np.ndarray:
+        key = ref.hex()
+        if key in self.embeddings:
+            self.embeddings.move_to_end(key)
+            return self.embeddings[key]
+        try:
+            embedding = ray.get(ref, timeout=60)
+        except ray.exceptions.ObjectLostError as exc:
+            raise EmbeddingLostError(f"embedding {key} is gone: {type(exc).__name__}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise EmbeddingLostError(f"embedding {key} failed to compute: {exc}") from exc
+        if self.cache_size:
+            self.embeddings[key] = embedding
+            while len(self.embeddings) > self.cache_size:
+                self.embeddings.popitem(last=False)
+        return embedding
+
+    def decode(self, request: DecodeRequest) -> DecodeResult:
+        embedding = self._embedding(request.embedding[0])
+        prompt = decoder_prompt(
+            request.size, request.points, request.labels, request.box, request.mask_logits
+        )
+        start = time.perf_counter()
+        masks, scores, low_res = self.sessions[request.multimask].run(
+            None,
+            {
+                "image_embeddings": embedding,
+                "point_coords": prompt.point_coords,
+                "point_labels": prompt.point_labels,
+                "mask_input": prompt.mask_input,
+                "has_mask_input": prompt.has_mask_input,
+                "orig_im_size": prompt.orig_im_size,
+            },
+        )
+        decode_ms = (time.perf_counter() - start) * 1000
+        rles = rle.encode(masks[0])
+        return DecodeResult(
+            rles=rles,
+            scores=[float(s) for s in scores[0]],
+            bboxes=[rle.bbox_xywh(r) for r in rles],
+            areas=[rle.area(r) for r in rles],
+            low_res=low_res[0] if request.return_low_res else None,
+            decode_ms=decode_ms,
+        )

@@ -1,0 +1,213 @@
+"""The versioned HTTP API (``/v1``): FastAPI routes over the segmentation service."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from atelier3d.config import AppConfig
+from atelier3d.errors import ApiError, BadRequest
+from atelier3d.serve.schemas import (
+    CutoutRequest,
+    ErrorResponse,
+    ObjectState,
+    ReadyInfo,
+    SegmentRequest,
+    SegmentResponse,
+    SelectRequest,
+    SessionInfo,
+)
+from atelier3d.serve.segmentation import SegmentationService
+
+logger = logging.getLogger("ray.serve")
+
+ERRORS = {
+    status: {"model": ErrorResponse}
+    for status in (400, 404, 409, 413, 415, 422, 429, 503)
+}
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+              413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
+
+
+def error_response(status: int, code: str, message: str, retry_after_s: float | None = None):
+    headers = {"Retry-After": str(int(retry_after_s + 0.999))} if retry_after_s else None
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over the limit with 413 while they stream in, before parsing.
+
+    Uploads get ``max_upload_bytes`` (plus multipart overhead); every other body gets
+    ``max_json_bytes``. Chunked bodies without a Content-Length are counted too.
+    """
+
+    def __init__(self, app: ASGIApp, config: AppConfig) -> None:
+        self.app = app
+        self.upload_limit = config.limits.max_upload_bytes + 64 * 1024
+        self.json_limit = config.limits.max_json_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/sessions"
+        limit = self.upload_limit if is_upload else self.json_limit
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send, limit)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error_response(413, "payload_too_large", f"request body over {limit} bytes")
+        await response(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+
+def client_key(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def build_router(service: SegmentationService) -> APIRouter:
+    router = APIRouter(prefix="/v1", responses=ERRORS)
+
+    @router.post("/sessions", status_code=201, response_model=SessionInfo,
+                 summary="Upload an image (multipart field 'image', or the raw bytes)")
+    async def create_session(request: Request, wait: bool = False) -> SessionInfo:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=4)
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise BadRequest("multipart upload needs a file field named 'image'")
+            data = await upload.read()
+        else:
+            data = await request.body()
+        info = await service.create_session(data, client_key(request))
+        return await service.wait_ready(info.session_id) if wait else info
+
+    @router.get("/sessions/{session_id}", response_model=SessionInfo)
+    async def get_session(session_id: str) -> SessionInfo:
+        return await service.get_session(session_id)
+
+    @router.delete("/sessions/{session_id}", status_code=204)
+    async def delete_session(session_id: str) -> Response:
+        await service.delete_session(session_id)
+        return Response(status_code=204)
+
+    @router.post("/sessions/{session_id}/segment", response_model=SegmentResponse)
+    async def segment(session_id: str, body: SegmentRequest) -> SegmentResponse:
+        return await service.segment(session_id, body)
+
+    @router.post("/sessions/{session_id}/cutout", response_class=Response,
+                 responses={200: {"content": {"image/png": {}}}})
+    async def cutout(session_id: str, body: CutoutRequest) -> Response:
+        png = await service.cutout(session_id, body)
+        return Response(content=png, media_type="image/png")
+
+    @router.post("/sessions/{session_id}/objects", status_code=201, response_model=ObjectState)
+    async def create_object(session_id: str) -> ObjectState:
+        return await service.create_object(session_id)
+
+    @router.get("/sessions/{session_id}/objects/{object_id}", response_model=ObjectState)
+    async def get_object(session_id: str, object_id: str) -> ObjectState:
+        return await service.get_object(session_id, object_id)
+
+    @router.delete("/sessions/{session_id}/objects/{object_id}", status_code=204)
+    async def delete_object(session_id: str, object_id: str) -> Response:
+        await service.delete_object(session_id, object_id)
+        return Response(status_code=204)
+
+    @router.post("/sessions/{session_id}/objects/{object_id}/select", response_model=ObjectState)
+    async def select(session_id: str, object_id: str, body: SelectRequest) -> ObjectState:
+        return await service.select(session_id, object_id, body.index)
+
+    for action in ("undo", "redo", "reset"):
+        def make(action: str):
+            async def edit(session_id: str, object_id: str) -> ObjectState:
+                return await service.edit_object(session_id, object_id, action)
+
+            edit.__name__ = action
+            return edit
+
+        router.add_api_route(
+            f"/sessions/{{session_id}}/objects/{{object_id}}/{action}",
+            make(action),
+            methods=["POST"],
+            response_model=ObjectState,
+            summary=f"{action.capitalize()} the object's last step",
+        )
+    return router
+
+
+def build_api(service: SegmentationService, config: AppConfig) -> FastAPI:
+    app = FastAPI(
+        title="atelier3d",
+        version="1",
+        description="Interactive segmentation (SAM) served on Ray Serve. Errors are "
+        '`{"error": {"code", "message"}}`.',
+    )
+    install_error_handlers(app)
+    app.include_router(build_router(service))
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=ReadyInfo)
+    async def readyz() -> ReadyInfo:
+        return await service.ready()
+
+    app.add_middleware(BodyLimitMiddleware, config=config)
+    return app

@@ -1,0 +1,35 @@
+"""Gateway: the ingress deployment. FastAPI routes and the Gradio UI, built inside the replica.
+
+The ASGI app is late-bound (``@serve.ingress()`` + ``__serve_build_asgi_app__``) because a
+prebuilt Gradio app cannot be pickled into the deployment, and Ray's Gradio wrappers are broken
+with Gradio 6.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from atelier3d.config import AppConfig
+from atelier3d.serve.api import build_api
+from atelier3d.serve.segmentation import SegmentationService
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress()
+class Gateway:
+    def __init__(self, config: dict, encoder: DeploymentHandle, decoder: DeploymentHandle):
+        self.config = AppConfig.model_validate(config)
+        self.service = SegmentationService(self.config, encoder, decoder)
+
+    def __serve_build_asgi_app__(self):
+        app = build_api(self.service, self.config)
+        if self.config.ui:
+            from atelier3d.serve.ui import mount_ui
+
+            app = mount_ui(app, self.service)
+        return app

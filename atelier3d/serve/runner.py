@@ -1,0 +1,93 @@
+"""Starting and stopping the system on an embedded local Ray (``atelier3d serve``, the tests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "atelier3d"
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("atelier3d.serve") / "configs" / "local.yaml"))
+
+
+def load_serve_config(
+    path: str | Path | None = None,
+    models: str | None = None,
+    port: int | None = None,
+    args_override: dict | None = None,
+) -> dict:
+    """Reads a Serve YAML and applies the CLI's overrides to it (a plain dict, ready to deploy)."""
+    with open(path or default_config_path()) as f:
+        config = yaml.safe_load(f)
+    if port is not None:
+        config.setdefault("http_options", {})["port"] = port
+    for app in config["applications"]:
+        args = app.setdefault("args", {})
+        if models is not None:
+            args["models"] = models
+        for key, value in (args_override or {}).items():
+            if isinstance(value, dict) and isinstance(args.get(key), dict):
+                args[key] = {**args[key], **value}
+            else:
+                args[key] = value
+    return config
+
+
+def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = None,
+          timeout_s: float = 600.0) -> None:
+    """Starts a local Ray, deploys every application of ``config`` and waits until they run."""
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    if not ray.is_initialized():
+        # Logical CPUs: replicas ask for fractions of them; the OS shares the real cores.
+        ray.init(
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            log_to_driver=os.environ.get("ATELIER3D_RAY_LOGS", "1") == "1",
+        )
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    )
+    client.deploy_apps(schema, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    names = [app.name for app in schema.applications]
+    while True:
+        statuses = serve.status().applications
+        states = {name: statuses[name].status if name in statuses else "NOT_STARTED"
+                  for name in names}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = [n for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            raise RuntimeError(f"{failed[0]} failed: {statuses[failed[0]].message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
+        time.sleep(0.5)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

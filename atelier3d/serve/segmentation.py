@@ -1,0 +1,337 @@
+"""The segmentation service: what the Gateway's HTTP routes and the Gradio UI both call.
+
+It owns the session store and talks to the SamEncoder and SamDecoder deployments through their
+handles. The embedding never passes through this process: the encoder's result is turned into an
+object reference (owned here, so it outlives encoder replicas that scale down) and only that
+reference travels with each click.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import ray
+
+from atelier3d import rle
+from atelier3d.config import AppConfig
+from atelier3d.deployments.sam_decoder import DecodeRequest, DecodeResult
+from atelier3d.errors import (
+    BadRequest,
+    Conflict,
+    EmbeddingLostError,
+    PayloadTooLarge,
+    Unavailable,
+)
+from atelier3d.imaging import decode_image, encode_png
+from atelier3d.models.sam_prompts import mask_to_logits
+from atelier3d.serve.schemas import (
+    RLE,
+    CutoutRequest,
+    MaskCandidate,
+    ModelInfo,
+    ObjectState,
+    ReadyInfo,
+    SegmentRequest,
+    SegmentResponse,
+    SessionInfo,
+    Timings,
+)
+from atelier3d.serve.sessions import Candidate, SegObject, Session, SessionStore, Step, new_id
+
+logger = logging.getLogger("ray.serve")
+
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def _candidate_model(candidate: Candidate) -> MaskCandidate:
+    return MaskCandidate(
+        rle=RLE(**candidate.rle), score=candidate.score, bbox=tuple(candidate.bbox),
+        area=candidate.area,
+    )
+
+
+class SegmentationService:
+    def __init__(self, config: AppConfig, encoder, decoder) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.decoder = decoder
+        self.store = SessionStore(
+            ttl_s=config.sessions.ttl_s,
+            max_sessions=config.sessions.max_sessions,
+            max_per_client=config.limits.max_sessions_per_client,
+        )
+        self.encode_seconds = 5.0  # running estimate, for progress bars
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    async def create_session(self, data: bytes, client: str) -> SessionInfo:
+        if len(data) > self.config.limits.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"upload is {len(data)} bytes, the limit is {self.config.limits.max_upload_bytes}"
+            )
+        image = await asyncio.to_thread(decode_image, data, self.config.limits.max_pixels)
+        session = self.store.add(client, image)
+        self._start_encode(session)
+        logger.info("session %s: %dx%d image", session.session_id[:10], *image.shape[1::-1])
+        return self.session_info(session)
+
+    def session_info(self, session: Session) -> SessionInfo:
+        if session.embedding_ref is not None:
+            status = "ready"
+        elif session.embedding_failed:
+            status = "failed"
+        else:
+            status = "pending"
+        return SessionInfo(
+            session_id=session.session_id,
+            width=session.size[1],
+            height=session.size[0],
+            embedding=status,
+            objects=list(session.objects),
+            expires_in_s=self.store.expires_in(session),
+        )
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        return self.session_info(self.store.get(session_id))
+
+    async def wait_ready(self, session_id: str) -> SessionInfo:
+        session = self.store.get(session_id)
+        await self._embedding(session)
+        return self.session_info(session)
+
+    async def delete_session(self, session_id: str) -> None:
+        self.store.delete(session_id)
+
+    def encode_progress(self, session_id: str) -> float:
+        """0..1 estimate of the encode's progress (time-based: one forward pass has no steps)."""
+        session = self.store.get(session_id)
+        if session.embedding_ref is not None:
+            return 1.0
+        started = getattr(session.embedding_task, "started_at", time.monotonic())
+        return min(0.95, (time.monotonic() - started) / max(self.encode_seconds, 1e-3))
+
+    # ---- embeddings ----------------------------------------------------------------------
+
+    def _start_encode(self, session: Session) -> None:
+        session.embedding_failed = False
+        session.embedding_task = asyncio.create_task(self._encode(session))
+        session.embedding_task.started_at = time.monotonic()
+
+    async def _encode(self, session: Session) -> None:
+        start = time.monotonic()
+        try:
+            ref = await self.encoder.encode.remote(session.image)._to_object_ref()
+            # Wait for the result without fetching its 4 MiB here; the decoders fetch it.
+            while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
+                await asyncio.sleep(0.01)
+        except Exception:
+            session.embedding_failed = True
+            raise
+        session.embedding_ref = ref
+        elapsed = time.monotonic() - start
+        self.encode_seconds = 0.7 * self.encode_seconds + 0.3 * elapsed
+        self._evict_embeddings()
+
+    def _evict_embeddings(self) -> None:
+        resident = self.store.resident_embeddings()
+        excess = len(resident) - self.config.sessions.max_resident_embeddings
+        for session in resident[: max(0, excess)]:
+            session.embedding_ref = None  # recomputed from the stored image if used again
+
+    async def _embedding(self, session: Session) -> ray.ObjectRef:
+        while session.embedding_ref is None:
+            task = session.embedding_task
+            if task is None or task.done():
+                self._start_encode(session)
+                task = session.embedding_task
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.config.sam.encode_timeout_s)
+            except TimeoutError:
+                raise Unavailable(
+                    "the image is still being encoded; retry shortly", retry_after_s=5
+                ) from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.exception("encoding failed for session %s", session.session_id[:10])
+                raise Unavailable(f"image encoding failed: {exc}", retry_after_s=5) from exc
+        return session.embedding_ref
+
+    # ---- segmentation --------------------------------------------------------------------
+
+    def _check_prompt(self, session: Session, request: SegmentRequest) -> None:
+        height, width = session.size
+        if len(request.points) > self.config.limits.max_points:
+            raise BadRequest(f"at most {self.config.limits.max_points} points per request")
+        for x, y in request.points:
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise BadRequest(f"point ({x}, {y}) lies outside the {width}x{height} image")
+        if request.box is not None:
+            x0, y0, x1, y1 = request.box
+            if not (0 <= x0 <= width and 0 <= x1 <= width and 0 <= y0 <= height
+                    and 0 <= y1 <= height):
+                raise BadRequest(f"box {list(request.box)} lies outside the {width}x{height} image")
+
+    async def segment(self, session_id: str, request: SegmentRequest) -> SegmentResponse:
+        start = time.perf_counter()
+        session = self.store.get(session_id)
+        self._check_prompt(session, request)
+        target = session.get_object(request.object_id) if request.object_id else None
+        mask_logits = None
+        if request.refine:
+            current = target.current
+            if current is None:
+                raise Conflict("nothing to refine: the object has no mask yet")
+            mask_logits = current.low_res[current.selected]
+        elif request.mask_input is not None:
+            mask = rle.decode(request.mask_input.model_dump(), session.size)
+            mask_logits = mask_to_logits(mask)
+
+        ref = await self._embedding(session)
+        waited = time.perf_counter()
+        decode_request = DecodeRequest(
+            embedding=[ref],
+            size=session.size,
+            points=np.array(request.points, np.float64) if request.points else None,
+            labels=np.array(request.labels, np.float64) if request.labels else None,
+            box=np.array(request.box, np.float64) if request.box is not None else None,
+            mask_logits=mask_logits,
+            multimask=request.multimask,
+            return_low_res=target is not None,
+        )
+        result = await self._decode(session, decode_request)
+        candidates = [
+            Candidate(rle=r, score=s, bbox=b, area=a)
+            for r, s, b, a in zip(
+                result.rles, result.scores, result.bboxes, result.areas, strict=True
+            )
+        ]
+        selected = int(np.argmax(result.scores))
+        step_index = None
+        if target is not None:
+            step_index = target.push(
+                Step(
+                    points=[tuple(p) for p in request.points],
+                    labels=list(request.labels),
+                    box=request.box,
+                    candidates=candidates,
+                    low_res=result.low_res,
+                    selected=selected,
+                )
+            )
+        end = time.perf_counter()
+        return SegmentResponse(
+            masks=[_candidate_model(c) for c in candidates],
+            selected=selected,
+            object_id=request.object_id,
+            step=step_index,
+            timings_ms=Timings(
+                wait_embedding_ms=(waited - start) * 1000,
+                decode_ms=result.decode_ms,
+                total_ms=(end - start) * 1000,
+            ),
+        )
+
+    async def _decode(self, session: Session, request: DecodeRequest) -> DecodeResult:
+        try:
+            return await self.decoder.decode.remote(request)
+        except EmbeddingLostError:
+            # The object is gone (node died, object store evicted it): recompute, never fail.
+            logger.warning("embedding of session %s lost; re-encoding", session.session_id[:10])
+            session.embedding_ref = None
+            request.embedding = [await self._embedding(session)]
+            return await self.decoder.decode.remote(request)
+
+    # ---- objects and history --------------------------------------------------------------
+
+    def object_state(self, session: Session, object_id: str) -> ObjectState:
+        obj = session.get_object(object_id)
+        step = obj.current
+        return ObjectState(
+            object_id=object_id,
+            step=obj.cursor,
+            can_undo=obj.cursor > 0,
+            can_redo=obj.cursor < len(obj.steps),
+            points=list(step.points) if step else [],
+            labels=list(step.labels) if step else [],
+            box=step.box if step else None,
+            masks=[_candidate_model(c) for c in step.candidates] if step else [],
+            selected=step.selected if step else None,
+        )
+
+    async def create_object(self, session_id: str) -> ObjectState:
+        session = self.store.get(session_id)
+        object_id = new_id("obj")
+        session.objects[object_id] = SegObject(object_id, self.config.sessions.max_history)
+        return self.object_state(session, object_id)
+
+    async def get_object(self, session_id: str, object_id: str) -> ObjectState:
+        return self.object_state(self.store.get(session_id), object_id)
+
+    async def edit_object(self, session_id: str, object_id: str, action: str) -> ObjectState:
+        session = self.store.get(session_id)
+        obj = session.get_object(object_id)
+        {"undo": obj.undo, "redo": obj.redo, "reset": obj.reset}[action]()
+        return self.object_state(session, object_id)
+
+    async def select(self, session_id: str, object_id: str, index: int) -> ObjectState:
+        session = self.store.get(session_id)
+        step = session.get_object(object_id).current
+        if step is None:
+            raise Conflict("the object has no masks to choose from yet")
+        if index >= len(step.candidates):
+            raise BadRequest(f"candidate {index} does not exist (there are {len(step.candidates)})")
+        step.selected = index
+        return self.object_state(session, object_id)
+
+    async def delete_object(self, session_id: str, object_id: str) -> None:
+        session = self.store.get(session_id)
+        session.get_object(object_id)
+        del session.objects[object_id]
+
+    # ---- export ---------------------------------------------------------------------------
+
+    async def cutout(self, session_id: str, request: CutoutRequest) -> bytes:
+        session = self.store.get(session_id)
+        if request.object_id is not None:
+            step = session.get_object(request.object_id).current
+            if step is None:
+                raise Conflict("the object has no mask yet")
+            mask_rle = step.candidates[step.selected].rle
+        else:
+            mask_rle = request.rle.model_dump()
+        mask = rle.decode(mask_rle, session.size)
+        if not mask.any():
+            raise BadRequest("the mask is empty: nothing to cut out")
+        return await asyncio.to_thread(
+            cutout_png, session.image, mask, request.background, request.crop
+        )
+
+    # ---- health ---------------------------------------------------------------------------
+
+    async def ready(self) -> ReadyInfo:
+        async def info(handle) -> ModelInfo:
+            return await asyncio.wait_for(handle.info.remote(), timeout=10)
+
+        try:
+            encoder, decoder = await asyncio.gather(info(self.encoder), info(self.decoder))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            raise Unavailable(f"model deployments are not ready: {exc!r}", retry_after_s=5) from exc
+        models = {"sam_encoder": encoder, "sam_decoder": decoder}
+        untrained = any(m.weights == "untrained" for m in models.values())
+        return ReadyInfo(ready=True, weights="untrained" if untrained else "trained", models=models)
+
+
+def cutout_png(image: np.ndarray, mask: np.ndarray, background: str, crop: bool) -> bytes:
+    """The masked pixels as RGBA (transparent background) or RGB on a plain colour."""
+    if background == "transparent":
+        out = np.dstack([image, mask.astype(np.uint8) * 255])
+    else:
+        out = np.where(mask[..., None], image, np.array(BACKGROUNDS[background], np.uint8))
+    if crop:
+        ys, xs = np.nonzero(mask)
+        out = out[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    return encode_png(np.ascontiguousarray(out))

@@ -1,0 +1,168 @@
+"""Per-image sessions: the image, its embedding reference, and objects with undo/redo history.
+
+In memory, least-recently-used with an idle TTL. Ids come from ``secrets`` and are capabilities:
+whoever holds one may use the session, nobody can guess one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from atelier3d.errors import NotFound, TooManyRequests
+
+
+@dataclass
+class Candidate:
+    rle: dict
+    score: float
+    bbox: list[int]
+    area: int
+
+
+@dataclass
+class Step:
+    """One segmentation result recorded in an object's history."""
+
+    points: list[tuple[float, float]]
+    labels: list[int]
+    box: tuple[float, float, float, float] | None
+    candidates: list[Candidate]
+    low_res: np.ndarray  # (K, 256, 256) logits of the candidates, for refinement
+    selected: int
+
+
+@dataclass
+class SegObject:
+    object_id: str
+    max_history: int
+    steps: list[Step] = field(default_factory=list)
+    cursor: int = 0  # number of steps in effect; steps[cursor:] can be redone
+
+    @property
+    def current(self) -> Step | None:
+        return self.steps[self.cursor - 1] if self.cursor else None
+
+    def push(self, step: Step) -> int:
+        del self.steps[self.cursor:]
+        self.steps.append(step)
+        if len(self.steps) > self.max_history:
+            del self.steps[0]
+        self.cursor = len(self.steps)
+        return self.cursor
+
+    def undo(self) -> None:
+        self.cursor = max(0, self.cursor - 1)
+
+    def redo(self) -> None:
+        self.cursor = min(len(self.steps), self.cursor + 1)
+
+    def reset(self) -> None:
+        """Back to empty; the cleared steps stay redoable until the next new step."""
+        self.cursor = 0
+
+
+@dataclass
+class Session:
+    session_id: str
+    client: str
+    image: np.ndarray
+    last_used: float
+    embedding_ref: Any = None  # ray.ObjectRef once encoded; None when not (or no longer) resident
+    embedding_task: asyncio.Task | None = None
+    embedding_failed: bool = False
+    objects: dict[str, SegObject] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    def get_object(self, object_id: str) -> SegObject:
+        try:
+            return self.objects[object_id]
+        except KeyError:
+            raise NotFound(f"object {object_id!r} not found in this session") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(18)}"
+
+
+class SessionStore:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_sessions: int,
+        max_per_client: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
+        self.clock = clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def expires_in(self, session: Session) -> float:
+        return max(0.0, session.last_used + self.ttl_s - self.clock())
+
+    def sweep(self) -> list[Session]:
+        """Drops expired sessions (oldest first, so the scan stops at the first live one)."""
+        now = self.clock()
+        dropped = []
+        while self._sessions:
+            session = next(iter(self._sessions.values()))
+            if session.last_used + self.ttl_s > now:
+                break
+            dropped.append(self._drop(session.session_id))
+        return dropped
+
+    def add(self, client: str, image: np.ndarray) -> Session:
+        self.sweep()
+        if sum(1 for s in self._sessions.values() if s.client == client) >= self.max_per_client:
+            raise TooManyRequests(
+                f"this client already has {self.max_per_client} sessions; delete one first"
+            )
+        while len(self._sessions) >= self.max_sessions:
+            self._drop(next(iter(self._sessions)))
+        session = Session(new_id("ses"), client, image, self.clock())
+        self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        self.sweep()
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound("session not found (it may have expired)")
+        session.last_used = self.clock()
+        self._sessions.move_to_end(session_id)
+        return session
+
+    def delete(self, session_id: str) -> None:
+        if session_id not in self._sessions:
+            raise NotFound("session not found (it may have expired)")
+        self._drop(session_id)
+
+    def _drop(self, session_id: str) -> Session:
+        session = self._sessions.pop(session_id)
+        if session.embedding_task is not None and not session.embedding_task.done():
+            session.embedding_task.cancel()
+        session.embedding_ref = None  # releases the object-store copy
+        return session
+
+    def resident_embeddings(self) -> list[Session]:
+        """Sessions holding an embedding, least recently used first."""
+        return [s for s in self._sessions.values() if s.embedding_ref is not None]

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny checkpoints (generated once, cached in an ignored dir) and one real
+Ray Serve deployment of the whole app for the test session."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+GENERATED = Path(__file__).parent / "fixtures" / ".generated"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from atelier3d.models.sam import tiny_checkpoint
+
+    tiny_checkpoint(GENERATED)
+    return GENERATED
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tiny_dir):
+    from atelier3d.models.sam import tiny_checkpoint
+
+    return tiny_checkpoint(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_dir) -> str:
+    """The whole app (Gateway + UI, SamEncoder, SamDecoder) on a local Ray, tiny weights."""
+    from atelier3d.serve import runner
+
+    os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")
+    port = free_port()
+    config = runner.load_serve_config(
+        models="tiny",
+        port=port,
+        args_override={
+            "cache_dir": str(tiny_dir),
+            # Small so tests reach the limits; two resident embeddings so eviction is exercised.
+            "limits": {"max_upload_bytes": 2_000_000, "max_pixels": 4_000_000, "max_points": 16,
+                       "max_sessions_per_client": 1000},
+            "sessions": {"max_resident_embeddings": 2},
+        },
+    )
+    runner.start(config)
+    yield f"http://127.0.0.1:{port}"
+    runner.stop()
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server, timeout=120) as client:
+        yield client
