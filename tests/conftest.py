@@ -55,6 +55,8 @@ def server(tiny_dir) -> str:
         port=port,
         args_override={
             "cache_dir": str(tiny_dir),
+            # ATELIER3D_TEST_UI=0 leaves Gradio out, for quicker runs of the API tests alone.
+            "ui": os.environ.get("ATELIER3D_TEST_UI", "1") == "1",
             # Small so tests reach the limits; two resident embeddings so eviction is exercised.
             "limits": {"max_upload_bytes": 2_000_000, "max_pixels": 4_000_000, "max_points": 16,
                        "max_sessions_per_client": 1000},

@@ -43,14 +43,15 @@ class Step:
 class SegObject:
     object_id: str
     max_history: int
-    steps: list[Step] = field(default_factory=list)
+    # A ``None`` step is a reset: the object is empty again, and undo brings back what was there.
+    steps: list[Step | None] = field(default_factory=list)
     cursor: int = 0  # number of steps in effect; steps[cursor:] can be redone
 
     @property
     def current(self) -> Step | None:
         return self.steps[self.cursor - 1] if self.cursor else None
 
-    def push(self, step: Step) -> int:
+    def push(self, step: Step | None) -> int:
         del self.steps[self.cursor:]
         self.steps.append(step)
         if len(self.steps) > self.max_history:
@@ -65,8 +66,9 @@ class SegObject:
         self.cursor = min(len(self.steps), self.cursor + 1)
 
     def reset(self) -> None:
-        """Back to empty; the cleared steps stay redoable until the next new step."""
-        self.cursor = 0
+        """Back to empty, as an undoable step."""
+        if self.current is not None:
+            self.push(None)
 
 
 @dataclass
