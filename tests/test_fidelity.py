@@ -25,7 +25,8 @@ def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
     img = np.stack([(xx * 255 / max(width - 1, 1)), (yy * 255 / max(height - 1, 1)),
                     np.full_like(xx, 128)], axis=-1).astype(np.float64)
     for _ in range(4):
-        cy, cx, r = rs.rand() * height, rs.rand() * width, (0.1 + rs.rand() * 0.3) * min(height, width)
+        cy, cx = rs.rand() * height, rs.rand() * width
+        r = (0.1 + rs.rand() * 0.3) * min(height, width)
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rs.randint(0, 256, 3)
     return img.astype(np.uint8)
 
@@ -112,7 +113,8 @@ def test_refinement_with_previous_logits_matches(http, predictor):
     r1 = http.post(f"/v1/sessions/{sid}/segment", json={**first, "object_id": oid}).json()
     assert r1["step"] == 1
     chosen = 2
-    assert http.post(f"/v1/sessions/{sid}/objects/{oid}/select", json={"index": chosen}).status_code == 200
+    selected = http.post(f"/v1/sessions/{sid}/objects/{oid}/select", json={"index": chosen})
+    assert selected.status_code == 200
 
     predictor.set_image(image)
     _, _, low_res = reference(predictor, first, True)
