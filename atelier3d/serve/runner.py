@@ -53,8 +53,10 @@ def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = 
 
     schema = ServeDeploySchema.model_validate(config)
     if not ray.is_initialized():
+        # address="local": always a fresh embedded cluster, never one found on the machine.
         # Logical CPUs: replicas ask for fractions of them; the OS shares the real cores.
         ray.init(
+            address="local",
             num_cpus=num_cpus or max(4, os.cpu_count() or 1),
             num_gpus=num_gpus,
             include_dashboard=False,
