@@ -77,7 +77,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 print(f"session {info.session_id}: {info.width}x{info.height}")
                 result = client.segment(info.session_id, points=points or None,
                                         labels=labels or None, box=args.box, multimask=True)
-                picked = result.selected
+                picked = result.selected if args.pick == "best" else args.pick
                 if picked >= len(result.masks):
                     return fail(f"--pick {picked}: the server returned {len(result.masks)} "
                                 "candidate(s)")
@@ -97,8 +97,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
                     pass  # it expires on its own
     except ApiError as exc:
         return fail(f"{exc.message} ({exc.status} {exc.code})")
-    except httpx.HTTPError as exc:
+    except httpx.ConnectError as exc:
         return fail(f"cannot reach {args.server}: {exc}")
+    except httpx.HTTPError as exc:  # timeouts, dropped connections
+        return fail(f"request to {args.server} failed: {exc or type(exc).__name__}")
     except OSError as exc:
         return fail(str(exc))
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,529 @@
+"""Python clients of the ``/v1`` HTTP API: :class:`Client` (sync) and :class:`AsyncClient`.
+
+Both clients share everything but the sending: each endpoint is one module-level function that
+builds a :class:`Call` (method, URL, httpx keyword arguments and the parser of the answer), and
+the endpoint methods live once, in :class:`_Endpoints`. ``Client._send`` returns the parsed
+result; ``AsyncClient._send`` is a coroutine, so the same methods of ``AsyncClient`` return
+awaitables::
+
+    with Client("http://127.0.0.1:8000") as client:
+        info = client.create_session("character.png", wait=True)
+        result = client.segment(info.session_id, points=[(190, 120)])
+        png = client.cutout(info.session_id, rle=result.masks[result.selected].rle)
+
+    async with AsyncClient("http://127.0.0.1:8000") as client:
+        info = await client.create_session(image_array, wait=True)
+
+Request bodies are the server's own pydantic models (:mod:`atelier3d.serve.schemas`), so an
+invalid prompt fails here, before any request, with a ``ValueError`` (pydantic's
+``ValidationError``). Errors the server answers (``{"error": {"code", "message"}}``) raise
+:class:`ApiError`; 503 answers that carry ``Retry-After`` are retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+from pydantic import BaseModel
+
+from atelier3d.serve.schemas import (
+    RLE,
+    CutoutRequest,
+    MaskCandidate,
+    ObjectState,
+    ReadyInfo,
+    SegmentRequest,
+    SegmentResponse,
+    SelectRequest,
+    SessionInfo,
+)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+USER_AGENT = "atelier3d-client/1"
+
+ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray
+RLEInput = Any  # RLE | MaskCandidate | dict | np.ndarray (a boolean mask)
+
+
+class ApiError(Exception):
+    """An error answer of the server: HTTP ``status``, machine ``code``, human ``message``."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+# ---- request building ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request and how to read its answer; ``retry`` says a 503 may be retried."""
+
+    method: str
+    url: str
+    parse: Callable[[httpx.Response], Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retry: bool = True
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: ids are quoted so they can never change the route."""
+    return quote(str(value), safe="")
+
+
+def _session_url(session_id: str, *rest: str) -> str:
+    return "/".join(["/v1/sessions", _seg(session_id), *rest])
+
+
+def _object_url(session_id: str, object_id: str, *rest: str) -> str:
+    return _session_url(session_id, "objects", _seg(object_id), *rest)
+
+
+def _json_body(model: BaseModel) -> dict[str, Any]:
+    return {"json": model.model_dump(mode="json", exclude_none=True)}
+
+
+def image_bytes(image: ImageInput) -> tuple[str, bytes]:
+    """``(file name, bytes)`` of an image given as a path, encoded bytes, PIL image or array.
+
+    Arrays are ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (or bool) and go as PNG, as do
+    PIL images; paths and bytes are sent as they are (the server sniffs the format).
+    """
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        return path.name, path.read_bytes()
+    if isinstance(image, bytes | bytearray | memoryview):
+        return "image", bytes(image)
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+            image.ndim == 3 and image.shape[2] not in (3, 4)
+        ):
+            raise ValueError(
+                f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), "
+                f"not {image.dtype} {image.shape}"
+            )
+        image = Image.fromarray(np.ascontiguousarray(image))
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "image.png", buffer.getvalue()
+    raise TypeError(
+        f"image must be a path, bytes, a PIL image or a numpy array, not {type(image).__name__}"
+    )
+
+
+def as_rle(mask: RLEInput) -> RLE:
+    """An :class:`RLE` from an RLE (model or dict), a :class:`MaskCandidate` or a bool mask."""
+    if isinstance(mask, RLE):
+        return mask
+    if isinstance(mask, MaskCandidate):
+        return mask.rle
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be (H, W), not {mask.shape}")
+        from atelier3d import rle as rle_codec
+
+        return RLE(**rle_codec.encode(mask.astype(bool)[None])[0])
+    if isinstance(mask, dict):
+        return RLE.model_validate(mask)
+    raise TypeError(f"cannot use a {type(mask).__name__} as a mask")
+
+
+def mask_to_array(mask: RLEInput, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The ``(H, W)`` bool array of an RLE (model or dict) or a :class:`MaskCandidate`.
+
+    ``size`` is ``(height, width)``; by default the RLE's own size.
+    """
+    rle = as_rle(mask)
+    from atelier3d import rle as rle_codec
+
+    try:
+        return rle_codec.decode(rle.model_dump(), tuple(size or rle.size))
+    except Exception as exc:  # the codec raises the server's 4xx errors on malformed input
+        raise ValueError(f"cannot decode the RLE: {exc}") from exc
+
+
+# ---- response parsing ------------------------------------------------------------------------
+
+
+def _error_of(response: httpx.Response) -> ApiError:
+    """The :class:`ApiError` of a non-2xx answer, from its ``{"error": ...}`` body if any."""
+    code, message = f"http_{response.status_code}", response.reason_phrase or "HTTP error"
+    try:
+        body = response.json()
+        error = body["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        text = response.text.strip()
+        if text:
+            message = text[:500]
+    return ApiError(response.status_code, code, message, _retry_after(response))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds of ``Retry-After`` (a number or an HTTP date), or None without a usable one."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    raise _error_of(response)
+
+
+def _model(model: type[BaseModel]) -> Callable[[httpx.Response], Any]:
+    def parse(response: httpx.Response) -> Any:
+        return model.model_validate_json(_checked(response).content)
+
+    return parse
+
+
+def _no_content(response: httpx.Response) -> None:
+    _checked(response)
+
+
+def _content(response: httpx.Response) -> bytes:
+    return _checked(response).content
+
+
+def _json(response: httpx.Response) -> Any:
+    return json.loads(_checked(response).content)
+
+
+# ---- one function per endpoint ---------------------------------------------------------------
+
+
+def create_session_call(image: ImageInput, wait: bool = False) -> Call:
+    name, data = image_bytes(image)
+    # Not retried: a 503 (encoding timed out while waiting) comes after the session was made.
+    return Call("POST", "/v1/sessions", _model(SessionInfo),
+                {"files": {"image": (name, data, "application/octet-stream")},
+                 "params": {"wait": "true" if wait else "false"}},
+                retry=False)
+
+
+def get_session_call(session_id: str) -> Call:
+    return Call("GET", _session_url(session_id), _model(SessionInfo))
+
+
+def delete_session_call(session_id: str) -> Call:
+    return Call("DELETE", _session_url(session_id), _no_content)
+
+
+def segment_call(
+    session_id: str,
+    points: Sequence[Sequence[float]] | np.ndarray | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
+    box: Sequence[float] | np.ndarray | None = None,
+    mask_input: RLEInput | None = None,
+    refine: bool = False,
+    multimask: bool = True,
+    object_id: str | None = None,
+) -> Call:
+    point_list = [] if points is None else np.asarray(points, np.float64).reshape(-1, 2).tolist()
+    if labels is None:
+        label_list = [1] * len(point_list)  # foreground by default
+    else:
+        label_list = [int(v) for v in np.asarray(labels).reshape(-1)]
+    request = SegmentRequest(
+        points=[tuple(p) for p in point_list],
+        labels=label_list,
+        box=None if box is None else tuple(np.asarray(box, np.float64).reshape(4).tolist()),
+        mask_input=None if mask_input is None else as_rle(mask_input),
+        refine=refine,
+        multimask=multimask,
+        object_id=object_id,
+    )
+    return Call("POST", _session_url(session_id, "segment"), _model(SegmentResponse),
+                _json_body(request))
+
+
+def cutout_call(
+    session_id: str,
+    rle: RLEInput | None = None,
+    object_id: str | None = None,
+    background: Literal["transparent", "white", "black"] = "transparent",
+    crop: bool = True,
+) -> Call:
+    request = CutoutRequest(rle=None if rle is None else as_rle(rle), object_id=object_id,
+                            background=background, crop=crop)
+    return Call("POST", _session_url(session_id, "cutout"), _content, _json_body(request))
+
+
+def create_object_call(session_id: str) -> Call:
+    # Not retried: creating twice would leave an orphan object (the server never 503s here).
+    return Call("POST", _session_url(session_id, "objects"), _model(ObjectState), retry=False)
+
+
+def get_object_call(session_id: str, object_id: str) -> Call:
+    return Call("GET", _object_url(session_id, object_id), _model(ObjectState))
+
+
+def delete_object_call(session_id: str, object_id: str) -> Call:
+    return Call("DELETE", _object_url(session_id, object_id), _no_content)
+
+
+def select_call(session_id: str, object_id: str, index: int) -> Call:
+    return Call("POST", _object_url(session_id, object_id, "select"), _model(ObjectState),
+                _json_body(SelectRequest(index=index)))
+
+
+def edit_object_call(session_id: str, object_id: str,
+                     action: Literal["undo", "redo", "reset"]) -> Call:
+    if action not in ("undo", "redo", "reset"):
+        raise ValueError(f"unknown object action {action!r}")
+    # Not retried: undo/redo are not idempotent (the server never 503s here).
+    return Call("POST", _object_url(session_id, object_id, action), _model(ObjectState),
+                retry=False)
+
+
+def ready_call() -> Call:
+    return Call("GET", "/readyz", _model(ReadyInfo))
+
+
+def health_call() -> Call:
+    return Call("GET", "/healthz", _json)
+
+
+# ---- the clients -----------------------------------------------------------------------------
+
+
+class _Endpoints:
+    """The endpoint methods, shared by both clients: each one builds a :class:`Call` and hands
+    it to ``_send`` (a plain call in :class:`Client`, a coroutine in :class:`AsyncClient`)."""
+
+    base_url: str
+    retries: int
+    backoff_s: float
+    max_retry_delay_s: float
+
+    def _send(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def _init_retry(self, retries: int, backoff_s: float, max_retry_delay_s: float) -> None:
+        if retries < 0 or backoff_s < 0 or max_retry_delay_s < 0:
+            raise ValueError("retries and delays must not be negative")
+        self.retries, self.backoff_s, self.max_retry_delay_s = (
+            retries, backoff_s, max_retry_delay_s)
+
+    def _retry_delay(self, call: Call, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying ``response`` (attempt 0 is the first), or None."""
+        if not call.retry or response.status_code != 503 or attempt >= self.retries:
+            return None
+        retry_after = _retry_after(response)
+        if retry_after is None:
+            return None
+        backoff = self.backoff_s * 2**attempt
+        return min(max(retry_after, backoff), self.max_retry_delay_s)
+
+    @staticmethod
+    def _http_options(base_url: str, timeout: float | httpx.Timeout | None,
+                      headers: dict[str, str] | None) -> dict[str, Any]:
+        return {"base_url": base_url.rstrip("/"), "timeout": timeout,
+                "headers": {"User-Agent": USER_AGENT, **(headers or {})}}
+
+    # sessions
+
+    def create_session(self, image: ImageInput, wait: bool = False) -> SessionInfo:
+        """Uploads an image (path, bytes, PIL image or array); ``wait`` until it is encoded."""
+        return self._send(create_session_call(image, wait))
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        return self._send(get_session_call(session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        return self._send(delete_session_call(session_id))
+
+    # segmentation
+
+    def segment(
+        self,
+        session_id: str,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+        mask_input: RLEInput | None = None,
+        refine: bool = False,
+        multimask: bool = True,
+        object_id: str | None = None,
+    ) -> SegmentResponse:
+        """Masks for point (``[[x, y], ...]``, labels 1 = foreground by default) and/or box
+        (``[x0, y0, x1, y1]``) prompts; ``object_id`` records the result in that object."""
+        return self._send(segment_call(session_id, points, labels, box, mask_input, refine,
+                                       multimask, object_id))
+
+    def cutout(
+        self,
+        session_id: str,
+        rle: RLEInput | None = None,
+        object_id: str | None = None,
+        background: Literal["transparent", "white", "black"] = "transparent",
+        crop: bool = True,
+    ) -> bytes:
+        """PNG bytes of the masked pixels (``rle``, or ``object_id``'s selected mask)."""
+        return self._send(cutout_call(session_id, rle, object_id, background, crop))
+
+    # objects and their history
+
+    def create_object(self, session_id: str) -> ObjectState:
+        return self._send(create_object_call(session_id))
+
+    def get_object(self, session_id: str, object_id: str) -> ObjectState:
+        return self._send(get_object_call(session_id, object_id))
+
+    def select(self, session_id: str, object_id: str, index: int) -> ObjectState:
+        return self._send(select_call(session_id, object_id, index))
+
+    def undo(self, session_id: str, object_id: str) -> ObjectState:
+        return self._send(edit_object_call(session_id, object_id, "undo"))
+
+    def redo(self, session_id: str, object_id: str) -> ObjectState:
+        return self._send(edit_object_call(session_id, object_id, "redo"))
+
+    def reset(self, session_id: str, object_id: str) -> ObjectState:
+        return self._send(edit_object_call(session_id, object_id, "reset"))
+
+    def delete_object(self, session_id: str, object_id: str) -> None:
+        return self._send(delete_object_call(session_id, object_id))
+
+    # health
+
+    def ready(self) -> ReadyInfo:
+        return self._send(ready_call())
+
+    def health(self) -> dict:
+        return self._send(health_call())
+
+    mask_to_array = staticmethod(mask_to_array)
+
+
+class Client(_Endpoints):
+    """Synchronous client. ``timeout`` is httpx's (seconds, or an ``httpx.Timeout``)."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float | httpx.Timeout | None = 120.0,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_retry_delay_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self._init_retry(retries, backoff_s, max_retry_delay_s)
+        self._http = httpx.Client(transport=transport,
+                                  **self._http_options(base_url, timeout, headers))
+
+    def _send(self, call: Call) -> Any:
+        attempt = 0
+        while True:
+            response = self._http.request(call.method, call.url, **call.kwargs)
+            delay = self._retry_delay(call, response, attempt)
+            if delay is None:
+                return call.parse(response)
+            time.sleep(delay)
+            attempt += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Endpoints):
+    """Asynchronous client: the same methods as :class:`Client`, each returning an awaitable."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float | httpx.Timeout | None = 120.0,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_retry_delay_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self._init_retry(retries, backoff_s, max_retry_delay_s)
+        self._http = httpx.AsyncClient(transport=transport,
+                                       **self._http_options(base_url, timeout, headers))
+
+    async def _send(self, call: Call) -> Any:
+        attempt = 0
+        while True:
+            response = await self._http.request(call.method, call.url, **call.kwargs)
+            delay = self._retry_delay(call, response, attempt)
+            if delay is None:
+                return call.parse(response)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "Call",
+    "Client",
+    "as_rle",
+    "create_object_call",
+    "create_session_call",
+    "cutout_call",
+    "delete_object_call",
+    "delete_session_call",
+    "edit_object_call",
+    "get_object_call",
+    "get_session_call",
+    "health_call",
+    "image_bytes",
+    "mask_to_array",
+    "ready_call",
+    "segment_call",
+    "select_call",
+]
