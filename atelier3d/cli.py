@@ -17,10 +17,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = config.get("http_options", {}).get("port", 8000)
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     stop_event = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_event.set())
+
+    def on_signal(*_) -> None:
+        stop_event.set()
+
+    def install_handlers() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    install_handlers()
     try:
         runner.start(config, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        install_handlers()  # ray.init replaces the SIGTERM handler with one that just dies
         print(f"atelier3d is serving the UI and API on http://{host}:{port} (Ctrl-C stops)",
               flush=True)
         stop_event.wait()
