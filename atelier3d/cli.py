@@ -39,14 +39,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from atelier3d.models import parsing
     from atelier3d.models.sam import RANDOM_VIT_B_NAME, tiny_checkpoint, write_random_checkpoint
 
     out = Path(args.dir)
     tiny = tiny_checkpoint(out)
     print(f"SAM tiny ({tiny.model_type}): {tiny.path}")
+    print(f"SegFormer tiny (ATR 18): {parsing.tiny_segformer_dir(out)}")
     if args.full_size:
         path = write_random_checkpoint(out / "sam" / RANDOM_VIT_B_NAME, "vit_b")
         print(f"SAM vit_b, random weights: {path}")
+        path = parsing.write_random_segformer_b2(out / "parsing" / parsing.B2_DIR)
+        print(f"SegFormer B2, random weights: {path}")
     return 0
 
 
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = models_sub.add_parser("make-tiny", help="write tiny random checkpoints (tests)")
     tiny.add_argument("--dir", required=True)
     tiny.add_argument("--full-size", action="store_true",
-                      help="also write full-size vit_b with random weights (benchmarks)")
+                      help="also write full-size vit_b and SegFormer-B2 with random weights "
+                           "(benchmarks)")
     tiny.set_defaults(func=cmd_make_tiny)
 
     from atelier3d.clients.cli import add_client_commands

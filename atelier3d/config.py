@@ -33,6 +33,19 @@ class SamSettings(_Strict):
     encode_timeout_s: float = Field(300.0, gt=0)
 
 
+class ParsingSettings(_Strict):
+    segformer: str = Field(
+        "mattmdjaga/segformer_b2_clothes",
+        description="SegFormer with the 18 ATR labels: hub id or local save_pretrained directory",
+    )
+    pose: str = Field(
+        "mediapipe==0.10.21",
+        description="BlazePose models: mediapipe==X.Y.Z (its PyPI wheel, downloaded once), a local "
+        "mediapipe .whl, or a directory with pose_detection.tflite + pose_landmark_*.tflite",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="SegFormer's device")
+
+
 class Limits(_Strict):
     max_upload_bytes: int = Field(25 * 2**20, gt=0)
     max_json_bytes: int = Field(4 * 2**20, gt=0)
@@ -54,6 +67,7 @@ class AppConfig(_Strict):
     models: Literal["auto", "tiny", "real"] = "auto"
     cache_dir: str | None = Field(None, description="weights and ONNX cache; $ATELIER3D_HOME")
     sam: SamSettings = Field(default_factory=SamSettings)
+    parsing: ParsingSettings = Field(default_factory=ParsingSettings)
     limits: Limits = Field(default_factory=Limits)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     ui: bool = Field(True, description="mount the Gradio UI at /")

@@ -15,34 +15,70 @@ def photo(name: str) -> np.ndarray:
     return np.asarray(getattr(data, PHOTOS.get(name, name))(), dtype=np.uint8)
 
 
+BACKGROUND_RGB = (236, 240, 245)
+SKIN_RGB = (250, 222, 200)
+
+
+def _figure(width: int, height: int) -> list[tuple[str, tuple, tuple[int, int, int], int]]:
+    """The figure's shapes, back to front: (ImageDraw method, its arguments, RGB, ATR label).
+
+    Left/right labels are the character's own sides: it faces the viewer, so its right arm is on
+    the image's left.
+    """
+    from atelier3d.models import parsing as P
+
+    cx = width // 2
+    u = height / 640  # unit: drawn for 640 px tall, scaled
+
+    def box(x0, y0, x1, y1):
+        return [cx + x0 * u, y0 * u, cx + x1 * u, y1 * u]
+
+    def trapezoid(top, bottom, y0, y1):
+        return [(cx - top * u, y0 * u), (cx + top * u, y0 * u), (cx + bottom * u, y1 * u),
+                (cx - bottom * u, y1 * u)]
+
+    hair, eyes, shirt, skirt, shoes = (60, 40, 90), (40, 90, 170), (200, 60, 70), (40, 50, 110), (
+        90, 50, 30)
+    return [
+        ("ellipse", (box(-62, 40, 62, 170),), hair, P.HAIR),  # hair (back)
+        ("ellipse", (box(-48, 62, 48, 170),), SKIN_RGB, P.FACE),
+        ("pieslice", (box(-62, 40, 62, 150), 180, 360), hair, P.HAIR),  # fringe
+        ("ellipse", (box(-26, 110, -12, 126),), eyes, P.FACE),
+        ("ellipse", (box(12, 110, 26, 126),), eyes, P.FACE),
+        ("rectangle", (box(-14, 168, 14, 190),), SKIN_RGB, P.FACE),  # neck: ATR has no label
+        ("polygon", (trapezoid(70, 60, 190, 340),), shirt, P.UPPER_CLOTHES),
+        ("rectangle", (box(-100, 196, -72, 330),), SKIN_RGB, P.RIGHT_ARM),
+        ("rectangle", (box(72, 196, 100, 330),), SKIN_RGB, P.LEFT_ARM),
+        ("polygon", (trapezoid(60, 95, 340, 450),), skirt, P.SKIRT),
+        ("rectangle", (box(-40, 450, -14, 585),), SKIN_RGB, P.RIGHT_LEG),
+        ("rectangle", (box(14, 450, 40, 585),), SKIN_RGB, P.LEFT_LEG),
+        ("rectangle", (box(-50, 585, -8, 610),), shoes, P.RIGHT_SHOE),
+        ("rectangle", (box(8, 585, 50, 610),), shoes, P.LEFT_SHOE),
+    ]
+
+
 def drawn_character(width: int = 384, height: int = 640) -> np.ndarray:
     """A flat-shaded, anime-style standing figure on a plain background.
 
     Flat colours and hard edges are what real SAM finds hardest in 2D art, and distinct regions
     (hair, face, shirt, skirt, legs, shoes) give later stages known label areas.
     """
-    img = Image.new("RGB", (width, height), (236, 240, 245))
+    img = Image.new("RGB", (width, height), BACKGROUND_RGB)
     d = ImageDraw.Draw(img)
-    cx = width // 2
-    u = height / 640  # unit: drawn for 640 px tall, scaled
-    def box(x0, y0, x1, y1):
-        return [cx + x0 * u, y0 * u, cx + x1 * u, y1 * u]
-    d.ellipse(box(-62, 40, 62, 170), fill=(60, 40, 90))  # hair (back)
-    d.ellipse(box(-48, 62, 48, 170), fill=(250, 222, 200))  # face
-    d.pieslice(box(-62, 40, 62, 150), 180, 360, fill=(60, 40, 90))  # fringe
-    d.ellipse(box(-26, 110, -12, 126), fill=(40, 90, 170))  # eyes
-    d.ellipse(box(12, 110, 26, 126), fill=(40, 90, 170))
-    d.rectangle(box(-14, 168, 14, 190), fill=(250, 222, 200))  # neck
-    d.polygon([(cx - 70 * u, 190 * u), (cx + 70 * u, 190 * u), (cx + 60 * u, 340 * u),
-               (cx - 60 * u, 340 * u)], fill=(200, 60, 70))  # shirt
-    d.rectangle(box(-100, 196, -72, 330), fill=(250, 222, 200))  # arms
-    d.rectangle(box(72, 196, 100, 330), fill=(250, 222, 200))
-    d.polygon([(cx - 60 * u, 340 * u), (cx + 60 * u, 340 * u), (cx + 95 * u, 450 * u),
-               (cx - 95 * u, 450 * u)], fill=(40, 50, 110))  # skirt
-    d.rectangle(box(-40, 450, -14, 585), fill=(250, 222, 200))  # legs
-    d.rectangle(box(14, 450, 40, 585), fill=(250, 222, 200))
-    d.rectangle(box(-50, 585, -8, 610), fill=(90, 50, 30))  # shoes
-    d.rectangle(box(8, 585, 50, 610), fill=(90, 50, 30))
+    for method, args, rgb, _ in _figure(width, height):
+        getattr(d, method)(*args, fill=rgb)
+    return np.asarray(img)
+
+
+def drawn_character_labels(width: int = 384, height: int = 640) -> np.ndarray:
+    """The ground-truth ATR label map of :func:`drawn_character`, ``(H, W)`` uint8.
+
+    Drawn from the very same shapes, so every pixel's label matches its colour region.
+    """
+    img = Image.new("L", (width, height), 0)
+    d = ImageDraw.Draw(img)
+    for method, args, _, label in _figure(width, height):
+        getattr(d, method)(*args, fill=label)
     return np.asarray(img)
 
 
