@@ -27,8 +27,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     install_handlers()
     try:
-        runner.start(config, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        runner.init_ray(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
         install_handlers()  # ray.init replaces the SIGTERM handler with one that just dies
+        runner.deploy(config)
         print(f"atelier3d is serving the UI and API on http://{host}:{port} (Ctrl-C stops)",
               flush=True)
         stop_event.wait()

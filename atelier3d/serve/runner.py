@@ -42,16 +42,9 @@ def load_serve_config(
     return config
 
 
-def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = None,
-          timeout_s: float = 600.0) -> None:
-    """Starts a local Ray, deploys every application of ``config`` and waits until they run."""
+def init_ray(num_cpus: float | None = None, num_gpus: float | None = None) -> None:
     import ray
-    from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
     if not ray.is_initialized():
         # address="local": always a fresh embedded cluster, never one found on the machine.
         # Logical CPUs: replicas ask for fractions of them; the OS shares the real cores.
@@ -62,6 +55,16 @@ def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = 
             include_dashboard=False,
             log_to_driver=os.environ.get("ATELIER3D_RAY_LOGS", "1") == "1",
         )
+
+
+def deploy(config: dict, timeout_s: float = 600.0) -> None:
+    """Deploys every application of the Serve config ``config`` and waits until they run."""
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
         proxy_location=schema.proxy_location,
@@ -82,6 +85,13 @@ def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
         time.sleep(0.5)
+
+
+def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = None,
+          timeout_s: float = 600.0) -> None:
+    """Starts a local Ray, then deploys ``config`` on it."""
+    init_ray(num_cpus, num_gpus)
+    deploy(config, timeout_s)
 
 
 def stop() -> None:
