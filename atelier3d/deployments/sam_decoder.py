@@ -19,8 +19,8 @@ from ray import serve
 
 from atelier3d import rle
 from atelier3d.config import AppConfig
+from atelier3d.deployments.sam_common import sam_checkpoint, sam_info
 from atelier3d.errors import EmbeddingLostError
-from atelier3d.models.sam import resolve_checkpoint
 from atelier3d.models.sam_prompts import decoder_prompt
 from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
 from atelier3d.serve.schemas import ModelInfo
@@ -60,9 +60,7 @@ class DecodeResult:
 class SamDecoder:
     def __init__(self, config: dict) -> None:
         cfg = AppConfig.model_validate(config)
-        self.checkpoint = resolve_checkpoint(
-            cfg.sam.checkpoint, cfg.models, cfg.sam.model_type, cfg.cache_path
-        )
+        self.checkpoint = sam_checkpoint(cfg)
         self.onnx_paths = {
             multimask: cached_decoder_onnx(
                 self.checkpoint, cfg.cache_path, multimask=multimask, int8=cfg.sam.decoder_int8
@@ -92,11 +90,7 @@ class SamDecoder:
                     settings.intra_op_threads)
 
     def info(self) -> ModelInfo:
-        return ModelInfo(
-            model_type=self.checkpoint.model_type,
-            weights="trained" if self.checkpoint.trained else "untrained",
-            checkpoint_sha256=self.checkpoint.sha256,
-        )
+        return sam_info(self.checkpoint)
 
     def _embedding(self, ref: ray.ObjectRef) -> np.ndarray:
         key = ref.hex()

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from atelier3d.config import AppConfig
-from atelier3d.models.sam import resolve_checkpoint
+from atelier3d.deployments.sam_common import sam_checkpoint, sam_info
 from atelier3d.serve.schemas import ModelInfo
 
 logger = logging.getLogger("ray.serve")
@@ -33,9 +33,7 @@ class SamEncoder:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         cfg = AppConfig.model_validate(config)
-        self.checkpoint = resolve_checkpoint(
-            cfg.sam.checkpoint, cfg.models, cfg.sam.model_type, cfg.cache_path
-        )
+        self.checkpoint = sam_checkpoint(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.sam.encoder_dtype
         if dtype == "auto":
@@ -60,11 +58,7 @@ class SamEncoder:
         self.encode.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
     def info(self) -> ModelInfo:
-        return ModelInfo(
-            model_type=self.checkpoint.model_type,
-            weights="trained" if self.checkpoint.trained else "untrained",
-            checkpoint_sha256=self.checkpoint.sha256,
-        )
+        return sam_info(self.checkpoint)
 
     def _preprocess(self, image: np.ndarray):
         """Exactly ``SamPredictor.set_image``: resize longest side, normalise, pad."""
