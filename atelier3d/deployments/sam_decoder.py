@@ -8,6 +8,7 @@ keeps recently used ones so repeated clicks on one image skip even that.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from atelier3d import rle
 from atelier3d.config import AppConfig
 from atelier3d.deployments.sam_common import sam_checkpoint, sam_info
 from atelier3d.errors import EmbeddingLostError
-from atelier3d.models.sam_prompts import decoder_prompt
+from atelier3d.models.sam_prompts import DecoderPrompt, decoder_prompt
 from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
 from atelier3d.serve.schemas import ModelInfo
 
@@ -69,6 +70,11 @@ class SamDecoder:
         }
         self.providers = cfg.sam.onnx_providers
         self.sessions: dict = {}
+        # Serve runs sync methods on a thread pool, so up to max_ongoing_requests decodes could
+        # run at once; a replica is sized as intra_op_threads cores, and overlapping runs would
+        # only oversubscribe them (and starve the encoder). Requests queue here instead of in
+        # the router, whose backoff collapses throughput when every replica looks full.
+        self.run_lock = threading.Lock()
         self.embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_size = 8
 
@@ -109,13 +115,8 @@ class SamDecoder:
                 self.embeddings.popitem(last=False)
         return embedding
 
-    def decode(self, request: DecodeRequest) -> DecodeResult:
-        embedding = self._embedding(request.embedding[0])
-        prompt = decoder_prompt(
-            request.size, request.points, request.labels, request.box, request.mask_logits
-        )
-        start = time.perf_counter()
-        masks, scores, low_res = self.sessions[request.multimask].run(
+    def _run(self, multimask: bool, embedding: np.ndarray, prompt: DecoderPrompt):
+        return self.sessions[multimask].run(
             None,
             {
                 "image_embeddings": embedding,
@@ -126,7 +127,16 @@ class SamDecoder:
                 "orig_im_size": prompt.orig_im_size,
             },
         )
-        decode_ms = (time.perf_counter() - start) * 1000
+
+    def decode(self, request: DecodeRequest) -> DecodeResult:
+        embedding = self._embedding(request.embedding[0])
+        prompt = decoder_prompt(
+            request.size, request.points, request.labels, request.box, request.mask_logits
+        )
+        with self.run_lock:
+            start = time.perf_counter()
+            masks, scores, low_res = self._run(request.multimask, embedding, prompt)
+            decode_ms = (time.perf_counter() - start) * 1000
         rles = rle.encode(masks[0])
         return DecodeResult(
             rles=rles,
