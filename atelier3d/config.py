@@ -61,6 +61,9 @@ class SessionSettings(_Strict):
         128, gt=0, description="embeddings kept in the object store; others are recomputed"
     )
     max_history: int = Field(64, gt=0, description="undo steps kept per object")
+    max_parses: int = Field(
+        4, gt=0, description="body/garment parses kept per session; the oldest goes first"
+    )
 
 
 class AppConfig(_Strict):

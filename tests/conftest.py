@@ -30,9 +30,15 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
+    """Tiny SAM and SegFormer checkpoints, and BlazePose's real models (no tiny ones exist;
+    fetched once from the mediapipe wheel), so no server replica writes or downloads any."""
+    from atelier3d.models.parsing import tiny_segformer_dir
+    from atelier3d.models.pose import resolve_pose_weights
     from atelier3d.models.sam import tiny_checkpoint
 
     tiny_checkpoint(GENERATED)
+    tiny_segformer_dir(GENERATED)
+    resolve_pose_weights(cache_dir=GENERATED)
     return GENERATED
 
 
@@ -44,8 +50,17 @@ def tiny_sam(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def human_parser(tiny_dir):
+    """The HumanParser deployment's class in-process, configured as the ``server``'s."""
+    from atelier3d.deployments.human_parser import HumanParser
+
+    return HumanParser.func_or_class({"models": "tiny", "cache_dir": str(tiny_dir)})
+
+
+@pytest.fixture(scope="session")
 def server(tiny_dir) -> str:
-    """The whole app (Gateway + UI, SamEncoder, SamDecoder) on a local Ray, tiny weights."""
+    """The whole app (Gateway + UI, SamEncoder, SamDecoder, HumanParser) on a local Ray, tiny
+    weights."""
     from atelier3d.serve import runner
 
     os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")

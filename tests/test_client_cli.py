@@ -1,4 +1,5 @@
-"""The Python clients and the ``atelier3d segment`` CLI against the real server (real HTTP)."""
+"""The Python clients and the ``atelier3d segment`` / ``parse`` CLI against the real server (real
+HTTP)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -215,9 +217,9 @@ async def test_async_client_concurrent_segments(server):
         assert (missing.value.status, missing.value.code) == (404, "not_found")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, command: str = "segment") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "atelier3d", "segment", *args],
+        [sys.executable, "-m", "atelier3d", command, *args],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
 
@@ -283,3 +285,110 @@ def test_cli_errors(server, tmp_path):
     assert unreachable.returncode == 1
     assert "cannot reach" in unreachable.stderr and "Traceback" not in unreachable.stderr
     assert not out.exists()
+
+
+# ---- body and garment separation ---------------------------------------------------------------
+
+FIGURE_BOX = (45, 15, 150, 310)  # around the figure in IMAGE (192x320)
+
+
+def test_client_parse_and_its_assets(server):
+    with Client(server, timeout=TIMEOUT_S) as client:
+        sid = client.create_session(IMAGE, wait=True).session_id
+        oid = client.create_object(sid).object_id
+        client.segment(sid, box=FIGURE_BOX, object_id=oid, multimask=False)
+        result = client.parse(sid, object_id=oid)
+        assert result.object_id == oid and result.parts and result.labels
+        assert client.get_parse(sid, result.parse_id) == result
+        parse_map = png_image(client.parse_asset(result.parse_map_url))
+        pose_map = png_image(client.parse_asset(result.pose_map_url))
+        assert parse_map.mode == pose_map.mode == "RGB"
+        assert parse_map.size == pose_map.size == (W, H)
+        for part in result.parts:
+            cut = png_image(client.parse_asset(part.url))
+            assert cut.mode == "RGBA" and cut.size == tuple(part.bbox[2:])
+        with zipfile.ZipFile(io.BytesIO(client.parse_asset(result.zip_url))) as archive:
+            assert {f"{p.name}.png" for p in result.parts} <= set(archive.namelist())
+
+        # A mask given as a boolean array goes as RLE; options change what is cut out.
+        mask = mask_to_array(client.get_object(sid, oid).masks[0])
+        only_hair = client.parse(sid, rle=mask, groups=["hair"], complete_occlusions=False)
+        assert only_hair.labels == result.labels
+        assert {p.name for p in only_hair.parts} <= {p.name for p in result.parts} | {"hair"}
+        assert "clothing" not in {p.name for p in only_hair.parts}
+        assert all(p.completed_url is None for p in only_hair.parts)
+
+        with pytest.raises(ApiError) as empty:
+            client.parse(sid, rle=np.zeros((H, W), bool))
+        assert (empty.value.status, empty.value.code) == (400, "bad_request")
+        with pytest.raises(ApiError) as missing:
+            client.parse_asset(result.parse_map_url.replace("parse_map.png", "parts/Nope.png"))
+        assert missing.value.status == 404
+        with pytest.raises(ValueError):
+            client.parse(sid)  # neither object_id nor rle
+        with pytest.raises(ValueError):
+            client.parse_asset("https://example.com/evil.png")
+        client.delete_session(sid)
+
+
+async def test_async_client_parse(server):
+    async with AsyncClient(server, timeout=TIMEOUT_S) as client:
+        sid = (await client.create_session(IMAGE, wait=True)).session_id
+        seg = await client.segment(sid, box=FIGURE_BOX, multimask=False)
+        results = await asyncio.gather(*(client.parse(sid, rle=seg.masks[0]) for _ in range(2)))
+        assert results[0].parse_id != results[1].parse_id
+        assert results[0].masks == results[1].masks
+        data = await client.parse_asset(results[1].parse_map_url)
+        assert png_image(data).size == (W, H)
+        await client.delete_session(sid)
+
+
+def test_cli_parse_writes_maps_parts_and_json(server, tmp_path):
+    image = tmp_path / "character.png"
+    Image.fromarray(IMAGE).save(image)
+    out = tmp_path / "parsed"
+    proc = run_cli(str(image), "--box", ",".join(map(str, FIGURE_BOX)), "--server", server,
+                   "-o", str(out), command="parse")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("labels: ") for line in lines)
+    assert sum(line.startswith("check ") for line in lines) == 4
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["labels"] and result["parts"]
+    assert result["character_mask"]["size"] == [H, W]
+    for name in ("parse_map.png", "pose_map.png"):
+        assert png_image((out / name).read_bytes()).size == (W, H)
+    written = {p.name for p in (out / "parts").glob("*.png")}
+    expected = {f"{p['name']}.png" for p in result["parts"]}
+    expected |= {f"{p['name']}.completed.png" for p in result["parts"] if p["completed_url"]}
+    assert written == expected
+    for part in result["parts"]:
+        cut = png_image((out / "parts" / f"{part['name']}.png").read_bytes())
+        assert cut.mode == "RGBA" and cut.size == tuple(part["bbox"][2:])
+
+    # The CLI cleans up its session.
+    sid = lines[0].split()[1].rstrip(":")
+    with Client(server, timeout=TIMEOUT_S) as client, pytest.raises(ApiError):
+        client.get_session(sid)
+
+
+def test_cli_parse_errors(server, tmp_path):
+    image = tmp_path / "character.png"
+    Image.fromarray(IMAGE).save(image)
+    out = tmp_path / "parsed"
+    # An API error (the point lies outside the image): a message and exit status 1.
+    outside = run_cli(str(image), "--point", "5000,5000", "--server", server, "-o", str(out),
+                      command="parse")
+    assert outside.returncode == 1
+    assert "outside" in outside.stderr and "Traceback" not in outside.stderr
+    assert not out.exists()
+    no_prompt = run_cli(str(image), "--server", server, "-o", str(out), command="parse")
+    assert no_prompt.returncode == 2 and "--point" in no_prompt.stderr
+    missing = run_cli(str(tmp_path / "nope.png"), "--point", "1,1", "--server", server,
+                      "-o", str(out), command="parse")
+    assert missing.returncode == 2 and "no such image" in missing.stderr
+    down = f"http://127.0.0.1:{free_port()}"
+    unreachable = run_cli(str(image), "--point", "10,10", "--server", down, "-o", str(out),
+                          command="parse")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr

@@ -40,13 +40,6 @@ def pose_model(tiny_dir):
     return load_pose(mode="real", cache_dir=tiny_dir)
 
 
-@pytest.fixture(scope="module")
-def human_parser(tiny_dir, segformer_dir, pose_model):
-    from atelier3d.deployments.human_parser import HumanParser
-
-    return HumanParser.func_or_class({"models": "tiny", "cache_dir": str(tiny_dir)})
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
 

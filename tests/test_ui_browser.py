@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from atelier3d.samples import drawn_character
+from atelier3d.serve.ui_parse import FADE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -248,3 +251,143 @@ def test_api_routes_survive_the_ui_mount(http) -> None:
     wrong_method = http.put("/v1/sessions")
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+# ---- the "Body & garments" tab ----------------------------------------------------------------
+
+PARSE_SCREENSHOT = Path("/tmp/ui_parse.png")
+
+
+def wait_text(page: Page, selector: str, pattern: str) -> str:
+    page.wait_for_function(
+        "([s, p]) => new RegExp(p).test(document.querySelector(s)?.innerText ?? '')",
+        arg=[selector, pattern], timeout=TIMEOUT_MS,
+    )
+    return page.locator(selector).inner_text()
+
+
+def loaded_src(page: Page, selector: str, previous: str | None = None) -> str:
+    """The URL of the image in ``selector`` once loaded (and different from ``previous``)."""
+    page.wait_for_function(
+        "([s, prev]) => { const i = document.querySelector(s + ' img');"
+        " return i && i.complete && i.naturalWidth > 0 && i.getAttribute('src') !== prev; }",
+        arg=[selector, previous], timeout=TIMEOUT_MS,
+    )
+    return page.locator(f"{selector} img").first.get_attribute("src")
+
+
+def wait_overlay(page: Page, condition) -> np.ndarray:
+    """The parse overlay once ``condition(image)`` holds (toggles re-draw it one by one)."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        image = fetch_image(page, loaded_src(page, "#parse-overlay"))
+        if condition(image):
+            return image
+        assert time.monotonic() < deadline, "the overlay never showed what was expected"
+        time.sleep(0.3)
+
+
+def test_body_and_garments_tab(page: Page, tmp_path: Path) -> None:
+    parse_tab = page.get_by_role("tab", name="Body & garments")
+    parse_tab.click()
+    page.locator("#parse-run").click()
+    page.locator("[data-testid=toast-text]", has_text="Upload an image").first.wait_for()
+    # The later stages show, disabled, and say they are pending.
+    for elem_id, stage in (("send-edit", "edit"), ("send-3d", "3D")):
+        expect(page.locator(f"#{elem_id}")).to_be_disabled()
+        assert f"{stage} stage pending" in page.locator(f"#{elem_id}").inner_text()
+
+    # Segment the character with a box in the Segment tab, then parse its object here.
+    page.get_by_role("tab", name="Segment").click()
+    upload_character(page, tmp_path)
+    page.get_by_label("box corner").check()
+    click_image(page, 90, 30)
+    wait_status(page, r"opposite corner")
+    click_image(page, 300, 620)
+    wait_status(page, r"Object 1 · 0 \+ / 0 − points · box .*score")
+    parse_tab.click()
+    page.evaluate("""() => {
+        window.parseProgressSeen = false;
+        new MutationObserver(() => {
+            const text = document.querySelector('#parse-overlay')?.textContent ?? '';
+            if (text.includes('Parsing body and garments')) window.parseProgressSeen = true;
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.locator("#parse-run").click()
+    text = wait_text(page, "#parse-status", r"Object 1 parsed: \d+ labels, \d+ parts")
+    n_labels, n_parts = (int(v) for v in re.search(r"(\d+) labels, (\d+) parts", text).groups())
+    assert n_labels > 0 and n_parts > 0
+    assert page.evaluate("window.parseProgressSeen"), "no progress bar while parsing"
+
+    # The overlay: the image with the labels tinted (and the skeleton drawn).
+    src = loaded_src(page, "#parse-overlay")
+    tinted = fetch_image(page, src)
+    assert tinted.shape == (640, 384, 3)
+    assert np.abs(tinted.astype(int) - drawn_character()).mean() > 5
+    boxes = page.locator("#parse-labels input[type=checkbox]")
+    assert boxes.count() == n_labels and all(boxes.nth(i).is_checked() for i in range(n_labels))
+    assert page.locator("#parse-legend .swatch").count() == n_labels
+    # Label toggles and the skeleton toggle re-draw it. With nothing shown, each pixel is the
+    # image's own (the character) or faded to white (the rest): nothing is tinted or drawn.
+    image = drawn_character()
+    faded = np.round(image * np.float32(1 - FADE) + np.float32(255 * FADE)).astype(np.uint8)
+
+    def tinted_pixels(overlay: np.ndarray) -> int:
+        return int((~(np.all(overlay == image, -1) | np.all(overlay == faded, -1))).sum())
+
+    for i in range(n_labels):
+        boxes.nth(i).uncheck()
+    page.locator("#parse-skeleton input").uncheck()
+    plain = wait_overlay(page, lambda o: tinted_pixels(o) == 0)
+    assert 0.05 < np.all(plain == image, -1).mean() < 0.95
+    boxes.nth(0).check()  # one label tinted again
+    one = tinted_pixels(wait_overlay(
+        page, lambda o: 0 < tinted_pixels(o) < np.all(plain == image, -1).sum()))
+    if "keypoints" in text:  # the skeleton comes back on top
+        page.locator("#parse-skeleton input").check()
+        wait_overlay(page, lambda o: tinted_pixels(o) > one)
+
+    # The gallery of cut-outs; the first is shown large and offered as a file.
+    thumbs = page.locator("#parse-parts .thumbnail-item")
+    expect(thumbs).to_have_count(n_parts)
+    names = page.locator("#parse-parts .caption-label").all_inner_texts()
+    assert len(names) == n_parts and all(names)
+    loaded_src(page, "#part-original")
+    name, data = download(page, "part-download")
+    first = names[0].split(" · ")[0]
+    assert name == f"{first.lower()}.png"
+    part = Image.open(io.BytesIO(data))
+    assert part.format == "PNG" and part.mode == "RGBA"
+    assert (np.asarray(part)[..., 3] > 0).any()
+    name, data = download(page, "parts-zip")
+    assert name.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = set(archive.namelist())
+        manifest = json.loads(archive.read("parts.json"))
+    assert [p["name"] for p in manifest["parts"]] == [n.split(" · ")[0] for n in names]
+    assert {f"{p['name']}.png" for p in manifest["parts"]} <= members
+    # Choosing another part (one with a completed version, if any) shows it and offers its files.
+    index = max((i for i, n in enumerate(names) if n.endswith("completed")), default=n_parts - 1)
+    if index > 0:
+        thumbs.nth(index).click()
+        chosen = names[index].split(" · ")[0].lower()
+        files = [f"{chosen}.png"]
+        if names[index].endswith("completed"):
+            files.append(f"{chosen}.completed.png")
+            assert f"{names[index].split(' · ')[0]}.completed.png" in members
+        page.wait_for_function(
+            "names => { const got = [...document.querySelectorAll('#part-download a[download]')]"
+            ".map(a => a.getAttribute('download')); "
+            "return names.every(n => got.includes(n)) && got.length == names.length; }",
+            arg=files, timeout=TIMEOUT_MS)
+        if len(files) == 2:
+            completed = fetch_image(page, loaded_src(page, "#part-completed"))
+            assert completed.shape[0] > 1 and completed.shape[1] > 1
+
+    # The checks, each passed or failed with its reason (and a suggestion when failed).
+    checks = wait_text(page, "#parse-checks", "Checks before 3D")
+    lines = [line for line in checks.splitlines() if line.strip().startswith(("✓", "✗"))]
+    assert len(lines) == 4, checks
+    assert any("Full body visible" in line for line in lines)
+    assert all("suggestion" in line for line in lines if line.strip().startswith("✗"))
+    page.screenshot(path=str(PARSE_SCREENSHOT), full_page=True)

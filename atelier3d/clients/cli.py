@@ -1,10 +1,13 @@
-"""Client-side CLI commands (``atelier3d segment``...), talking HTTP to a running server."""
+"""Client-side CLI commands (``atelier3d segment``, ``atelier3d parse``), talking HTTP to a
+running server."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from atelier3d.clients.client import DEFAULT_BASE_URL
@@ -53,48 +56,75 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    import httpx
+class CliError(Exception):
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def _prompt(args: argparse.Namespace) -> tuple[list[tuple[float, float]], list[int]]:
+    """The ``--point``/``--box`` prompt, checked before anything is sent (exit status 2)."""
     from pydantic import ValidationError
 
-    from atelier3d.clients.client import ApiError, Client, segment_call
+    from atelier3d.clients.client import segment_call
 
     if not args.point and args.box is None:
-        return fail("give at least one --point or a --box", 2)
-    image = Path(args.image)
-    if not image.is_file():
-        return fail(f"no such image file: {image}", 2)
+        raise CliError("give at least one --point or a --box", 2)
+    if not Path(args.image).is_file():
+        raise CliError(f"no such image file: {args.image}", 2)
     points = [(x, y) for x, y, _ in args.point]
     labels = [label for _, _, label in args.point]
     try:
         segment_call("-", points=points or None, labels=labels or None, box=args.box)
     except ValidationError as exc:  # a prompt the request model refuses, e.g. an empty box
-        return fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()), 2)
+        raise CliError("; ".join(e["msg"].removeprefix("Value error, ")
+                                 for e in exc.errors()), 2) from None
+    return points, labels
+
+
+@contextlib.contextmanager
+def _session(client, image: Path) -> Iterator:
+    """A session for ``image``, encoded, and deleted again at the end."""
+    import httpx
+
+    from atelier3d.clients.client import ApiError
+
+    info = client.create_session(image, wait=True)
     try:
-        with Client(args.server, timeout=args.timeout) as client:
-            info = client.create_session(image, wait=True)
-            try:
-                print(f"session {info.session_id}: {info.width}x{info.height}")
-                result = client.segment(info.session_id, points=points or None,
-                                        labels=labels or None, box=args.box, multimask=True)
-                picked = result.selected if args.pick == "best" else args.pick
-                if picked >= len(result.masks):
-                    return fail(f"--pick {picked}: the server returned {len(result.masks)} "
-                                "candidate(s)")
-                for i, mask in enumerate(result.masks):
-                    marks = [m for m, on in (("best", i == result.selected),
-                                             ("picked", i == picked)) if on]
-                    x, y, w, h = mask.bbox
-                    print(f"candidate {i}: score {mask.score:.4f}  area {mask.area}  "
-                          f"bbox {x},{y},{w},{h}" + (f"  ({', '.join(marks)})" if marks else ""))
-                chosen = result.masks[picked]
-                png = client.cutout(info.session_id, rle=chosen.rle, background="transparent",
-                                    crop=not args.no_crop)
-            finally:
-                try:
-                    client.delete_session(info.session_id)
-                except (ApiError, httpx.HTTPError):
-                    pass  # it expires on its own
+        print(f"session {info.session_id}: {info.width}x{info.height}")
+        yield info
+    finally:
+        try:
+            client.delete_session(info.session_id)
+        except (ApiError, httpx.HTTPError):
+            pass  # it expires on its own
+
+
+def _segment(client, session_id: str, args: argparse.Namespace, points, labels):
+    """Segments with the prompt, prints the candidates and returns the ``--pick``ed one."""
+    result = client.segment(session_id, points=points or None, labels=labels or None,
+                            box=args.box, multimask=True)
+    picked = result.selected if args.pick == "best" else args.pick
+    if picked >= len(result.masks):
+        raise CliError(f"--pick {picked}: the server returned {len(result.masks)} candidate(s)")
+    for i, mask in enumerate(result.masks):
+        marks = [m for m, on in (("best", i == result.selected), ("picked", i == picked)) if on]
+        x, y, w, h = mask.bbox
+        print(f"candidate {i}: score {mask.score:.4f}  area {mask.area}  "
+              f"bbox {x},{y},{w},{h}" + (f"  ({', '.join(marks)})" if marks else ""))
+    return result.masks[picked]
+
+
+def _run(args: argparse.Namespace, work: Callable[[], int]) -> int:
+    """Runs ``work`` (which talks to the server), turning every failure into a message."""
+    import httpx
+
+    from atelier3d.clients.client import ApiError
+
+    try:
+        return work()
+    except CliError as exc:
+        return fail(exc.message, exc.status)
     except ApiError as exc:
         return fail(f"{exc.message} ({exc.status} {exc.code})")
     except httpx.ConnectError as exc:
@@ -103,14 +133,80 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return fail(f"request to {args.server} failed: {exc or type(exc).__name__}")
     except OSError as exc:
         return fail(str(exc))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(png)
-    print(f"wrote {args.output}")
-    if args.rle_json is not None:
-        args.rle_json.parent.mkdir(parents=True, exist_ok=True)
-        args.rle_json.write_text(json.dumps(chosen.rle.model_dump(mode="json")) + "\n")
-        print(f"wrote {args.rle_json}")
-    return 0
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    print(f"wrote {path}")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from atelier3d.clients.client import Client
+
+    def work() -> int:
+        points, labels = _prompt(args)
+        with Client(args.server, timeout=args.timeout) as client, \
+                _session(client, Path(args.image)) as info:
+            chosen = _segment(client, info.session_id, args, points, labels)
+            png = client.cutout(info.session_id, rle=chosen.rle, background="transparent",
+                                crop=not args.no_crop)
+        _write(args.output, png)
+        if args.rle_json is not None:
+            _write(args.rle_json, (json.dumps(chosen.rle.model_dump(mode="json")) + "\n").encode())
+        return 0
+
+    return _run(args, work)
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    from atelier3d.clients.client import Client
+
+    def work() -> int:
+        points, labels = _prompt(args)
+        with Client(args.server, timeout=args.timeout) as client, \
+                _session(client, Path(args.image)) as info:
+            chosen = _segment(client, info.session_id, args, points, labels)
+            result = client.parse(info.session_id, rle=chosen.rle,
+                                  complete_occlusions=not args.no_complete)
+            files = {"parse_map.png": client.parse_asset(result.parse_map_url),
+                     "pose_map.png": client.parse_asset(result.pose_map_url)}
+            for part in result.parts:
+                files[f"parts/{part.name}.png"] = client.parse_asset(part.url)
+                if part.completed_url:
+                    files[f"parts/{part.name}.completed.png"] = client.parse_asset(
+                        part.completed_url)
+        print(f"labels: {', '.join(result.labels) or 'none'}")
+        print(f"keypoints: {len(result.keypoints)}  parts: {len(result.parts)}  "
+              f"({result.timings_ms.total_ms:.0f} ms)")
+        for check in result.checks:
+            verdict = "pass" if check.passed else "FAIL"
+            hint = f" -> {check.suggestion}" if check.suggestion else ""
+            print(f"check {check.name}: {verdict}: {check.reason}{hint}")
+        for name, data in files.items():
+            _write(args.output / name, data)
+        # The response as the server gave it (its URLs died with the session) and the mask used.
+        summary = {**result.model_dump(mode="json"),
+                   "character_mask": chosen.rle.model_dump(mode="json")}
+        _write(args.output / "result.json", (json.dumps(summary, indent=1) + "\n").encode())
+        return 0
+
+    return _run(args, work)
+
+
+def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("image", help="image file (PNG, JPEG, WebP, ...)")
+    command.add_argument("--point", action="append", type=parse_point, default=[],
+                         metavar="X,Y[,LABEL]",
+                         help="a click in pixels; LABEL 1 = foreground (default), 0 = background; "
+                         "repeatable (use --point=-X,Y for negative numbers)")
+    command.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="a box in pixels")
+    command.add_argument("--server", default=DEFAULT_BASE_URL,
+                         help=f"base URL of the server (default {DEFAULT_BASE_URL})")
+    command.add_argument("--pick", type=parse_pick, default="best", metavar="best|0|1|2",
+                         help="which candidate is the mask (default: the best-scoring)")
+    command.add_argument("--timeout", type=float, default=360.0,
+                         help="seconds per request (the upload waits for the encoder)")
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
@@ -121,21 +217,25 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         description="Uploads IMAGE, segments it with point and/or box prompts, and writes the "
         "transparent cut-out of the chosen candidate (and optionally its COCO RLE as JSON).",
     )
-    segment.add_argument("image", help="image file (PNG, JPEG, WebP, ...)")
-    segment.add_argument("--point", action="append", type=parse_point, default=[],
-                         metavar="X,Y[,LABEL]",
-                         help="a click in pixels; LABEL 1 = foreground (default), 0 = background; "
-                         "repeatable (use --point=-X,Y for negative numbers)")
-    segment.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="a box in pixels")
-    segment.add_argument("--server", default=DEFAULT_BASE_URL,
-                         help=f"base URL of the server (default {DEFAULT_BASE_URL})")
-    segment.add_argument("--pick", type=parse_pick, default="best", metavar="best|0|1|2",
-                         help="which candidate to cut out (default: the best-scoring)")
+    _add_prompt_arguments(segment)
     segment.add_argument("-o", "--output", type=Path, required=True,
                          help="where to write the cut-out PNG")
     segment.add_argument("--rle-json", type=Path, help="also write the chosen mask's RLE here")
     segment.add_argument("--no-crop", action="store_true",
                          help="keep the full image size instead of cropping to the mask")
-    segment.add_argument("--timeout", type=float, default=360.0,
-                         help="seconds per request (the upload waits for the encoder)")
     segment.set_defaults(func=cmd_segment)
+
+    parse = sub.add_parser(
+        "parse",
+        help="separate a character's body and garments on a running server",
+        description="Uploads IMAGE, segments the character with point and/or box prompts (as "
+        "'segment' does), parses it, and writes into OUTDIR: parse_map.png (ATR palette), "
+        "pose_map.png (OpenPose skeleton), parts/<name>.png (RGBA cut-outs; "
+        "<name>.completed.png where an occluded part was filled in) and result.json.",
+    )
+    _add_prompt_arguments(parse)
+    parse.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                       help="folder for the results (created if needed)")
+    parse.add_argument("--no-complete", action="store_true",
+                       help="do not fill in the occluded parts of garments")
+    parse.set_defaults(func=cmd_parse)

@@ -10,6 +10,8 @@ awaitables::
         info = client.create_session("character.png", wait=True)
         result = client.segment(info.session_id, points=[(190, 120)])
         png = client.cutout(info.session_id, rle=result.masks[result.selected].rle)
+        parsed = client.parse(info.session_id, rle=result.masks[result.selected].rle)
+        parse_map = client.parse_asset(parsed.parse_map_url)
 
     async with AsyncClient("http://127.0.0.1:8000") as client:
         info = await client.create_session(image_array, wait=True)
@@ -43,6 +45,9 @@ from atelier3d.serve.schemas import (
     CutoutRequest,
     MaskCandidate,
     ObjectState,
+    ParseRequest,
+    ParseResponse,
+    PartGroup,
     ReadyInfo,
     SegmentRequest,
     SegmentResponse,
@@ -308,6 +313,31 @@ def edit_object_call(session_id: str, object_id: str,
                 retry=False)
 
 
+def parse_call(
+    session_id: str,
+    object_id: str | None = None,
+    rle: RLEInput | None = None,
+    groups: Sequence[PartGroup] | None = None,
+    complete_occlusions: bool | None = None,
+) -> Call:
+    request = ParseRequest(rle=None if rle is None else as_rle(rle), object_id=object_id,
+                           groups=None if groups is None else list(groups),
+                           complete_occlusions=complete_occlusions)
+    return Call("POST", _session_url(session_id, "parse"), _model(ParseResponse),
+                _json_body(request))
+
+
+def get_parse_call(session_id: str, parse_id: str) -> Call:
+    return Call("GET", _session_url(session_id, "parses", _seg(parse_id)), _model(ParseResponse))
+
+
+def parse_asset_call(url: str) -> Call:
+    """GET of a URL a :class:`ParseResponse` names (``parse_map_url``, ``parts[i].url``...)."""
+    if not url.startswith("/v1/sessions/"):
+        raise ValueError(f"not a parse result URL of this API: {url!r}")
+    return Call("GET", url, _content)
+
+
 def ready_call() -> Call:
     return Call("GET", "/readyz", _model(ReadyInfo))
 
@@ -417,6 +447,27 @@ class _Endpoints:
     def delete_object(self, session_id: str, object_id: str) -> None:
         return self._send(delete_object_call(session_id, object_id))
 
+    # body and garment separation
+
+    def parse(
+        self,
+        session_id: str,
+        object_id: str | None = None,
+        rle: RLEInput | None = None,
+        groups: Sequence[PartGroup] | None = None,
+        complete_occlusions: bool | None = None,
+    ) -> ParseResponse:
+        """Body labels, keypoints, garment cut-outs and checks of the character whose mask is
+        ``object_id``'s selected one or ``rle``; images are fetched with :meth:`parse_asset`."""
+        return self._send(parse_call(session_id, object_id, rle, groups, complete_occlusions))
+
+    def get_parse(self, session_id: str, parse_id: str) -> ParseResponse:
+        return self._send(get_parse_call(session_id, parse_id))
+
+    def parse_asset(self, url: str) -> bytes:
+        """The bytes (PNG, or the ZIP) behind a URL of a :class:`ParseResponse`."""
+        return self._send(parse_asset_call(url))
+
     # health
 
     def ready(self) -> ReadyInfo:
@@ -519,10 +570,13 @@ __all__ = [
     "delete_session_call",
     "edit_object_call",
     "get_object_call",
+    "get_parse_call",
     "get_session_call",
     "health_call",
     "image_bytes",
     "mask_to_array",
+    "parse_asset_call",
+    "parse_call",
     "ready_call",
     "segment_call",
     "select_call",

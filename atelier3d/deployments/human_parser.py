@@ -131,12 +131,16 @@ class HumanParser:
             checkpoint_sha256=digest.hexdigest(),
         )
 
-    def parse(self, image: np.ndarray, mask: np.ndarray,
-              labels: np.ndarray | None = None) -> ParseResult:
+    def parse(self, image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None,
+              groups: list[str] | None = None,
+              complete_occlusions: bool | None = None) -> ParseResult:
         """Parses the character under ``mask``; ``labels`` (e.g. a map the user corrected)
-        replaces SegFormer's when given."""
+        replaces SegFormer's when given. ``groups`` and ``complete_occlusions`` override the
+        user_config's for this call."""
         mask = _validate(image, mask, labels)
-        settings = self.settings
+        overrides = {"groups": groups, "complete_occlusions": complete_occlusions}
+        settings = ParserUserConfig.model_validate(
+            self.settings.model_dump() | {k: v for k, v in overrides.items() if v is not None})
         box = crop_box(mask, settings.crop_margin)
         x0, y0, x1, y1 = box
         timings = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from atelier3d.config import AppConfig
+from atelier3d.deployments.human_parser import HumanParser
 from atelier3d.deployments.sam_decoder import SamDecoder
 from atelier3d.deployments.sam_encoder import SamEncoder
 from atelier3d.serve.gateway import Gateway
@@ -19,4 +20,5 @@ def build_app(args: dict | None = None) -> Application:
     raw = config.model_dump(mode="json")
     encoder = SamEncoder.bind(raw)
     decoder = SamDecoder.bind(raw)
-    return Gateway.bind(raw, encoder, decoder)
+    parser = HumanParser.bind(raw)
+    return Gateway.bind(raw, encoder, decoder, parser)

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from atelier3d.config import AppConfig
 from atelier3d.serve.api import build_api
+from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.segmentation import SegmentationService
 
 logger = logging.getLogger("ray.serve")
@@ -22,14 +23,16 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
-    def __init__(self, config: dict, encoder: DeploymentHandle, decoder: DeploymentHandle):
+    def __init__(self, config: dict, encoder: DeploymentHandle, decoder: DeploymentHandle,
+                 parser: DeploymentHandle):
         self.config = AppConfig.model_validate(config)
         self.service = SegmentationService(self.config, encoder, decoder)
+        self.parsing = ParsingService(self.service, parser)
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.service, self.config)
+        app = build_api(self.service, self.config, self.parsing)
         if self.config.ui:
             from atelier3d.serve.ui import mount_ui
 
-            app = mount_ui(app, self.service)
+            app = mount_ui(app, self.service, self.parsing)
         return app

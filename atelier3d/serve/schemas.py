@@ -6,6 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from atelier3d.checks import Check
+from atelier3d.models.pose import Keypoint
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -102,17 +105,71 @@ class SelectRequest(_Model):
     index: int = Field(ge=0)
 
 
-class CutoutRequest(_Model):
+class MaskSource(_Model):
+    """A mask given either as RLE or as an object (its selected candidate): exactly one."""
+
     rle: RLE | None = None
     object_id: str | None = Field(None, description="use this object's selected mask")
-    background: Literal["transparent", "white", "black"] = "transparent"
-    crop: bool = Field(True, description="crop to the mask's bounding box")
 
     @model_validator(mode="after")
-    def _one_source(self) -> CutoutRequest:
+    def _one_source(self) -> MaskSource:
         if (self.rle is None) == (self.object_id is None):
             raise ValueError("give exactly one of rle or object_id")
         return self
+
+
+class CutoutRequest(MaskSource):
+    background: Literal["transparent", "white", "black"] = "transparent"
+    crop: bool = Field(True, description="crop to the mask's bounding box")
+
+
+PartGroup = Literal["clothing", "hair", "body-skin"]
+
+
+class ParseRequest(MaskSource):
+    """Body and garment separation of one character: ``rle`` or ``object_id`` is its mask."""
+
+    groups: list[PartGroup] | None = Field(
+        None, description="merged parts cut out besides one per garment label "
+        "(default: the server's, all three)"
+    )
+    complete_occlusions: bool | None = Field(
+        None, description="also fill what hair and arms hide of each garment (default: the "
+        "server's, on)"
+    )
+
+
+class ParsePart(_Model):
+    name: str = Field(description="an ATR label (a garment) or a group name")
+    labels: list[str] = Field(description="the ATR labels the part is made of")
+    bbox: tuple[int, int, int, int] = Field(description="[x, y, width, height] in the image")
+    url: str = Field(description="RGBA cut-out, cropped to bbox")
+    completed_url: str | None = Field(
+        None, description="the cut-out with its occluded part filled in, when something hid it"
+    )
+
+
+class ParseTimings(_Model):
+    parse_ms: float = Field(description="SegFormer on the character's box")
+    pose_ms: float
+    parts_ms: float = Field(description="RLEs, cut-outs and occlusion completion")
+    total_ms: float = Field(description="the whole request, as the server saw it")
+
+
+class ParseResponse(_Model):
+    parse_id: str
+    object_id: str | None = None
+    labels: list[str] = Field(description="ATR labels present in the character (no background)")
+    masks: dict[str, RLE] = Field(description="one mask per present label")
+    keypoints: list[Keypoint] = Field(
+        description="BlazePose's 33 keypoints in image pixels (empty without a pose model)"
+    )
+    parts: list[ParsePart]
+    checks: list[Check] = Field(description="what an image-to-3D input needs, passed or not")
+    parse_map_url: str = Field(description="the label map coloured with the ATR palette (PNG)")
+    pose_map_url: str = Field(description="OpenPose-style skeleton on black (PNG)")
+    zip_url: str = Field(description="every cut-out (and completed version) in one ZIP")
+    timings_ms: ParseTimings
 
 
 class ModelInfo(_Model):
@@ -141,8 +198,13 @@ __all__ = [
     "CutoutRequest",
     "ErrorResponse",
     "MaskCandidate",
+    "MaskSource",
     "ModelInfo",
     "ObjectState",
+    "ParsePart",
+    "ParseRequest",
+    "ParseResponse",
+    "ParseTimings",
     "ReadyInfo",
     "SegmentRequest",
     "SegmentResponse",

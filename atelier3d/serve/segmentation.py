@@ -31,6 +31,7 @@ from atelier3d.serve.schemas import (
     RLE,
     CutoutRequest,
     MaskCandidate,
+    MaskSource,
     ModelInfo,
     ObjectState,
     ReadyInfo,
@@ -58,6 +59,8 @@ class SegmentationService:
         self.config = config
         self.encoder = encoder
         self.decoder = decoder
+        # Every model deployment /readyz asks for its ModelInfo; other services add theirs.
+        self.models = {"sam_encoder": encoder, "sam_decoder": decoder}
         self.store = SessionStore(
             ttl_s=config.sessions.ttl_s,
             max_sessions=config.sessions.max_sessions,
@@ -294,18 +297,25 @@ class SegmentationService:
 
     # ---- export ---------------------------------------------------------------------------
 
-    async def cutout(self, session_id: str, request: CutoutRequest) -> bytes:
-        session = self.store.get(session_id)
-        if request.object_id is not None:
-            step = session.get_object(request.object_id).current
+    @staticmethod
+    def source_mask(session: Session, source: MaskSource, empty: str) -> np.ndarray:
+        """The ``(H, W)`` mask a request names (its RLE, or its object's selected candidate);
+        400 if it is empty (``empty`` says why that matters), 409 if the object has none yet."""
+        if source.object_id is not None:
+            step = session.get_object(source.object_id).current
             if step is None:
                 raise Conflict("the object has no mask yet")
             mask_rle = step.candidates[step.selected].rle
         else:
-            mask_rle = request.rle.model_dump()
+            mask_rle = source.rle.model_dump()
         mask = rle.decode(mask_rle, session.size)
         if not mask.any():
-            raise BadRequest("the mask is empty: nothing to cut out")
+            raise BadRequest(f"the mask is empty: {empty}")
+        return mask
+
+    async def cutout(self, session_id: str, request: CutoutRequest) -> bytes:
+        session = self.store.get(session_id)
+        mask = self.source_mask(session, request, "nothing to cut out")
         return await asyncio.to_thread(
             cutout_png, session.image, mask, request.background, request.crop
         )
@@ -317,10 +327,10 @@ class SegmentationService:
             return await asyncio.wait_for(handle.info.remote(), timeout=10)
 
         try:
-            encoder, decoder = await asyncio.gather(info(self.encoder), info(self.decoder))
+            infos = await asyncio.gather(*(info(handle) for handle in self.models.values()))
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
             raise Unavailable(f"model deployments are not ready: {exc!r}", retry_after_s=5) from exc
-        models = {"sam_encoder": encoder, "sam_decoder": decoder}
+        models = dict(zip(self.models, infos, strict=True))
         untrained = any(m.weights == "untrained" for m in models.values())
         return ReadyInfo(ready=True, weights="untrained" if untrained else "trained", models=models)
 

@@ -81,6 +81,8 @@ class Session:
     embedding_task: asyncio.Task | None = None
     embedding_failed: bool = False
     objects: dict[str, SegObject] = field(default_factory=dict)
+    # Body/garment parses (``atelier3d.serve.parsing.StoredParse``) by id, oldest first.
+    parses: OrderedDict[str, Any] = field(default_factory=OrderedDict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

@@ -1,4 +1,5 @@
-"""The Gradio UI: a "Segment" tab that calls the SegmentationService in-process.
+"""The Gradio UI: a "Segment" tab that calls the SegmentationService in-process, and the
+"Body & garments" tab (:mod:`atelier3d.serve.ui_parse`) on the same session and objects.
 
 Sessions, objects and their undo history live on the server (the same state the /v1 API uses), so
 every view is re-rendered from the ``ObjectState`` the service returns. The per-tab ``gr.State``
@@ -32,6 +33,7 @@ from starlette.types import Scope
 from atelier3d import rle, samples
 from atelier3d.errors import ApiError
 from atelier3d.imaging import encode_png
+from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.schemas import CutoutRequest, MaskCandidate, ObjectState, SegmentRequest
 from atelier3d.serve.segmentation import SegmentationService
 
@@ -47,6 +49,8 @@ POLL_S = 0.2  # how often the encode progress bar is refreshed
 THUMB_PX = 256  # candidate thumbnails: small, they only need to tell the three apart
 EXPORT_TTL_S = 3600.0  # exported files are Gradio-cached copies; our originals go after this
 CSS = "#overlay img { cursor: crosshair; }"
+# Options every event of every tab shares (why: see ``events`` in build_ui).
+EVENTS: dict[str, Any] = {"concurrency_limit": None, "api_visibility": "private"}
 
 
 @dataclass
@@ -293,7 +297,7 @@ def _client_key(request: gr.Request | None) -> str:
 # ---- the app ----------------------------------------------------------------------------
 
 
-def build_ui(service: SegmentationService) -> gr.Blocks:
+def build_ui(service: SegmentationService, parsing: ParsingService | None = None) -> gr.Blocks:
     exports = ExportDir()
     weights: dict[str, str] = {}  # cached answer of service.ready(): weights never change
 
@@ -338,6 +342,10 @@ def build_ui(service: SegmentationService) -> gr.Blocks:
                         candidates = gr.Gallery(label="Candidates (click to choose)",
                                                 columns=3, height=220, allow_preview=False,
                                                 object_fit="contain", elem_id="candidates")
+            if parsing is not None:
+                from atelier3d.serve.ui_parse import parse_tab
+
+                parse_tab(parsing, state, exports)
         view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset]
 
         @guarded(fallback=_empty_view)
@@ -460,8 +468,7 @@ def build_ui(service: SegmentationService) -> gr.Blocks:
         # Clicks are "multiple" (none is dropped while one is pending); the tab's lock orders them.
         # Progress shows on the overlay only, so the status line stays readable.
         # They are also kept out of Gradio's API ("private"): the programmatic API is /v1.
-        events: dict[str, Any] = {"concurrency_limit": None, "show_progress_on": [overlay],
-                                  "api_visibility": "private"}
+        events: dict[str, Any] = {**EVENTS, "show_progress_on": [overlay]}
         clicks: dict[str, Any] = {**events, "trigger_mode": "multiple", "show_progress": "minimal"}
         upload.change(on_image, [upload, state], view_outputs, **events)
         overlay.select(on_click, [state, mode], view_outputs, **clicks)
@@ -476,18 +483,26 @@ def build_ui(service: SegmentationService) -> gr.Blocks:
     return demo
 
 
+async def with_progress(work: Awaitable[Any], fraction: Callable[[], float],
+                        progress: gr.Progress, desc: str) -> Any:
+    """Awaits ``work`` while showing ``fraction()`` (0..1) as its progress; returns its result."""
+    waiter = asyncio.ensure_future(work)
+    try:
+        while not waiter.done():
+            progress(fraction(), desc=desc)
+            await asyncio.wait({waiter}, timeout=POLL_S)
+        return await waiter
+    finally:
+        waiter.cancel()
+
+
 async def _wait_encoded(service: SegmentationService, session_id: str,
                         progress: gr.Progress) -> None:
     """Shows the encode's (time-based) progress until the embedding is ready, or raises its
     error. ``wait_ready`` shields the encode, so a tab closed meanwhile does not cancel it."""
-    waiter = asyncio.ensure_future(service.wait_ready(session_id))
-    try:
-        while not waiter.done():
-            progress(service.encode_progress(session_id), desc="Encoding the image")
-            await asyncio.wait({waiter}, timeout=POLL_S)
-        await waiter
-    finally:
-        waiter.cancel()
+    await with_progress(service.wait_ready(session_id),
+                        lambda: service.encode_progress(session_id), progress,
+                        "Encoding the image")
 
 
 class _UiMount(Mount):
@@ -504,9 +519,10 @@ class _UiMount(Mount):
         return super().matches(scope)
 
 
-def mount_ui(app: FastAPI, service: SegmentationService) -> FastAPI:
+def mount_ui(app: FastAPI, service: SegmentationService,
+             parsing: ParsingService | None = None) -> FastAPI:
     """Mounts the UI at ``/``; routes already on ``app`` (/v1, /docs, /healthz) match first."""
-    demo = build_ui(service)
+    demo = build_ui(service, parsing)
     app = gr.mount_gradio_app(
         app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS,
         max_file_size=service.config.limits.max_upload_bytes,
