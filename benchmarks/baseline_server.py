@@ -96,14 +96,7 @@ class LockedSam:
             np.array(request.box, np.float64) if request.box is not None else None,
             None,
         )
-        feeds = {
-            "image_embeddings": embedding,
-            "point_coords": prompt.point_coords,
-            "point_labels": prompt.point_labels,
-            "mask_input": prompt.mask_input,
-            "has_mask_input": prompt.has_mask_input,
-            "orig_im_size": prompt.orig_im_size,
-        }
+        feeds = prompt.feeds(embedding)
         # Only the model call is under the lock (the SAM2 demo also holds it while it RLE-encodes);
         # this is the kinder choice for the baseline.
         with self.lock:

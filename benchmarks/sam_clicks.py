@@ -247,9 +247,7 @@ class RawDecoder:
 
         start = time.perf_counter()
         prompt = decoder_prompt(self.size, np.array([point]), np.array([1.0]), None, None)
-        feeds = {"image_embeddings": self.embedding, "point_coords": prompt.point_coords,
-                 "point_labels": prompt.point_labels, "mask_input": prompt.mask_input,
-                 "has_mask_input": prompt.has_mask_input, "orig_im_size": prompt.orig_im_size}
+        feeds = prompt.feeds(self.embedding)
         run_start = time.perf_counter()
         masks, _, _ = self.session.run(None, feeds)
         run_ms = (time.perf_counter() - run_start) * 1000

@@ -3,6 +3,7 @@ Ray Serve deployment of the whole app for the test session."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -26,6 +27,15 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def uploaded(http: httpx.Client, image: np.ndarray):
+    """A session for ``image`` (encoded: ``?wait=true``), deleted afterwards; yields its id."""
+    r = http.post("/v1/sessions?wait=true", files={"image": ("c.png", png_bytes(image))})
+    assert r.status_code == 201, r.text
+    yield r.json()["session_id"]
+    http.delete(f"/v1/sessions/{r.json()['session_id']}")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from atelier3d import rle
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, uploaded
 
 IMAGE = drawn_character(192, 320)
 H, W = IMAGE.shape[:2]
@@ -19,10 +19,8 @@ H, W = IMAGE.shape[:2]
 
 @pytest.fixture()
 def sid(http):
-    r = http.post("/v1/sessions?wait=true", files={"image": ("c.png", png_bytes(IMAGE))})
-    assert r.status_code == 201, r.text
-    yield r.json()["session_id"]
-    http.delete(f"/v1/sessions/{r.json()['session_id']}")
+    with uploaded(http, IMAGE) as session_id:
+        yield session_id
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:

@@ -143,10 +143,7 @@ def test_low_res_logits_match_torch_within_1e3(tiny_sam, tiny_dir, predictor):
             for prompt in prompts_for(height, width):
                 p = decoder_prompt((height, width), prompt.get("points"), prompt.get("labels"),
                                    prompt.get("box"), None)
-                _, _, low = session.run(None, {
-                    "image_embeddings": embedding, "point_coords": p.point_coords,
-                    "point_labels": p.point_labels, "mask_input": p.mask_input,
-                    "has_mask_input": p.has_mask_input, "orig_im_size": p.orig_im_size})
+                _, _, low = session.run(None, p.feeds(embedding))
                 _, _, ref_low = reference(predictor, prompt, multimask)
                 assert np.abs(low[0] - ref_low).max() <= 1e-3
 

@@ -12,10 +12,7 @@ from atelier3d.optimizations.sam_onnx import cached_decoder_onnx, export_options
 def run(path, embedding, size, points):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     p = decoder_prompt(size, np.array(points), np.ones(len(points)), None, None)
-    return session.run(None, {
-        "image_embeddings": embedding, "point_coords": p.point_coords,
-        "point_labels": p.point_labels, "mask_input": p.mask_input,
-        "has_mask_input": p.has_mask_input, "orig_im_size": p.orig_im_size})
+    return session.run(None, p.feeds(embedding))
 
 
 def test_cache_is_keyed_by_checkpoint_and_options(tiny_sam, tiny_dir):

@@ -18,7 +18,7 @@ from atelier3d import rle
 from atelier3d.models.parsing import LABELS, PALETTE
 from atelier3d.models.pose import render_pose_map
 from atelier3d.samples import drawn_character, drawn_character_labels
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, uploaded
 from tests.test_api import assert_error
 
 IMAGE = drawn_character()
@@ -31,10 +31,8 @@ RESPONSE_KEYS = {"parse_id", "object_id", "labels", "masks", "keypoints", "parts
 
 @pytest.fixture()
 def sid(http):
-    r = http.post("/v1/sessions?wait=true", files={"image": ("c.png", png_bytes(IMAGE))})
-    assert r.status_code == 201, r.text
-    yield r.json()["session_id"]
-    http.delete(f"/v1/sessions/{r.json()['session_id']}")
+    with uploaded(http, IMAGE) as session_id:
+        yield session_id
 
 
 def png(http, url: str, mode: str) -> np.ndarray:

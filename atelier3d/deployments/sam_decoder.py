@@ -116,17 +116,7 @@ class SamDecoder:
         return embedding
 
     def _run(self, multimask: bool, embedding: np.ndarray, prompt: DecoderPrompt):
-        return self.sessions[multimask].run(
-            None,
-            {
-                "image_embeddings": embedding,
-                "point_coords": prompt.point_coords,
-                "point_labels": prompt.point_labels,
-                "mask_input": prompt.mask_input,
-                "has_mask_input": prompt.has_mask_input,
-                "orig_im_size": prompt.orig_im_size,
-            },
-        )
+        return self.sessions[multimask].run(None, prompt.feeds(embedding))
 
     def decode(self, request: DecodeRequest) -> DecodeResult:
         embedding = self._embedding(request.embedding[0])

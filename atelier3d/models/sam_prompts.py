@@ -41,6 +41,17 @@ class DecoderPrompt:
     has_mask_input: np.ndarray  # (1,) float32
     orig_im_size: np.ndarray  # (2,) int64
 
+    def feeds(self, embedding: np.ndarray) -> dict[str, np.ndarray]:
+        """The ONNX decoder's full input dict for ``embedding`` (1, 256, 64, 64)."""
+        return {
+            "image_embeddings": embedding,
+            "point_coords": self.point_coords,
+            "point_labels": self.point_labels,
+            "mask_input": self.mask_input,
+            "has_mask_input": self.has_mask_input,
+            "orig_im_size": self.orig_im_size,
+        }
+
 
 def decoder_prompt(
     size: tuple[int, int],
