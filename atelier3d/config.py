@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atelier3d.editing import EditSettings
+from atelier3d.meshing import MeshSettings
 from atelier3d.models.sam import default_cache_dir
 
 
@@ -66,6 +68,25 @@ class SessionSettings(_Strict):
     )
 
 
+class JobKindSettings(_Strict):
+    max_running: int = Field(
+        1, gt=0, description="jobs of this kind dispatched to the model at once: the replicas' "
+        "total max_ongoing_requests; the rest wait in the Gateway's queue, in order"
+    )
+    max_queued: int = Field(32, ge=0, description="beyond this, submissions get 503 + Retry-After")
+
+
+class JobSettings(_Strict):
+    edit: JobKindSettings = Field(default_factory=JobKindSettings)
+    mesh: JobKindSettings = Field(default_factory=JobKindSettings)
+    max_jobs_per_session: int = Field(
+        32, gt=0, description="finished jobs (and their results) kept per session; oldest go first"
+    )
+    ttl_s: float = Field(
+        3600.0, gt=0, description="how long a job without a session (an uploaded image) is kept"
+    )
+
+
 class AppConfig(_Strict):
     models: Literal["auto", "tiny", "real"] = "auto"
     cache_dir: str | None = Field(None, description="weights and ONNX cache; $ATELIER3D_HOME")
@@ -73,6 +94,9 @@ class AppConfig(_Strict):
     parsing: ParsingSettings = Field(default_factory=ParsingSettings)
     limits: Limits = Field(default_factory=Limits)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+    edit: EditSettings = Field(default_factory=EditSettings)
+    mesh: MeshSettings = Field(default_factory=MeshSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
     ui: bool = Field(True, description="mount the Gradio UI at /")
 
     @property

@@ -40,14 +40,19 @@ def uploaded(http: httpx.Client, image: np.ndarray):
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    """Tiny SAM and SegFormer checkpoints, and BlazePose's real models (no tiny ones exist;
-    fetched once from the mediapipe wheel), so no server replica writes or downloads any."""
+    """Tiny SAM, SegFormer, Qwen-Image-Edit and Hunyuan3D checkpoints, and BlazePose's real
+    models (no tiny ones exist; fetched once from the mediapipe wheel), so no server replica
+    writes or downloads any."""
+    from atelier3d.models.hunyuan3d import tiny_shape3d_dir
     from atelier3d.models.parsing import tiny_segformer_dir
     from atelier3d.models.pose import resolve_pose_weights
+    from atelier3d.models.qwen_edit import tiny_edit_dir
     from atelier3d.models.sam import tiny_checkpoint
 
     tiny_checkpoint(GENERATED)
     tiny_segformer_dir(GENERATED)
+    tiny_edit_dir(GENERATED)
+    tiny_shape3d_dir(GENERATED)
     resolve_pose_weights(cache_dir=GENERATED)
     return GENERATED
 
@@ -86,8 +91,13 @@ def server(tiny_dir) -> str:
             "limits": {"max_upload_bytes": 2_000_000, "max_pixels": 4_000_000, "max_points": 16,
                        "max_sessions_per_client": 1000},
             "sessions": {"max_resident_embeddings": 2},
+            # Two Shape3D replicas (below): mesh jobs run two at a time.
+            "jobs": {"mesh": {"max_running": 2, "max_queued": 8}},
         },
     )
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "Shape3D":
+            deployment["num_replicas"] = 2
     runner.start(config)
     yield f"http://127.0.0.1:{port}"
     runner.stop()

@@ -100,13 +100,17 @@ def _session(client, image: Path) -> Iterator:
             pass  # it expires on its own
 
 
-def _segment(client, session_id: str, args: argparse.Namespace, points, labels):
-    """Segments with the prompt, prints the candidates and returns the ``--pick``ed one."""
+def _segment(client, session_id: str, args: argparse.Namespace, points, labels,
+             object_id: str | None = None):
+    """Segments with the prompt, prints the candidates and returns the ``--pick``ed one (also
+    selected in ``object_id``'s history when given)."""
     result = client.segment(session_id, points=points or None, labels=labels or None,
-                            box=args.box, multimask=True)
+                            box=args.box, multimask=True, object_id=object_id)
     picked = result.selected if args.pick == "best" else args.pick
     if picked >= len(result.masks):
         raise CliError(f"--pick {picked}: the server returned {len(result.masks)} candidate(s)")
+    if object_id is not None and picked != result.selected:
+        client.select(session_id, object_id, picked)
     for i, mask in enumerate(result.masks):
         marks = [m for m, on in (("best", i == result.selected), ("picked", i == picked)) if on]
         x, y, w, h = mask.bbox
@@ -194,6 +198,73 @@ def cmd_parse(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def _optional_source(client, session_id: str, args: argparse.Namespace) -> dict:
+    """The whole image, or with --point/--box, an object holding the picked candidate."""
+    if not args.point and args.box is None:
+        return {"kind": "original"}
+    points, labels = _prompt(args)
+    obj = client.create_object(session_id)
+    _segment(client, session_id, args, points, labels, object_id=obj.object_id)
+    return {"kind": "object", "object_id": obj.object_id}
+
+
+def _follow(client, submitted, label: str, quiet: bool) -> None:
+    from atelier3d.clients.client import ProgressBar
+
+    print(f"job {submitted.job_id}")
+    state = client.wait_job(submitted.job_id, None if quiet else ProgressBar(label))
+    timings = ", ".join(f"{k} {v / 1000:.1f}s" for k, v in state.stage_ms.items())
+    print(f"{label}: {state.status} in {state.finished_at - state.created_at:.1f}s ({timings})")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from atelier3d.clients.client import Client
+
+    def work() -> int:
+        if not Path(args.image).is_file():
+            raise CliError(f"no such image file: {args.image}", 2)
+        with Client(args.server, timeout=args.timeout) as client, \
+                _session(client, Path(args.image)) as info:
+            source = _optional_source(client, info.session_id, args)
+            submitted = client.submit_edit(
+                info.session_id, prompt=args.prompt, preset=args.preset, source=source,
+                seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
+                true_cfg_scale=args.true_cfg_scale, width=args.width, height=args.height)
+            _follow(client, submitted, "edit", args.quiet)
+            png = client.job_result(submitted.job_id)
+        _write(args.output, png)
+        return 0
+
+    return _run(args, work)
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    from atelier3d.clients.client import Client
+
+    def work() -> int:
+        if not Path(args.image).is_file():
+            raise CliError(f"no such image file: {args.image}", 2)
+        fmt = args.format or args.output.suffix.lstrip(".").lower() or "glb"
+        params = {"seed": args.seed, "steps": args.steps, "octree_resolution": args.octree,
+                  "target_face_count": args.faces, "texture": not args.no_texture}
+        params = {k: v for k, v in params.items() if v is not None}
+        with Client(args.server, timeout=args.timeout) as client:
+            if args.point or args.box is not None:
+                with _session(client, Path(args.image)) as info:
+                    source = _optional_source(client, info.session_id, args)
+                    submitted = client.submit_mesh(info.session_id, source=source, **params)
+                    _follow(client, submitted, "mesh", args.quiet)
+                    data = client.job_result(submitted.job_id, format=fmt)
+            else:  # an RGBA cut-out goes as it is; without alpha, the server cuts it out
+                submitted = client.submit_mesh(image=Path(args.image), **params)
+                _follow(client, submitted, "mesh", args.quiet)
+                data = client.job_result(submitted.job_id, format=fmt)
+        _write(args.output, data)
+        return 0
+
+    return _run(args, work)
+
+
 def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("image", help="image file (PNG, JPEG, WebP, ...)")
     command.add_argument("--point", action="append", type=parse_point, default=[],
@@ -207,6 +278,12 @@ def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
                          help="which candidate is the mask (default: the best-scoring)")
     command.add_argument("--timeout", type=float, default=360.0,
                          help="seconds per request (the upload waits for the encoder)")
+
+
+def _add_job_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--steps", type=int, help="diffusion steps (default: the server's)")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
@@ -239,3 +316,38 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     parse.add_argument("--no-complete", action="store_true",
                        help="do not fill in the occluded parts of garments")
     parse.set_defaults(func=cmd_parse)
+
+    edit = sub.add_parser(
+        "edit",
+        help="edit an image with text on a running server",
+        description="Uploads IMAGE and edits it (or, with --point/--box, the segmented object's "
+        "cut-out) with a preset and/or a prompt, showing progress; writes the result PNG.",
+    )
+    _add_prompt_arguments(edit)
+    edit.add_argument("-o", "--output", type=Path, required=True, help="where to write the PNG")
+    edit.add_argument("--prompt", default="", help="what to change (added to the preset's)")
+    edit.add_argument("--preset", default="free",
+                      help="full_body, t_pose, complete_occluded or free (default)")
+    edit.add_argument("--negative-prompt")
+    edit.add_argument("--true-cfg-scale", type=float)
+    edit.add_argument("--width", type=int)
+    edit.add_argument("--height", type=int)
+    _add_job_arguments(edit)
+    edit.set_defaults(func=cmd_edit)
+
+    mesh = sub.add_parser(
+        "mesh",
+        help="make a 3D asset (GLB) from an image on a running server",
+        description="Sends IMAGE (an RGBA cut-out as it is; with --point/--box, the segmented "
+        "object of it; otherwise the server cuts the main object out) to the 3D stage, shows "
+        "progress, and writes the mesh (format from --format or the output's suffix).",
+    )
+    _add_prompt_arguments(mesh)
+    mesh.add_argument("-o", "--output", type=Path, required=True,
+                      help="where to write the mesh (.glb, .obj, .ply or .stl)")
+    mesh.add_argument("--format", choices=["glb", "obj", "ply", "stl"])
+    mesh.add_argument("--octree", type=int, help="octree resolution of the surface extraction")
+    mesh.add_argument("--faces", type=int, help="target face count after reduction")
+    mesh.add_argument("--no-texture", action="store_true", help="the untextured shape only")
+    _add_job_arguments(mesh)
+    mesh.set_defaults(func=cmd_mesh)

@@ -43,7 +43,13 @@ from pydantic import BaseModel
 from atelier3d.serve.schemas import (
     RLE,
     CutoutRequest,
+    EditJobRequest,
+    ImageSource,
+    JobState,
+    JobSubmitted,
     MaskCandidate,
+    MeshJobRequest,
+    MeshPart,
     ObjectState,
     ParseRequest,
     ParseResponse,
@@ -338,6 +344,111 @@ def parse_asset_call(url: str) -> Call:
     return Call("GET", url, _content)
 
 
+def _idempotent(key: str | None) -> dict[str, Any]:
+    """Every submission carries an Idempotency-Key (a fresh one by default), so retrying it
+    after a 503 or a lost answer can never start the job twice."""
+    import uuid
+
+    return {"Idempotency-Key": key or uuid.uuid4().hex}
+
+
+SourceInput = Any  # ImageSource | dict
+
+
+def submit_edit_call(session_id: str, prompt: str = "", preset: str = "free",
+                     source: SourceInput | None = None, idempotency_key: str | None = None,
+                     **params: Any) -> Call:
+    """``params``: extra_sources, negative_prompt, mask (RLE input), seed, steps,
+    true_cfg_scale, width, height."""
+    if params.get("mask") is not None:
+        params["mask"] = as_rle(params["mask"])
+    request = EditJobRequest(session_id=session_id, prompt=prompt, preset=preset,
+                             source=source or ImageSource(), **params)
+    return Call("POST", "/v1/jobs/edit", _model(JobSubmitted),
+                {**_json_body(request), "headers": _idempotent(idempotency_key)})
+
+
+def submit_mesh_call(session_id: str | None = None, image: ImageInput | None = None,
+                     source: SourceInput | None = None,
+                     parts: Sequence[MeshPart | dict] | None = None,
+                     idempotency_key: str | None = None, **params: Any) -> Call:
+    """A mesh of a session's source (or ``parts``), or of an uploaded ``image`` with alpha.
+    ``params``: seed, steps, guidance_scale, octree_resolution, num_chunks, target_face_count,
+    texture."""
+    fields: dict[str, Any] = {"session_id": session_id, "parts": parts, **params}
+    if source is not None:
+        fields["source"] = source
+    request = MeshJobRequest(**fields)
+    headers = _idempotent(idempotency_key)
+    if image is None:
+        return Call("POST", "/v1/jobs/mesh", _model(JobSubmitted),
+                    {**_json_body(request), "headers": headers})
+    name, data = image_bytes(image)
+    body = request.model_dump_json(exclude_none=True)
+    return Call("POST", "/v1/jobs/mesh", _model(JobSubmitted),
+                {"files": {"image": (name, data, "application/octet-stream")},
+                 "data": {"request": body}, "headers": headers})
+
+
+def _job_url(job_id: str, *rest: str) -> str:
+    return "/".join(["/v1/jobs", _seg(job_id), *rest])
+
+
+def get_job_call(job_id: str) -> Call:
+    return Call("GET", _job_url(job_id), _model(JobState))
+
+
+def cancel_job_call(job_id: str) -> Call:
+    return Call("DELETE", _job_url(job_id), _model(JobState))
+
+
+def job_result_call(job_id: str, format: str | None = None, artifact: str | None = None) -> Call:
+    params = {k: v for k, v in (("format", format), ("artifact", artifact)) if v is not None}
+    return Call("GET", _job_url(job_id, "result"), _content, {"params": params})
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr for a job's events (``--progress`` in the CLI)."""
+
+    def __init__(self, label: str, stream: Any = None, width: int = 30) -> None:
+        import sys
+
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+
+    def __call__(self, event: dict) -> None:
+        done = round(self.width * float(event.get("progress", 0.0)))
+        bar = "#" * done + "." * (self.width - done)
+        what = event.get("stage") or event["type"]
+        if event.get("total"):
+            what += f" {event['step']}/{event['total']}"
+        if event.get("queue_position") is not None and event["type"] == "queued":
+            what = f"queued, {event['queue_position']} ahead"
+        eta = event.get("eta_s")
+        tail = f" ETA {eta:.0f}s" if eta and event["type"] not in JOB_ENDS else ""
+        self.stream.write(f"\r{self.label} [{bar}] {event.get('progress', 0):4.0%} "
+                          f"{what}{tail}\x1b[K")
+        if event["type"] in JOB_ENDS:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+JOB_ENDS = ("succeeded", "failed", "cancelled")
+
+
+def _event_of(line: str) -> dict | None:
+    return json.loads(line) if line.strip() else None
+
+
+def _finished(event: dict, job_id: str) -> bool:
+    """True at the job's last event; raises :class:`ApiError` if it failed or was cancelled."""
+    if event["type"] not in JOB_ENDS:
+        return False
+    if event["type"] != "succeeded":
+        error = event.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
+        raise ApiError(409, f"job_{event['type']}", f"job {job_id}: {error['message']}")
+    return True
+
+
 def ready_call() -> Call:
     return Call("GET", "/readyz", _model(ReadyInfo))
 
@@ -468,6 +579,35 @@ class _Endpoints:
         """The bytes (PNG, or the ZIP) behind a URL of a :class:`ParseResponse`."""
         return self._send(parse_asset_call(url))
 
+    # jobs: edits and meshes
+
+    def submit_edit(self, session_id: str, prompt: str = "", preset: str = "free",
+                    source: SourceInput | None = None, idempotency_key: str | None = None,
+                    **params: Any) -> JobSubmitted:
+        """Queues a text edit of a session's image (``source``: an :class:`ImageSource`, e.g.
+        ``{"kind": "object", "object_id": ...}``); follow it with :meth:`wait_job`."""
+        return self._send(submit_edit_call(session_id, prompt, preset, source, idempotency_key,
+                                           **params))
+
+    def submit_mesh(self, session_id: str | None = None, image: ImageInput | None = None,
+                    source: SourceInput | None = None,
+                    parts: Sequence[MeshPart | dict] | None = None,
+                    idempotency_key: str | None = None, **params: Any) -> JobSubmitted:
+        """Queues a 3D asset of a session's source or ``parts``, or of an RGBA ``image``."""
+        return self._send(submit_mesh_call(session_id, image, source, parts, idempotency_key,
+                                           **params))
+
+    def get_job(self, job_id: str) -> JobState:
+        return self._send(get_job_call(job_id))
+
+    def cancel_job(self, job_id: str) -> JobState:
+        return self._send(cancel_job_call(job_id))
+
+    def job_result(self, job_id: str, format: str | None = None,
+                   artifact: str | None = None) -> bytes:
+        """The result's bytes (PNG; GLB or ``format`` obj/ply/stl) or an ``artifact``'s."""
+        return self._send(job_result_call(job_id, format, artifact))
+
     # health
 
     def ready(self) -> ReadyInfo:
@@ -508,6 +648,27 @@ class Client(_Endpoints):
             time.sleep(delay)
             attempt += 1
 
+    def job_events(self, job_id: str, after: int = -1):
+        """The job's progress events (dicts) as they happen, until its last one."""
+        with self._http.stream("GET", _job_url(job_id, "events"), params={"after": after},
+                               timeout=httpx.Timeout(None, connect=30)) as response:
+            if not response.is_success:
+                response.read()
+                raise _error_of(response)
+            for line in response.iter_lines():
+                if (event := _event_of(line)) is not None:
+                    yield event
+
+    def wait_job(self, job_id: str, progress: Callable[[dict], None] | None = None) -> JobState:
+        """Follows the job to its end (``progress`` sees each event, e.g. a
+        :class:`ProgressBar`); raises :class:`ApiError` if it failed or was cancelled."""
+        for event in self.job_events(job_id):
+            if progress is not None:
+                progress(event)
+            if _finished(event, job_id):
+                break
+        return self.get_job(job_id)
+
     def close(self) -> None:
         self._http.close()
 
@@ -547,6 +708,27 @@ class AsyncClient(_Endpoints):
             await asyncio.sleep(delay)
             attempt += 1
 
+    async def job_events(self, job_id: str, after: int = -1):
+        """The job's progress events (dicts) as they happen, until its last one."""
+        async with self._http.stream("GET", _job_url(job_id, "events"), params={"after": after},
+                                     timeout=httpx.Timeout(None, connect=30)) as response:
+            if not response.is_success:
+                await response.aread()
+                raise _error_of(response)
+            async for line in response.aiter_lines():
+                if (event := _event_of(line)) is not None:
+                    yield event
+
+    async def wait_job(self, job_id: str,
+                       progress: Callable[[dict], None] | None = None) -> JobState:
+        """Follows the job to its end; see :meth:`Client.wait_job`."""
+        async for event in self.job_events(job_id):
+            if progress is not None:
+                progress(event)
+            if _finished(event, job_id):
+                break
+        return await self.get_job(job_id)
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -560,24 +742,30 @@ class AsyncClient(_Endpoints):
 __all__ = [
     "ApiError",
     "AsyncClient",
+    "ProgressBar",
     "Call",
     "Client",
     "as_rle",
     "create_object_call",
+    "cancel_job_call",
     "create_session_call",
     "cutout_call",
     "delete_object_call",
     "delete_session_call",
     "edit_object_call",
     "get_object_call",
+    "get_job_call",
     "get_parse_call",
     "get_session_call",
     "health_call",
     "image_bytes",
+    "job_result_call",
     "mask_to_array",
     "parse_asset_call",
     "parse_call",
     "ready_call",
     "segment_call",
+    "submit_edit_call",
+    "submit_mesh_call",
     "select_call",
 ]

@@ -6,16 +6,16 @@ import logging
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier3d.config import AppConfig
 from atelier3d.errors import ApiError, BadRequest
+from atelier3d.serve.api_jobs import JobsApi, build_jobs_router
+from atelier3d.serve.http import ERRORS, HTTP_CODES, client_key, error_response
 from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.schemas import (
     CutoutRequest,
-    ErrorResponse,
     ObjectState,
     ParseRequest,
     ParseResponse,
@@ -29,18 +29,7 @@ from atelier3d.serve.segmentation import SegmentationService
 
 logger = logging.getLogger("ray.serve")
 
-ERRORS = {
-    status: {"model": ErrorResponse}
-    for status in (400, 404, 409, 413, 415, 422, 429, 503)
-}
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-              413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
-
-
-def error_response(status: int, code: str, message: str, retry_after_s: float | None = None):
-    headers = {"Retry-After": str(int(retry_after_s + 0.999))} if retry_after_s else None
-    body = {"error": {"code": code, "message": message}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+UPLOAD_PATHS = ("/v1/sessions", "/v1/jobs/mesh")  # image uploads; every other body is JSON
 
 
 class BodyTooLarge(Exception):
@@ -63,7 +52,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/sessions"
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in UPLOAD_PATHS
         limit = self.upload_limit if is_upload else self.json_limit
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
@@ -116,10 +105,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
-
-
-def client_key(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 def build_router(service: SegmentationService) -> APIRouter:
@@ -245,7 +230,7 @@ def build_parse_router(parsing: ParsingService) -> APIRouter:
 
 
 def build_api(service: SegmentationService, config: AppConfig,
-              parsing: ParsingService | None = None) -> FastAPI:
+              parsing: ParsingService | None = None, jobs: JobsApi | None = None) -> FastAPI:
     app = FastAPI(
         title="atelier3d",
         version="1",
@@ -257,6 +242,8 @@ def build_api(service: SegmentationService, config: AppConfig,
     app.include_router(build_router(service))
     if parsing is not None:
         app.include_router(build_parse_router(parsing))
+    if jobs is not None:
+        app.include_router(build_jobs_router(*jobs))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:

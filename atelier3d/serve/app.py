@@ -10,8 +10,10 @@ from ray.serve import Application
 
 from atelier3d.config import AppConfig
 from atelier3d.deployments.human_parser import HumanParser
+from atelier3d.deployments.image_editor import ImageEditor
 from atelier3d.deployments.sam_decoder import SamDecoder
 from atelier3d.deployments.sam_encoder import SamEncoder
+from atelier3d.deployments.shape3d import Shape3D
 from atelier3d.serve.gateway import Gateway
 
 
@@ -21,4 +23,6 @@ def build_app(args: dict | None = None) -> Application:
     encoder = SamEncoder.bind(raw)
     decoder = SamDecoder.bind(raw)
     parser = HumanParser.bind(raw)
-    return Gateway.bind(raw, encoder, decoder, parser)
+    editor = ImageEditor.bind(raw)
+    shape3d = Shape3D.bind(raw)
+    return Gateway.bind(raw, encoder, decoder, parser, editor, shape3d)

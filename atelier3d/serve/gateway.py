@@ -14,8 +14,12 @@ from ray.serve.handle import DeploymentHandle
 
 from atelier3d.config import AppConfig
 from atelier3d.serve.api import build_api
+from atelier3d.serve.editing import EditService
+from atelier3d.serve.jobs import JobService
+from atelier3d.serve.meshing import MeshService
 from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.segmentation import SegmentationService
+from atelier3d.serve.sources import SourceResolver
 
 logger = logging.getLogger("ray.serve")
 
@@ -24,15 +28,21 @@ logger = logging.getLogger("ray.serve")
 @serve.ingress()
 class Gateway:
     def __init__(self, config: dict, encoder: DeploymentHandle, decoder: DeploymentHandle,
-                 parser: DeploymentHandle):
+                 parser: DeploymentHandle, editor: DeploymentHandle, shape3d: DeploymentHandle):
         self.config = AppConfig.model_validate(config)
         self.service = SegmentationService(self.config, encoder, decoder)
         self.parsing = ParsingService(self.service, parser)
+        self.jobs = JobService(self.config.jobs, self.service.store)
+        sources = SourceResolver(self.service, self.jobs)
+        self.editing = EditService(self.service, self.jobs, sources, editor)
+        self.meshing = MeshService(self.service, self.jobs, sources, shape3d)
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.service, self.config, self.parsing)
+        app = build_api(self.service, self.config, self.parsing,
+                        (self.jobs, self.editing, self.meshing))
         if self.config.ui:
             from atelier3d.serve.ui import mount_ui
 
-            app = mount_ui(app, self.service, self.parsing)
+            app = mount_ui(app, self.service, self.parsing,
+                           (self.jobs, self.editing, self.meshing))
         return app

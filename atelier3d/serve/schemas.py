@@ -172,6 +172,125 @@ class ParseResponse(_Model):
     timings_ms: ParseTimings
 
 
+class ErrorBody(_Model):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+
+
+# ---- jobs (edit, mesh) ------------------------------------------------------------------------
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ImageSource(_Model):
+    """Where a job's input image comes from, within its session.
+
+    ``original``: the uploaded image. ``object``: an object's cut-out (RGBA, cropped to its mask
+    with a margin). ``part``: a garment/part cut-out of a parse (``completed``: its version with
+    the occluded part filled in). ``job``: the result of an earlier edit job of the same session.
+    """
+
+    kind: Literal["original", "object", "part", "job"] = "original"
+    object_id: str | None = None
+    parse_id: str | None = None
+    part: str | None = None
+    completed: bool = False
+    job_id: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ImageSource:
+        needed = {"original": (), "object": ("object_id",), "part": ("parse_id", "part"),
+                  "job": ("job_id",)}[self.kind]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.kind!r} source needs {', '.join(missing)}")
+        return self
+
+
+class EditJobRequest(_Model):
+    session_id: str
+    source: ImageSource = Field(default_factory=ImageSource)
+    extra_sources: list[ImageSource] = Field(
+        default_factory=list, max_length=2,
+        description="more reference images (Qwen-Image-Edit-2509's multi-image edit)")
+    preset: str = Field("free", description="full_body, t_pose, complete_occluded or free")
+    prompt: str = Field("", max_length=2000, description="what to do; added to the preset's")
+    negative_prompt: str | None = Field(None, max_length=2000)
+    mask: RLE | None = Field(
+        None, description="region of the source to repaint (source-sized); for "
+        "complete_occluded on a part, the hidden region is used when omitted")
+    seed: int = Field(0, ge=0, lt=2**63)
+    steps: int | None = Field(None, description="default: the server's")
+    true_cfg_scale: FiniteFloat | None = None
+    width: int | None = Field(None, description="output size; default: the pipeline's")
+    height: int | None = None
+
+
+class MeshPart(_Model):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\- ]+$")
+    source: ImageSource
+
+
+class MeshJobRequest(_Model):
+    session_id: str | None = Field(None, description="needed unless the image is uploaded")
+    source: ImageSource = Field(
+        default_factory=lambda: ImageSource(kind="original"),
+        description="an image with alpha (a cut-out); without alpha, SAM cuts the character "
+        "out first")
+    parts: list[MeshPart] | None = Field(
+        None, max_length=16, description="layered asset: one mesh per part, one GLB with a "
+        "node per part, aligned as in the image (replaces source)")
+    seed: int = Field(0, ge=0, lt=2**63)
+    steps: int | None = None
+    guidance_scale: FiniteFloat | None = None
+    octree_resolution: int | None = None
+    num_chunks: int | None = None
+    target_face_count: int | None = None
+    texture: bool = True
+
+
+class JobSubmitted(_Model):
+    job_id: str
+    status: JobStatus
+    status_url: str
+    events_url: str
+    result_url: str
+
+
+class JobArtifact(_Model):
+    name: str
+    media_type: str
+    url: str
+    meta: dict
+
+
+class JobState(_Model):
+    job_id: str
+    kind: Literal["edit", "mesh"]
+    session_id: str | None
+    status: JobStatus
+    stage: str | None = Field(None, description="what runs now (denoise, volume_decode, ...)")
+    step: int = Field(0, description="steps of the stage done")
+    total: int = Field(0, description="steps in the stage")
+    progress: float = Field(description="0..1 over the whole job")
+    queue_position: int | None = Field(None, description="jobs ahead of this one (queued only)")
+    eta_s: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: ErrorBody | None = None
+    artifacts: list[JobArtifact] = Field(
+        default_factory=list, description="intermediate results (e.g. the untextured shape)")
+    result_url: str | None = Field(None, description="set once the job succeeded")
+    result_meta: dict | None = None
+    stage_ms: dict[str, float] = Field(default_factory=dict)
+    events_url: str
+
+
 class ModelInfo(_Model):
     model_type: str
     weights: Literal["trained", "untrained"]
@@ -184,18 +303,16 @@ class ReadyInfo(_Model):
     models: dict[str, ModelInfo]
 
 
-class ErrorBody(_Model):
-    code: str
-    message: str
-
-
-class ErrorResponse(_Model):
-    error: ErrorBody
-
-
 __all__ = [
     "RLE",
     "CutoutRequest",
+    "EditJobRequest",
+    "ImageSource",
+    "JobArtifact",
+    "JobState",
+    "JobSubmitted",
+    "MeshJobRequest",
+    "MeshPart",
     "ErrorResponse",
     "MaskCandidate",
     "MaskSource",

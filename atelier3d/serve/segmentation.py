@@ -313,6 +313,24 @@ class SegmentationService:
             raise BadRequest(f"the mask is empty: {empty}")
         return mask
 
+    async def auto_mask(self, image: np.ndarray, inset: float = 0.02) -> np.ndarray:
+        """SAM's best mask for "the thing in this picture": a box over the whole image (inset a
+        little so the border is not the object). For images without alpha sent to 3D, e.g. an
+        edit result on a plain background."""
+        height, width = image.shape[:2]
+        dx, dy = inset * width, inset * height
+        ref = await self.encoder.encode.remote(image)._to_object_ref()
+        result = await self.decoder.decode.remote(DecodeRequest(
+            embedding=[ref], size=(height, width), points=None, labels=None,
+            box=np.array([dx, dy, width - dx, height - dy], np.float64), mask_logits=None,
+            multimask=True, return_low_res=False,
+        ))
+        mask = rle.decode(result.rles[int(np.argmax(result.scores))], (height, width))
+        if not mask.any():
+            raise BadRequest("no object found in the image: send a cut-out (an image with alpha) "
+                             "or a session object")
+        return mask
+
     async def cutout(self, session_id: str, request: CutoutRequest) -> bytes:
         session = self.store.get(session_id)
         mask = self.source_mask(session, request, "nothing to cut out")

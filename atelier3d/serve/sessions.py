@@ -83,6 +83,8 @@ class Session:
     objects: dict[str, SegObject] = field(default_factory=dict)
     # Body/garment parses (``atelier3d.serve.parsing.StoredParse``) by id, oldest first.
     parses: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    # Edit and mesh jobs (``atelier3d.serve.jobs.Job``) by id, oldest first; they go with it.
+    jobs: OrderedDict[str, Any] = field(default_factory=OrderedDict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -113,6 +115,9 @@ class SessionStore:
         self.max_per_client = max_per_client
         self.clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # Called with each session that leaves (deleted, expired or pushed out): the services
+        # that keep things for a session (jobs) let go of them.
+        self.on_drop: list[Callable[[Session], None]] = []
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -155,6 +160,10 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return session
 
+    def find(self, session_id: str) -> Session | None:
+        """The session if it is live, without counting as a use."""
+        return self._sessions.get(session_id)
+
     def delete(self, session_id: str) -> None:
         if session_id not in self._sessions:
             raise NotFound("session not found (it may have expired)")
@@ -165,6 +174,8 @@ class SessionStore:
         if session.embedding_task is not None and not session.embedding_task.done():
             session.embedding_task.cancel()
         session.embedding_ref = None  # releases the object-store copy
+        for callback in self.on_drop:
+            callback(session)
         return session
 
     def resident_embeddings(self) -> list[Session]:

@@ -1,0 +1,157 @@
+"""The job system on its own: queue order and positions, progress, cancel, idempotency, expiry.
+
+Jobs here run ``stream_blocking`` (what the model deployments run) around small blocking
+functions, in this process; the served jobs with real models are in test_edit_api/test_mesh_api.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from atelier3d.config import JobKindSettings, JobSettings
+from atelier3d.deployments.streaming import stream_blocking
+from atelier3d.errors import BadRequest, Conflict, NotFound, Unavailable
+from atelier3d.serve.jobs import JobKind, JobService, job_state
+from atelier3d.serve.sessions import SessionStore
+
+
+class StepWork:
+    """A blocking 'pipeline': ``steps`` steps of ``step_s`` seconds, reporting each; it records
+    how many steps ran and refuses to run two calls at once (like a pipeline object)."""
+
+    def __init__(self, steps: int = 4, step_s: float = 0.05) -> None:
+        self.steps, self.step_s = steps, step_s
+        self.lock = threading.Lock()
+        self.ran: dict[str, int] = {}
+        self.inside = 0
+
+    def start(self, request: dict):
+        def work(reporter):
+            self.inside += 1
+            try:
+                assert self.inside == 1, "two calls on one pipeline object at once"
+                if request.get("fail"):
+                    raise BadRequest("this input cannot be edited")
+                for i in range(self.steps):
+                    time.sleep(self.step_s)
+                    self.ran[request["name"]] = i + 1
+                    reporter.report("denoise", i + 1, self.steps)
+                return {"media_type": "text/plain", "data": request["name"].encode(), "meta": {}}
+            finally:
+                self.inside -= 1
+
+        return stream_blocking(work, self.lock)
+
+
+def service(max_running: int = 1, max_queued: int = 8, work: StepWork | None = None):
+    store = SessionStore(ttl_s=60, max_sessions=10, max_per_client=10)
+    jobs = JobService(JobSettings(max_jobs_per_session=4), store)
+    work = work or StepWork()
+    jobs.register(JobKind("edit", JobKindSettings(max_running=max_running, max_queued=max_queued),
+                          work.start, {"denoise": 1.0}))
+    return jobs, store, work
+
+
+async def submit(jobs, store, name: str, session=None, key: str | None = None, **extra):
+    session = session or store.add("client", np.zeros((4, 4, 3), np.uint8))
+    request = {"name": name, **extra}
+
+    async def build():
+        return request
+
+    return await jobs.submit("edit", build, request, session=session, client="client",
+                             idempotency_key=key)
+
+
+async def test_jobs_run_in_order_with_positions_progress_and_results():
+    jobs, store, work = service()
+    submitted = [await submit(jobs, store, f"job{i}") for i in range(3)]
+    assert [j.queue_position for j in submitted] == [0, 1, 2] or submitted[0].status == "running"
+    last = await jobs.wait(submitted[2].job_id)
+    assert last.status == "succeeded" and last.result.data == b"job2"
+    events = last.events
+    positions = [e["queue_position"] for e in events if e["type"] == "queued"]
+    assert positions == sorted(positions, reverse=True) and positions[-1] == 0 and positions[0] == 2
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == [1, 2, 3, 4]
+    assert events[-1]["type"] == "succeeded" and events[-1]["progress"] == 1.0
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress)
+    for job in submitted:
+        assert job.status == "succeeded"
+    assert submitted[0].finished_at <= submitted[1].started_at
+    state = job_state(last)
+    assert state.result_url == f"/v1/jobs/{last.job_id}/result" and state.progress == 1.0
+
+
+async def test_cancel_running_job_stops_at_next_step_and_frees_the_pipeline():
+    jobs, store, work = service(work=StepWork(steps=50, step_s=0.02))
+    first = await submit(jobs, store, "long")
+    second = await submit(jobs, store, "next")
+    async for event in jobs.follow(first.job_id):
+        if event["type"] == "progress" and event["step"] >= 2:
+            break
+    cancelled = await jobs.cancel(first.job_id)
+    assert cancelled.status == "cancelled" and cancelled.events[-1]["type"] == "cancelled"
+    done = await jobs.wait(second.job_id)
+    assert done.status == "succeeded"
+    assert work.ran["long"] < 50  # it stopped, and the next one ran after it let go
+    with pytest.raises(Conflict):
+        await jobs.cancel(first.job_id)
+    with pytest.raises(Conflict, match="cancelled"):
+        jobs.result(first.job_id)
+
+
+async def test_cancel_queued_job_and_fail_with_api_error():
+    jobs, store, work = service()
+    running = await submit(jobs, store, "a")
+    queued = await submit(jobs, store, "b")
+    failing = await submit(jobs, store, "c", fail=True)
+    assert (await jobs.cancel(queued.job_id)).status == "cancelled"
+    assert "b" not in work.ran
+    failed = await jobs.wait(failing.job_id)
+    assert failed.status == "failed" and failed.error["code"] == "bad_request"
+    assert (await jobs.wait(running.job_id)).status == "succeeded"
+
+
+async def test_idempotency_key_returns_the_same_job_and_refuses_another_request():
+    jobs, store, _ = service()
+    session = store.add("client", np.zeros((4, 4, 3), np.uint8))
+    first = await submit(jobs, store, "x", session=session, key="k1")
+    again = await submit(jobs, store, "x", session=session, key="k1")
+    assert again is first
+    with pytest.raises(Conflict, match="Idempotency-Key"):
+        await submit(jobs, store, "y", session=session, key="k1")
+    await jobs.wait(first.job_id)
+    assert (await submit(jobs, store, "x", session=session, key="k1")) is first
+
+
+async def test_full_queue_is_503_and_session_end_drops_its_jobs():
+    jobs, store, _ = service(max_queued=1, work=StepWork(steps=20, step_s=0.05))
+    session = store.add("client", np.zeros((4, 4, 3), np.uint8))
+    running = await submit(jobs, store, "a", session=session)
+    await asyncio.sleep(0.1)  # a leaves the queue for the pipeline
+    queued = await submit(jobs, store, "b", session=session)
+    with pytest.raises(Unavailable) as refused:
+        await submit(jobs, store, "c", session=session)
+    assert refused.value.retry_after_s >= 1
+    store.delete(session.session_id)
+    await asyncio.sleep(0.1)
+    assert running.status == "cancelled" and queued.status == "cancelled"
+    for job in (running, queued):
+        with pytest.raises(NotFound):
+            jobs.get(job.job_id)
+
+
+async def test_follow_replays_from_a_sequence_number():
+    jobs, store, _ = service()
+    job = await submit(jobs, store, "x")
+    await jobs.wait(job.job_id)
+    tail = [e async for e in jobs.follow(job.job_id, after=2)]
+    assert [e["seq"] for e in tail] == list(range(3, len(job.events)))
