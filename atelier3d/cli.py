@@ -40,13 +40,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from atelier3d.models import parsing
+    from atelier3d.models import hunyuan3d, parsing
+    from atelier3d.models.qwen_edit import tiny_edit_dir
     from atelier3d.models.sam import RANDOM_VIT_B_NAME, tiny_checkpoint, write_random_checkpoint
 
     out = Path(args.dir)
     tiny = tiny_checkpoint(out)
     print(f"SAM tiny ({tiny.model_type}): {tiny.path}")
     print(f"SegFormer tiny (ATR 18): {parsing.tiny_segformer_dir(out)}")
+    print(f"Qwen-Image-Edit tiny (diffusers layout): {tiny_edit_dir(out)}")
+    shape = hunyuan3d.tiny_shape3d_dir(out) / hunyuan3d.TINY_SUBFOLDER
+    print(f"Hunyuan3D tiny (hy3dgen layout): {shape}")
     if args.full_size:
         path = write_random_checkpoint(out / "sam" / RANDOM_VIT_B_NAME, "vit_b")
         print(f"SAM vit_b, random weights: {path}")

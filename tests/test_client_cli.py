@@ -392,3 +392,67 @@ def test_cli_parse_errors(server, tmp_path):
     unreachable = run_cli(str(image), "--point", "10,10", "--server", down, "-o", str(out),
                           command="parse")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def rgba_cutout() -> np.ndarray:
+    rgba = np.zeros((160, 128, 4), np.uint8)
+    rgba[20:140, 30:100] = (200, 60, 40, 255)
+    return rgba
+
+
+def test_clients_submit_follow_and_fetch_jobs(server):
+    from atelier3d.clients import ProgressBar
+
+    with Client(server, timeout=TIMEOUT_S) as client:
+        info = client.create_session(IMAGE, wait=True)
+        submitted = client.submit_edit(info.session_id, prompt="make it blue", steps=2,
+                                       width=256, height=256, idempotency_key="client-edit-1")
+        again = client.submit_edit(info.session_id, prompt="make it blue", steps=2,
+                                   width=256, height=256, idempotency_key="client-edit-1")
+        assert again.job_id == submitted.job_id
+        bar = io.StringIO()
+        state = client.wait_job(submitted.job_id, ProgressBar("edit", stream=bar))
+        assert state.status == "succeeded"
+        assert "100%" in bar.getvalue() and "denoise 2/2" in bar.getvalue()
+        assert png_image(client.job_result(submitted.job_id)).size == (256, 256)
+        with pytest.raises(ApiError) as bad:
+            client.submit_edit(info.session_id, preset="cubism")
+        assert bad.value.status == 400 and "preset" in bad.value.message
+        client.delete_session(info.session_id)
+
+    async def mesh() -> bytes:
+        async with AsyncClient(server, timeout=TIMEOUT_S) as client:
+            job = await client.submit_mesh(image=rgba_cutout(), steps=2, octree_resolution=64)
+            events = []
+            state = await client.wait_job(job.job_id, events.append)
+            assert state.status == "succeeded" and events[-1]["type"] == "succeeded"
+            return await client.job_result(job.job_id, format="obj")
+
+    assert b"\nv " in asyncio.run(mesh())
+
+
+def test_cli_edit_and_mesh(server, tmp_path):
+    import trimesh
+
+    cutout = tmp_path / "cutout.png"
+    Image.fromarray(rgba_cutout()).save(cutout)
+    glb = tmp_path / "out" / "asset.glb"
+    proc = run_cli(str(cutout), "--server", server, "--steps", "2", "--octree", "64",
+                   "-o", str(glb), command="mesh")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mesh: succeeded" in proc.stdout and "ETA" in proc.stderr
+    scene = trimesh.load(glb, force="scene")
+    assert len(scene.geometry) == 1
+
+    photo = tmp_path / "character.png"
+    Image.fromarray(IMAGE).save(photo)
+    edited = tmp_path / "edited.png"
+    proc = run_cli(str(photo), "--server", server, "--prompt", "make the skirt green",
+                   "--steps", "2", "--width", "256", "--height", "256", "--quiet",
+                   "-o", str(edited), command="edit")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert png_image(edited.read_bytes()).size == (256, 256)
+
+    proc = run_cli(str(photo), "--server", server, "-o", str(tmp_path / "x.glb"),
+                   command="mesh")
+    assert proc.returncode == 1 and "alpha" in proc.stderr

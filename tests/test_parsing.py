@@ -382,9 +382,15 @@ def test_bad_input_is_a_bad_request(human_parser, image, mask, labels, message):
         human_parser.parse(image, mask, labels=labels)
 
 
-def test_make_tiny_writes_the_tiny_segformer(tmp_path):
+def test_make_tiny_writes_every_tiny_checkpoint(tmp_path):
     from atelier3d.cli import main
+    from atelier3d.models import hunyuan3d, qwen_edit
 
     assert main(["models", "make-tiny", "--dir", str(tmp_path)]) == 0
     assert (tmp_path / "parsing" / P.TINY_DIR / "model.safetensors").is_file()
     assert (tmp_path / "parsing" / P.TINY_DIR / "preprocessor_config.json").is_file()
+    edit = qwen_edit.tiny_edit_dir(tmp_path)
+    assert edit.is_relative_to(tmp_path) and (edit / "model_index.json").is_file()
+    shape = hunyuan3d.tiny_shape3d_dir(tmp_path) / hunyuan3d.TINY_SUBFOLDER
+    assert shape.is_relative_to(tmp_path)
+    assert {p.name for p in shape.iterdir()} == {"config.yaml", "model.fp16.safetensors"}
