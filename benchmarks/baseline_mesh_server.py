@@ -5,7 +5,9 @@ pipeline and its post-processing (FloaterRemover, DegenerateFaceRemover, FaceRed
 blocking the event loop until the mesh is done; ``POST /generate`` with a JSON body (``image``:
 base64 PNG, ``seed``, ``steps``, ``octree_resolution``) answers with the GLB. Requests that come
 together are served one after another, and nothing else (not even ``/healthz``) is answered
-meanwhile. The model is the same tiny checkpoint the direct benchmark runs, on CPU.
+meanwhile. The model is the same tiny checkpoint the direct benchmark runs, on CPU, with
+``--threads`` torch threads (default 1, as the served Shape3D replica's ``torch_threads: 1``;
+torch's own default, one per core, oversubscribes a shared 2-core machine: ``--threads 0``).
 
 Run the server: ``.venv/bin/python benchmarks/baseline_mesh_server.py --port 8090``;
 or ``--bench``: start it in a subprocess, send ``--concurrency`` requests at once (the client of
@@ -35,8 +37,11 @@ from atelier3d.models import hunyuan3d as H
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
 
 
-def build_app(cache_dir: Path) -> FastAPI:
+def build_app(cache_dir: Path, threads: int = 1) -> FastAPI:
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     from hy3dgen.shapegen import (
         DegenerateFaceRemover,
         FaceReducer,
@@ -81,7 +86,8 @@ def bench(args: argparse.Namespace) -> int:
 
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--port", str(port),
-                               "--cache-dir", str(args.cache_dir)])
+                               "--cache-dir", str(args.cache_dir),
+                               "--threads", str(args.threads)])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -119,13 +125,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--octree", type=int, default=128)
     parser.add_argument("--poll-s", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
     args = parser.parse_args()
     if args.bench:
         return bench(args)
     # hy3dgen's post-processors leave .ply files in the temp dir: give them a private one.
     with tempfile.TemporaryDirectory(prefix="baseline-mesh-") as tmp:
         os.environ["TMPDIR"] = tempfile.tempdir = tmp
-        uvicorn.run(build_app(args.cache_dir), host="127.0.0.1", port=args.port,
+        uvicorn.run(build_app(args.cache_dir, args.threads), host="127.0.0.1", port=args.port,
                     log_level="warning")
     return 0
 

@@ -24,6 +24,18 @@ data and scales).
 
 Prints a table, writes ``benchmarks/results/edit.json``. Run: ``.venv/bin/python
 benchmarks/edit.py`` (about 2 minutes on 2 cores). Not a test.
+
+``--served URL``: whole edits, served vs direct, on the tiny pipeline (``--models tiny``). The
+drawn character (``atelier3d.samples.drawn_character()``) is uploaded once (``POST
+/v1/sessions?wait=true``); each served edit is ``POST /v1/jobs/edit`` (``--edit-size`` square,
+``--edit-steps`` steps, the server's default true CFG), then ``GET /v1/jobs/{id}/events`` read
+to the end, ``GET /v1/jobs/{id}`` (the server's ``stage_ms``) and ``GET /v1/jobs/{id}/result``:
+timed from submit to the PNG in hand. Each direct edit is the same request through the
+ImageEditor deployment's class in this process (``ImageEditor.func_or_class({"models":
+"tiny"})``: the same loader, 1 torch thread, lock, worker thread and PNG encode as a replica),
+timed from ``EditRequest.build`` to the result event. Served and direct runs alternate, so both
+see the same machine load; overhead = served - direct. Writes
+``benchmarks/results/edit_served.json``.
 """
 
 from __future__ import annotations
@@ -165,6 +177,137 @@ def run_case(model_name: str, quantization: str, args: argparse.Namespace) -> di
     }
 
 
+def stats(values: list[float]) -> dict:
+    arr = np.asarray(values, np.float64)
+    return {"n": int(arr.size), "p50": float(np.median(arr)), "min": float(arr.min()),
+            "max": float(arr.max())}
+
+
+def direct_editor() -> Any:
+    """The ImageEditor deployment's class, built in this process on the tiny pipeline."""
+    from atelier3d.deployments.image_editor import ImageEditor
+
+    return ImageEditor.func_or_class({"models": "tiny"})
+
+
+def direct_edit(editor: Any, image: np.ndarray, params: dict) -> dict:
+    """One edit through ``editor.edit`` (what a replica runs), from request to result (ms)."""
+    import asyncio
+
+    from atelier3d.editing import EditRequest
+
+    async def run() -> dict:
+        start = time.perf_counter()
+        request = EditRequest.build(editor.pipes.settings, images=[image], **params)
+        result = None
+        async for event in editor.edit(request):
+            if event["type"] == "result":
+                result = event
+        assert result is not None and result["media_type"] == "image/png"
+        return {"total_ms": (time.perf_counter() - start) * 1000, "png_bytes": len(result["data"]),
+                "timings_ms": result["meta"]["timings_ms"]}
+
+    return asyncio.run(run())
+
+
+def served_session(http: Any, image: np.ndarray) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    r = http.post("/v1/sessions", params={"wait": "true"},
+                  files={"image": ("drawn.png", buffer.getvalue(), "image/png")})
+    r.raise_for_status()
+    return r.json()["session_id"]
+
+
+def served_edit(http: Any, session_id: str, params: dict) -> dict:
+    """One edit job: submit, follow its events to the end, read its state and its PNG (ms)."""
+    start = time.perf_counter()
+    r = http.post("/v1/jobs/edit", json={"session_id": session_id, **params})
+    r.raise_for_status()
+    job_id = r.json()["job_id"]
+    submitted = time.perf_counter()
+    with http.stream("GET", f"/v1/jobs/{job_id}/events") as events:
+        lines = [line for line in events.iter_lines() if line.strip()]
+    ended = time.perf_counter()
+    state = http.get(f"/v1/jobs/{job_id}").json()
+    if state["status"] != "succeeded":
+        raise RuntimeError(f"edit job {job_id} {state['status']}: {state.get('error')}")
+    result = http.get(f"/v1/jobs/{job_id}/result")
+    result.raise_for_status()
+    done = time.perf_counter()
+    meta = state.get("result_meta") or {}
+    return {"total_ms": (done - start) * 1000, "submit_ms": (submitted - start) * 1000,
+            "events_end_ms": (ended - start) * 1000, "events": len(lines),
+            "png_bytes": len(result.content),
+            "queue_ms": (state["started_at"] - state["created_at"]) * 1000,
+            "server_job_ms": (state["finished_at"] - state["created_at"]) * 1000,
+            "run_ms": (state["finished_at"] - state["started_at"]) * 1000,
+            "stage_ms": state.get("stage_ms", {}), "timings_ms": meta.get("timings_ms", {})}
+
+
+def served_vs_direct(args: argparse.Namespace) -> int:
+    import httpx
+
+    from atelier3d.samples import drawn_character
+
+    image = drawn_character()
+    params = {"prompt": "make the shirt red", "steps": args.edit_steps, "width": args.edit_size,
+              "height": args.edit_size}
+    editor = None if args.no_direct else direct_editor()
+    served, direct = [], []
+    with httpx.Client(base_url=args.served, timeout=600) as http:
+        session_id = served_session(http, image)
+        served_edit(http, session_id, {**params, "seed": 0})  # warm-up
+        if editor is not None:
+            direct_edit(editor, image, {**params, "seed": 0})
+        for seed in range(1, args.edit_runs + 1):
+            served.append(served_edit(http, session_id, {**params, "seed": seed}))
+            if editor is not None:
+                direct.append(direct_edit(editor, image, {**params, "seed": seed}))
+    out: dict = {"served_total_ms": stats([r["total_ms"] for r in served]),
+                 "served_server_job_ms": stats([r["server_job_ms"] for r in served]),
+                 "served_queue_ms": stats([r["queue_ms"] for r in served]),
+                 "served_run_ms": stats([r["run_ms"] for r in served]),
+                 "served_replica_total_ms": stats([r["timings_ms"]["total_ms"] for r in served]),
+                 "served_stage_ms": {k: stats([r["stage_ms"].get(k, 0.0) for r in served])
+                                     for k in served[0]["stage_ms"]}}
+    rows = [("served: submit -> PNG in hand", out["served_total_ms"]),
+            ("served: server created -> finished", out["served_server_job_ms"]),
+            ("served: server queued (created -> started)", out["served_queue_ms"]),
+            ("served: replica run_edit total_ms", out["served_replica_total_ms"])]
+    rows += [(f"served: stage_ms[{k}]", v) for k, v in out["served_stage_ms"].items()]
+    out["served_http_ms"] = stats([r["total_ms"] - r["server_job_ms"] for r in served])
+    out["served_gateway_ms"] = stats([r["server_job_ms"] - r["timings_ms"]["total_ms"]
+                                      for r in served])
+    rows += [("served: client - server job (HTTP, 3 calls)", out["served_http_ms"]),
+             ("served: server job - replica run_edit", out["served_gateway_ms"])]
+    if direct:
+        out["direct_total_ms"] = stats([r["total_ms"] for r in direct])
+        out["direct_run_edit_total_ms"] = stats([r["timings_ms"]["total_ms"] for r in direct])
+        out["overhead_ms"] = stats([s["total_ms"] - d["total_ms"]
+                                    for s, d in zip(served, direct, strict=True)])
+        rows += [("direct: ImageEditor.edit in-process", out["direct_total_ms"]),
+                 ("direct: run_edit total_ms", out["direct_run_edit_total_ms"]),
+                 ("overhead: served - direct (paired)", out["overhead_ms"])]
+    print(f"\nedit {args.edit_size}x{args.edit_size}, {args.edit_steps} steps, tiny pipeline, "
+          f"{args.edit_runs} runs each, load {os.getloadavg()[0]:.2f}")
+    print(f"{'':44} {'p50 ms':>9} {'min ms':>9} {'max ms':>9}")
+    for name, s in rows:
+        print(f"{name:44} {s['p50']:9.1f} {s['min']:9.1f} {s['max']:9.1f}")
+    out_path = args.out if args.out != RESULTS else RESULTS.with_name("edit_served.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({
+        "url": args.served, "size": args.edit_size, "steps": args.edit_steps,
+        "runs": args.edit_runs, "load": os.getloadavg(), "summary": out,
+        "served": served, "direct": direct}, indent=2))
+    print(f"wrote {out_path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="output and condition image, px")
@@ -175,7 +318,15 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["tiny", "full-width-1-block"])
     parser.add_argument("--case", help=argparse.SUPPRESS)  # MODEL:QUANTIZATION, in a child
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--served", metavar="URL",
+                        help="time whole edits on a running server (--models tiny) vs direct")
+    parser.add_argument("--edit-runs", type=int, default=5, help="edits each (--served)")
+    parser.add_argument("--edit-steps", type=int, default=4, help="steps per edit (--served)")
+    parser.add_argument("--edit-size", type=int, default=256, help="output side px (--served)")
+    parser.add_argument("--no-direct", action="store_true", help="served edits only (--served)")
     args = parser.parse_args()
+    if args.served:
+        return served_vs_direct(args)
 
     if args.case:
         print(json.dumps(run_case(*args.case.split(":"), args)))

@@ -113,6 +113,8 @@ def served_job(base_url: str, image_png: bytes, params: dict, poll_s: float) -> 
         glb.raise_for_status()
         return {"total_ms": (time.perf_counter() - start) * 1000,
                 "job_ms": (done - start) * 1000, "glb_bytes": len(glb.content),
+                "queue_ms": (state["started_at"] - state["created_at"]) * 1000,
+                "run_ms": (state["finished_at"] - state["started_at"]) * 1000,
                 "stage_ms": state.get("stage_ms", {})}
 
 
@@ -167,6 +169,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of jobs (served)")
     parser.add_argument("--poll-s", type=float, default=0.1)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, help="results JSON (default: results/<mode>.json)")
     args = parser.parse_args()
 
     env = {"python": sys.version.split()[0], "machine": platform.machine(),
@@ -175,15 +178,24 @@ def main() -> int:
         url, job, name = ((args.served, served_job, "mesh_served") if args.served
                           else (args.baseline, baseline_job, "mesh_baseline"))
         results = concurrent(job, url, args)
-        print(f"{name}: {args.concurrency} at once, latency p50 "
-              f"{results['latency_ms']['p50']:.0f} ms, p95 {results['latency_ms']['p95']:.0f} "
-              f"ms, round wall p50 {results['round_wall_ms']['p50']:.0f} ms")
+        if args.served:
+            jobs = [j for r in results["rounds"] for j in r["jobs"]]
+            results["queue_ms"] = percentiles([j["queue_ms"] for j in jobs])
+            results["run_ms"] = percentiles([j["run_ms"] for j in jobs])
+            print(f"server side: queued p50 {results['queue_ms']['p50']:.0f} ms (max "
+                  f"{results['queue_ms']['max']:.0f}), running p50 "
+                  f"{results['run_ms']['p50']:.0f} ms (min {results['run_ms']['min']:.0f})")
+        lat, wall = results["latency_ms"], results["round_wall_ms"]
+        print(f"{name}: {args.concurrency} at once, latency p50 {lat['p50']:.0f} ms (min "
+              f"{lat['min']:.0f}), p95 {lat['p95']:.0f} ms, round wall p50 {wall['p50']:.0f} ms "
+              f"(min {wall['min']:.0f})")
     else:
         name = "mesh"
         results = direct(args)
         print_direct(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    out = (args.out or RESULTS / f"{name}.json").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
                                "results": results}, indent=2))
     print(f"wrote {out.relative_to(REPO)}")
