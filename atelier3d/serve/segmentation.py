@@ -344,6 +344,36 @@ class SegmentationService:
         async def info(handle) -> ModelInfo:
             return await asyncio.wait_for(handle.info.remote(), timeout=10)
 
+        def without_replicas() -> list[str]:
+            """One line per model deployment with no running replica, from Serve's status. Once
+            a replica has waited RAY_SERVE_SLOW_STARTUP_WARNING_S (30 s by default) to be
+            scheduled, Serve's message names the resources it asks for and those available."""
+            from ray import serve
+
+            applications = serve.status().applications
+            lines = []
+            for handle in self.models.values():
+                app = applications.get(handle.app_name)
+                status = app.deployments.get(handle.deployment_name) if app else None
+                if status is None:
+                    lines.append(f"{handle.deployment_name} (not deployed)")
+                    continue
+                states = {getattr(s, "value", s): n for s, n in status.replica_states.items()}
+                if states.get("RUNNING"):
+                    continue
+                replicas = ", ".join(f"{n} {s}" for s, n in states.items()) or "no replicas"
+                why = status.message or "waiting for resources, or loading its weights"
+                state = getattr(status.status, "value", status.status)
+                lines.append(f"{handle.deployment_name} ({state}, {replicas}): {why}")
+            return lines
+
+        # A replica Ray cannot place (a GPU fraction no node has left, num_gpus on a node without
+        # GPUs) waits forever and silently: name those deployments and what Serve says they wait
+        # for, rather than let their info() below time out anonymously.
+        waiting = await asyncio.to_thread(without_replicas)
+        if waiting:
+            raise Unavailable("model deployments without a running replica: " + "; ".join(waiting),
+                              retry_after_s=5)
         try:
             infos = await asyncio.gather(*(info(handle) for handle in self.models.values()))
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"

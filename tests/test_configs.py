@@ -1,0 +1,279 @@
+"""The Serve configs and the KubeRay manifests: each config validates as Ray Serve and our app
+read it, sizes every deployment coherently, and the RayService embeds cluster.yaml and uses only
+fields of KubeRay's ray.io/v1 API."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from atelier3d.config import AppConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "atelier3d" / "serve" / "configs"
+K8S = ROOT / "k8s"
+SIZED = ["gpu-24g.yaml", "gpu-80g.yaml", "cluster.yaml"]  # the GPU profiles
+ONE_CARD = ["gpu-24g.yaml", "gpu-80g.yaml"]
+# The model deployment each job kind runs on.
+JOB_MODELS = {"edit": "ImageEditor", "mesh": "Shape3D"}
+
+# The ray.io/v1 RayService fields this repository's manifest may use, from KubeRay's API types
+# (ray-operator/apis/ray/v1: rayservice_types.go RayServiceSpec, raycluster_types.go
+# RayClusterSpec, HeadGroupSpec, WorkerGroupSpec, AutoscalerOptions), as JSON paths; "[]" is a
+# list item. Below a path in OPAQUE the value is a map or a Kubernetes core type, not checked here.
+KUBERAY_V1_RAYSERVICE = {
+    "apiVersion", "kind", "metadata", "spec",
+    "spec.serveConfigV2",
+    "spec.serveService",
+    "spec.rayClusterConfig",
+    "spec.rayClusterConfig.rayVersion",
+    "spec.rayClusterConfig.enableInTreeAutoscaling",
+    "spec.rayClusterConfig.autoscalerOptions",
+    "spec.rayClusterConfig.autoscalerOptions.upscalingMode",
+    "spec.rayClusterConfig.autoscalerOptions.idleTimeoutSeconds",
+    "spec.rayClusterConfig.autoscalerOptions.resources",
+    "spec.rayClusterConfig.autoscalerOptions.image",
+    "spec.rayClusterConfig.autoscalerOptions.imagePullPolicy",
+    "spec.rayClusterConfig.autoscalerOptions.env",
+    "spec.rayClusterConfig.autoscalerOptions.envFrom",
+    "spec.rayClusterConfig.autoscalerOptions.volumeMounts",
+    "spec.rayClusterConfig.autoscalerOptions.securityContext",
+    "spec.rayClusterConfig.headServiceAnnotations",
+    "spec.rayClusterConfig.suspend",
+    "spec.rayClusterConfig.headGroupSpec",
+    "spec.rayClusterConfig.headGroupSpec.serviceType",
+    "spec.rayClusterConfig.headGroupSpec.headService",
+    "spec.rayClusterConfig.headGroupSpec.enableIngress",
+    "spec.rayClusterConfig.headGroupSpec.rayStartParams",
+    "spec.rayClusterConfig.headGroupSpec.template",
+    "spec.rayClusterConfig.workerGroupSpecs",
+    "spec.rayClusterConfig.workerGroupSpecs[]",
+    "spec.rayClusterConfig.workerGroupSpecs[].groupName",
+    "spec.rayClusterConfig.workerGroupSpecs[].replicas",
+    "spec.rayClusterConfig.workerGroupSpecs[].minReplicas",
+    "spec.rayClusterConfig.workerGroupSpecs[].maxReplicas",
+    "spec.rayClusterConfig.workerGroupSpecs[].numOfHosts",
+    "spec.rayClusterConfig.workerGroupSpecs[].rayStartParams",
+    "spec.rayClusterConfig.workerGroupSpecs[].template",
+    "spec.rayClusterConfig.workerGroupSpecs[].scaleStrategy",
+}
+OPAQUE = {
+    "metadata", "spec.serveService", "spec.rayClusterConfig.headServiceAnnotations",
+    "spec.rayClusterConfig.headGroupSpec.headService",
+    "spec.rayClusterConfig.headGroupSpec.rayStartParams",
+    "spec.rayClusterConfig.headGroupSpec.template",
+    "spec.rayClusterConfig.workerGroupSpecs[].rayStartParams",
+    "spec.rayClusterConfig.workerGroupSpecs[].template",
+    "spec.rayClusterConfig.workerGroupSpecs[].scaleStrategy",
+} | {p for p in KUBERAY_V1_RAYSERVICE if p.startswith("spec.rayClusterConfig.autoscalerOptions.")}
+# Required by the CRD (json tags without omitempty).
+REQUIRED = {
+    "spec.rayClusterConfig.headGroupSpec": {"template"},
+    "spec.rayClusterConfig.workerGroupSpecs[]": {"groupName", "template"},
+}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def deployments(config: dict) -> dict[str, dict]:
+    return {d["name"]: d for d in config["applications"][0]["deployments"]}
+
+
+def replicas(deployment: dict) -> int:
+    """Replicas the deployment can reach: num_replicas, or autoscaling's max_replicas."""
+    autoscaling = deployment.get("autoscaling_config")
+    return autoscaling["max_replicas"] if autoscaling else deployment["num_replicas"]
+
+
+def rayservice() -> tuple[dict, list[dict]]:
+    docs = list(yaml.safe_load_all((K8S / "rayservice.yaml").read_text()))
+    [service] = [d for d in docs if d["kind"] == "RayService"]
+    return service, [d for d in docs if d is not service]
+
+
+def field_paths(value, path: str = ""):
+    """Every field path of ``value`` down to OPAQUE ones, with the dict it names."""
+    if path:
+        yield path, value
+    if path in OPAQUE:
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from field_paths(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for item in value:
+            yield from field_paths(item, f"{path}[]")
+
+
+def app_deployment_names() -> set[str]:
+    from atelier3d.deployments.human_parser import HumanParser
+    from atelier3d.deployments.image_editor import ImageEditor
+    from atelier3d.deployments.sam_decoder import SamDecoder
+    from atelier3d.deployments.sam_encoder import SamEncoder
+    from atelier3d.deployments.shape3d import Shape3D
+    from atelier3d.serve.gateway import Gateway
+
+    return {d.name for d in (Gateway, SamEncoder, SamDecoder, HumanParser, ImageEditor, Shape3D)}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_config_validates(name):
+    config = load(name)
+    schema = ServeDeploySchema.model_validate(config)
+    [app] = schema.applications
+    AppConfig.model_validate(app.args)
+    assert set(deployments(config)) == app_deployment_names()
+
+    # @serve.batch fills a batch only from requests already on the replica.
+    encoder = deployments(config)["SamEncoder"]
+    assert encoder["max_ongoing_requests"] >= encoder["user_config"]["max_batch_size"]
+
+    # One job at a time per model replica (a lock), one slot left for /readyz's info(); each
+    # Gateway replica dispatches its own jobs.
+    gateways = deployments(config)["Gateway"]["num_replicas"]
+    for kind, model in JOB_MODELS.items():
+        deployment = deployments(config)[model]
+        slots = replicas(deployment) * (deployment["max_ongoing_requests"] - 1)
+        assert config["applications"][0]["args"]["jobs"][kind]["max_running"] * gateways == slots
+
+
+@pytest.mark.parametrize("name", SIZED)
+def test_gpu_profile_sizes_every_deployment(name):
+    for deployment in deployments(load(name)).values():
+        options = deployment["ray_actor_options"]
+        assert {"num_cpus", "num_gpus"} <= set(options), deployment["name"]
+        assert {"max_ongoing_requests", "max_queued_requests"} <= set(deployment)
+        if deployment["name"] == "Gateway":
+            assert options["num_gpus"] == 0  # a GPU share would only keep a model out
+        else:
+            # fractional: a share of one card, so Ray packs replicas onto it
+            assert 0 < options["num_gpus"] < 1, deployment["name"]
+
+
+@pytest.mark.parametrize("name", ONE_CARD)
+def test_one_card_profiles_fit_their_card(name):
+    used = sum(d["num_replicas"] * d["ray_actor_options"]["num_gpus"]
+               for d in deployments(load(name)).values())
+    assert used <= 1 + 1e-9
+
+
+def test_cluster_profile_scales_models_on_gpu_nodes():
+    config = load("cluster.yaml")
+    models = {n: d for n, d in deployments(config).items() if n != "Gateway"}
+    for name, deployment in models.items():
+        autoscaling = deployment["autoscaling_config"]
+        assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"], name
+        assert "num_replicas" not in deployment
+    # One replica of every model fits one GPU node: scale-out adds whole nodes.
+    assert sum(d["ray_actor_options"]["num_gpus"] for d in models.values()) <= 1
+    gateway = deployments(config)["Gateway"]
+    assert gateway["max_replicas_per_node"] == 1  # sticky: one UI replica per node
+    assert config["proxy_location"] == "EveryNode"  # each gateway node's proxy, local first
+
+
+def test_rayservice_uses_kuberay_v1_fields_only():
+    service, _ = rayservice()
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    paths = dict(field_paths(service))
+    unknown = sorted(set(paths) - KUBERAY_V1_RAYSERVICE)
+    assert not unknown, f"not in KubeRay's ray.io/v1 RayService: {unknown}"
+    for parent, fields in REQUIRED.items():
+        for path, value in field_paths(service):
+            if path == parent:
+                assert fields <= set(value), (parent, fields - set(value))
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert isinstance(service["spec"]["serveConfigV2"], str)  # a YAML string, as KubeRay reads it
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        # map[string]string in the CRD: a YAML number or boolean would be rejected
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group
+
+
+def test_rayservice_embeds_cluster_config():
+    service, _ = rayservice()
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert embedded == load("cluster.yaml")
+
+
+def containers(group: dict) -> list[dict]:
+    return group["template"]["spec"]["containers"]
+
+
+def test_rayservice_groups_match_the_cluster_config():
+    service, _ = rayservice()
+    cluster = service["spec"]["rayClusterConfig"]
+    config = deployments(load("cluster.yaml"))
+    workers = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica there
+    head_ports = {p["name"] for p in containers(cluster["headGroupSpec"])[0]["ports"]}
+    assert "serve" in head_ports  # KubeRay's serve Service needs it
+
+    # GPU nodes: one card each, enough of them for every model at its max_replicas.
+    gpu = workers["gpu"]
+    for container in containers(gpu):
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    models = [d for n, d in config.items() if n != "Gateway"]
+    cards = sum(replicas(d) * d["ray_actor_options"]["num_gpus"] for d in models)
+    assert gpu["maxReplicas"] >= cards
+    editor = config["ImageEditor"]
+    assert gpu["maxReplicas"] >= replicas(editor)  # one editor per card at most (> 0.5 each)
+
+    # Gateway nodes carry the custom resource the Gateway asks for, one replica each.
+    asked = config["Gateway"]["ray_actor_options"]["resources"]
+    offered = workers["gateway"]["rayStartParams"]["resources"]
+    # KubeRay passes it to `ray start --resources=...` through a shell, which unquotes it.
+    assert json.loads(shlex.split(offered)[0]) == asked
+    assert workers["gateway"]["minReplicas"] >= config["Gateway"]["num_replicas"]
+    for container in containers(workers["gateway"]):
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
+def test_gateway_service_and_ingress_are_sticky():
+    service, others = rayservice()
+    [svc] = [d for d in others if d["kind"] == "Service"]
+    [ingress] = [d for d in others if d["kind"] == "Ingress"]
+    cluster = service["spec"]["rayClusterConfig"]
+    selector = svc["spec"]["selector"].items()
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        labels = group["template"]["metadata"]["labels"].items()
+        # the gateway pods, and only those: elsewhere no Gateway is local to the proxy
+        assert (selector <= labels) == (group.get("groupName") == "gateway"), group
+    assert svc["spec"]["sessionAffinity"] == "ClientIP"
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == svc["metadata"]["name"]
+    # the upload limit of the app, not nginx's default 1 MiB
+    args = load("cluster.yaml")["applications"][0]["args"]
+    body = annotations["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert int(body.rstrip("m")) * 2**20 >= args["limits"]["max_upload_bytes"]
+
+
+def test_prometheus_scrapes_every_metrics_port():
+    service, _ = rayservice()
+    cluster = service["spec"]["rayClusterConfig"]
+    scrape = yaml.safe_load((K8S / "prometheus-scrape.yaml").read_text())
+    [job] = scrape["scrape_configs"]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    keep = {tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"]
+            if r.get("action") == "keep"}
+    port_regex = re.compile(f"^(?:{keep[('__meta_kubernetes_pod_container_port_name',)]})$")
+    app_regex = re.compile(f"^(?:{keep[('__meta_kubernetes_pod_label_app_kubernetes_io_name',)]})$")
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert app_regex.match(group["template"]["metadata"]["labels"]["app.kubernetes.io/name"])
+        ports = {p["name"]: p["containerPort"] for c in containers(group) for p in c["ports"]}
+        # Ray exports on the port rayStartParams names, declared so the pod role finds it.
+        assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"])
+        for name in ports:
+            assert bool(port_regex.match(name)) == name.endswith("metrics"), name
