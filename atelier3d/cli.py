@@ -27,7 +27,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     install_handlers()
     try:
-        runner.init_ray(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        runner.init_ray(num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                        metrics_port=args.metrics_port)
         install_handlers()  # ray.init replaces the SIGTERM handler with one that just dies
         runner.deploy(config)
         print(f"atelier3d is serving the UI and API on http://{host}:{port} (Ctrl-C stops)",
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--num-cpus", type=float, default=None, help="logical CPUs for Ray")
     serve.add_argument("--num-gpus", type=float, default=None, help="logical GPUs for Ray")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="Prometheus metrics port (Ray's metrics agent; default: Ray's choice)")
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="model weights")

@@ -73,7 +73,13 @@ def human_parser(tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_dir) -> str:
+def metrics_url() -> str:
+    """Where the ``server``'s Ray exports Prometheus metrics."""
+    return f"http://127.0.0.1:{free_port()}/metrics"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_dir, metrics_url) -> str:
     """The whole app (Gateway + UI, SamEncoder, SamDecoder, HumanParser) on a local Ray, tiny
     weights."""
     from atelier3d.serve import runner
@@ -98,7 +104,7 @@ def server(tiny_dir) -> str:
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Shape3D":
             deployment["num_replicas"] = 2
-    runner.start(config)
+    runner.start(config, metrics_port=int(metrics_url.rsplit(":", 1)[1].split("/")[0]))
     yield f"http://127.0.0.1:{port}"
     runner.stop()
 

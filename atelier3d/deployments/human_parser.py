@@ -23,6 +23,7 @@ from atelier3d.checks import Check, run_checks
 from atelier3d.config import AppConfig
 from atelier3d.errors import BadRequest
 from atelier3d.garments import Part, bbox, complete_parts, extract_parts
+from atelier3d.metrics import observe_stage, report_gpu_memory
 from atelier3d.models.parsing import GARMENT_LABELS, LABELS, load_parser, parse
 from atelier3d.models.pose import Keypoint, Pose, load_pose
 from atelier3d.serve.schemas import ModelInfo
@@ -173,6 +174,8 @@ class HumanParser:
                                        close_px=settings.close_px,
                                        feather_px=settings.feather_px)
         timings["parts_ms"] = (time.perf_counter() - start) * 1000
+        observe_stage("parse", timings["parse_ms"] + timings["pose_ms"])
+        report_gpu_memory("human_parser")
 
         return ParseResult(
             size=mask.shape,

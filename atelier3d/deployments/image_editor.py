@@ -20,6 +20,7 @@ from ray import serve
 from atelier3d.config import AppConfig
 from atelier3d.deployments.streaming import stream_blocking
 from atelier3d.editing import EditRequest
+from atelier3d.metrics import report_gpu_memory
 from atelier3d.models.qwen_edit import load_edit_pipeline, run_edit
 from atelier3d.serve.schemas import ModelInfo
 
@@ -67,3 +68,4 @@ class ImageEditor:
         async with aclosing(events):
             async for event in events:
                 yield event
+        report_gpu_memory("image_editor")

@@ -22,6 +22,7 @@ from atelier3d import rle
 from atelier3d.config import AppConfig
 from atelier3d.deployments.sam_common import sam_checkpoint, sam_info
 from atelier3d.errors import EmbeddingLostError
+from atelier3d.metrics import count_embedding_lookup, observe_stage
 from atelier3d.models.sam_prompts import DecoderPrompt, decoder_prompt
 from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
 from atelier3d.serve.schemas import ModelInfo
@@ -100,6 +101,7 @@ class SamDecoder:
 
     def _embedding(self, ref: ray.ObjectRef) -> np.ndarray:
         key = ref.hex()
+        count_embedding_lookup(hit=key in self.embeddings)
         if key in self.embeddings:
             self.embeddings.move_to_end(key)
             return self.embeddings[key]
@@ -127,6 +129,7 @@ class SamDecoder:
             start = time.perf_counter()
             masks, scores, low_res = self._run(request.multimask, embedding, prompt)
             decode_ms = (time.perf_counter() - start) * 1000
+        observe_stage("decode", decode_ms)
         rles = rle.encode(masks[0])
         return DecodeResult(
             rles=rles,

@@ -12,6 +12,7 @@ from ray import serve
 
 from atelier3d.config import AppConfig
 from atelier3d.deployments.sam_common import sam_checkpoint, sam_info
+from atelier3d.metrics import observe_stage, report_gpu_memory
 from atelier3d.serve.schemas import ModelInfo
 
 logger = logging.getLogger("ray.serve")
@@ -78,7 +79,10 @@ class SamEncoder:
         ):
             features = self.model.image_encoder(batch)
         out = features.float().cpu().numpy()
-        logger.info("encoded %d image(s) in %.2fs", len(images), time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        logger.info("encoded %d image(s) in %.2fs", len(images), elapsed)
+        observe_stage("encode", elapsed * 1000)
+        report_gpu_memory("sam_encoder")
         return list(out[:, None])  # each (1, 256, 64, 64), the decoder's input shape
 
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)

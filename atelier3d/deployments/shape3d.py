@@ -21,6 +21,7 @@ from ray import serve
 from atelier3d.config import AppConfig
 from atelier3d.deployments.streaming import stream_blocking
 from atelier3d.meshing import MeshRequest
+from atelier3d.metrics import report_gpu_memory
 from atelier3d.models.hunyuan3d import generate, load_shape_pipeline
 from atelier3d.serve.schemas import ModelInfo
 
@@ -73,3 +74,4 @@ class Shape3D:
         async with aclosing(work) as events:
             async for event in events:
                 yield event
+        report_gpu_memory("shape3d")

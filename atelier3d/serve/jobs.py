@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import ApiError, Conflict, NotFound, TooManyRequests, Unavailable
+from atelier3d.metrics import observe_stage, set_jobs
 from atelier3d.serve.schemas import ErrorBody, JobArtifact, JobState
 from atelier3d.serve.sessions import Session, SessionStore, new_id
 
@@ -267,6 +268,7 @@ class JobService:
             # A report comes when a step ends: the time since the previous one was this stage's.
             now = time.perf_counter()
             job.stage_ms[stage] = job.stage_ms.get(stage, 0.0) + (now - job._last_report) * 1000
+            observe_stage(f"{job.kind.name}_{stage}", (now - job._last_report) * 1000)
             job._last_report = now
             job.stage, job.step, job.total = stage, step, total
             # From each stage's latest report, not from stage order: a layered mesh goes
@@ -307,7 +309,8 @@ class JobService:
         wake.set()
 
     def _announce_positions(self) -> None:
-        for queue in self.queues.values():
+        for name, queue in self.queues.items():
+            set_jobs(name, queue.running, len(queue.waiting))
             for position, job in enumerate(queue.waiting):
                 if job.queue_position != position and not job.finished:
                     job.queue_position = position
@@ -395,11 +398,6 @@ class JobService:
         for job in list(self.unowned.values()):
             if job.finished and job.finished_at < deadline:
                 self._forget(job)
-
-    def active(self, kind_name: str) -> tuple[int, int]:
-        """(running, waiting) of one kind, for metrics and /readyz."""
-        queue = self.queues[kind_name]
-        return queue.running, len(queue.waiting)
 
 
 def job_url(job_id: str, *rest: str) -> str:

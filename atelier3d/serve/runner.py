@@ -42,7 +42,10 @@ def load_serve_config(
     return config
 
 
-def init_ray(num_cpus: float | None = None, num_gpus: float | None = None) -> None:
+def init_ray(num_cpus: float | None = None, num_gpus: float | None = None,
+             metrics_port: int | None = None) -> None:
+    """``metrics_port``: where Ray's metrics agent serves Prometheus text (Ray's ``ray_serve_*``
+    and our ``ray_atelier_*``); default ``$ATELIER3D_METRICS_PORT``, else Ray picks one."""
     import ray
 
     if not ray.is_initialized():
@@ -54,6 +57,8 @@ def init_ray(num_cpus: float | None = None, num_gpus: float | None = None) -> No
             num_gpus=num_gpus,
             include_dashboard=False,
             log_to_driver=os.environ.get("ATELIER3D_RAY_LOGS", "1") == "1",
+            _metrics_export_port=metrics_port or int(os.environ.get("ATELIER3D_METRICS_PORT", 0))
+            or None,
         )
 
 
@@ -88,9 +93,9 @@ def deploy(config: dict, timeout_s: float = 600.0) -> None:
 
 
 def start(config: dict, num_cpus: float | None = None, num_gpus: float | None = None,
-          timeout_s: float = 600.0) -> None:
+          timeout_s: float = 600.0, metrics_port: int | None = None) -> None:
     """Starts a local Ray, then deploys ``config`` on it."""
-    init_ray(num_cpus, num_gpus)
+    init_ray(num_cpus, num_gpus, metrics_port)
     deploy(config, timeout_s)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from atelier3d.errors import NotFound, TooManyRequests
+from atelier3d.metrics import set_active_sessions
 
 
 @dataclass
@@ -149,6 +150,7 @@ class SessionStore:
             self._drop(next(iter(self._sessions)))
         session = Session(new_id("ses"), client, image, self.clock())
         self._sessions[session.session_id] = session
+        set_active_sessions(len(self._sessions))
         return session
 
     def get(self, session_id: str) -> Session:
@@ -171,6 +173,7 @@ class SessionStore:
 
     def _drop(self, session_id: str) -> Session:
         session = self._sessions.pop(session_id)
+        set_active_sessions(len(self._sessions))
         if session.embedding_task is not None and not session.embedding_task.done():
             session.embedding_task.cancel()
         session.embedding_ref = None  # releases the object-store copy
