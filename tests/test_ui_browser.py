@@ -11,16 +11,19 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import trimesh
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
+from atelier3d.models.parsing import GARMENT_LABELS, LABELS
 from atelier3d.samples import drawn_character
 from atelier3d.serve.ui_parse import FADE
 
@@ -53,6 +56,10 @@ def page(browser: Browser, server: str) -> Iterator[Page]:
         page.wait_for_selector(selector, state="attached")
     yield page
     context.close()
+
+
+def tab(page: Page, name: str) -> Locator:
+    return page.get_by_role("tab", name=name, exact=True)
 
 
 def status(page: Page) -> str:
@@ -117,6 +124,16 @@ def upload_character(page: Page, tmp_path: Path) -> None:
     page.locator("#upload input[type=file]").set_input_files(str(path))
     wait_status(page, r"Object 1.*384×640 ready")
     assert page.evaluate("window.encodeProgressSeen"), "no progress bar while encoding"
+
+
+def segment_with_box(page: Page, tmp_path: Path) -> None:
+    """Object 1: the drawn character, from a box around it."""
+    upload_character(page, tmp_path)
+    page.get_by_label("box corner").check()
+    click_image(page, 90, 30)
+    wait_status(page, r"opposite corner")
+    click_image(page, 300, 620)
+    wait_status(page, r"Object 1 · 0 \+ / 0 − points · box .*score")
 
 
 def download(page: Page, elem_id: str) -> tuple[str, bytes]:
@@ -288,23 +305,14 @@ def wait_overlay(page: Page, condition) -> np.ndarray:
 
 
 def test_body_and_garments_tab(page: Page, tmp_path: Path) -> None:
-    parse_tab = page.get_by_role("tab", name="Body & garments")
+    parse_tab = tab(page, "Body & garments")
     parse_tab.click()
     page.locator("#parse-run").click()
     page.locator("[data-testid=toast-text]", has_text="Upload an image").first.wait_for()
-    # The later stages show, disabled, and say they are pending.
-    for elem_id, stage in (("send-edit", "edit"), ("send-3d", "3D")):
-        expect(page.locator(f"#{elem_id}")).to_be_disabled()
-        assert f"{stage} stage pending" in page.locator(f"#{elem_id}").inner_text()
 
     # Segment the character with a box in the Segment tab, then parse its object here.
-    page.get_by_role("tab", name="Segment").click()
-    upload_character(page, tmp_path)
-    page.get_by_label("box corner").check()
-    click_image(page, 90, 30)
-    wait_status(page, r"opposite corner")
-    click_image(page, 300, 620)
-    wait_status(page, r"Object 1 · 0 \+ / 0 − points · box .*score")
+    tab(page, "Segment").click()
+    segment_with_box(page, tmp_path)
     parse_tab.click()
     page.evaluate("""() => {
         window.parseProgressSeen = false;
@@ -391,3 +399,299 @@ def test_body_and_garments_tab(page: Page, tmp_path: Path) -> None:
     assert any("Full body visible" in line for line in lines)
     assert all("suggestion" in line for line in lines if line.strip().startswith("✗"))
     page.screenshot(path=str(PARSE_SCREENSHOT), full_page=True)
+
+    # "Send to Edit" / "Send to 3D" open those tabs with the part shown here as their source.
+    shown = names[index].split(" · ")[0]
+    expected = f"Object 1 · {shown}" + (" (completed)" if names[index].endswith("completed")
+                                        else "")
+    for button, name, picker in (("send-edit", "Edit", "edit-source"),
+                                 ("send-3d", "3D", "mesh-source")):
+        parse_tab.click()
+        page.locator(f"#{button}").click()
+        expect(tab(page, name)).to_have_attribute(
+            "aria-selected", "true")
+        wait_picked(page, picker, expected)
+
+
+# ---- the "Edit" and "3D" tabs -----------------------------------------------------------------
+
+EDIT_SCREENSHOT = Path("/tmp/ui_edit.png")
+EDIT_STEPS = 3
+MESH_SCREENSHOT = Path("/tmp/ui_mesh.png")
+MESH_STEPS = 3
+MESH_STAGES = ["Conditioning", "Denoising", "Decoding the volume", "Extracting the mesh",
+               "Post-processing", "Texturing"]
+
+
+def wait_picked(page: Page, elem_id: str, label: str) -> None:
+    """Waits until the source dropdown ``elem_id`` shows the choice ``label``."""
+    page.wait_for_function(
+        "([id, label]) => document.querySelector(`#${id} input`)?.value === label",
+        arg=[elem_id, label], timeout=TIMEOUT_MS,
+    )
+
+
+def until_kept(change: Callable[[], None], kept: Callable[[], bool], what: str) -> None:
+    """Changes an input, again until it holds: on a loaded machine Gradio sometimes puts an
+    input's earlier value back a moment after it was changed."""
+    for _ in range(5):
+        change()
+        time.sleep(1)
+        if kept():
+            return
+    raise AssertionError(f"{what} does not keep its new value")
+
+
+def set_number(page: Page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input")
+
+    def change() -> None:
+        box.fill(str(value))
+        box.press("Tab")
+
+    until_kept(change, lambda: box.input_value() == str(value), f"#{elem_id}")
+
+
+def record_progress(page: Page, elem_id: str) -> None:
+    """Records every text the progress bar shown on ``#elem_id`` has, however briefly, in
+    ``window.progress[elem_id]`` (its ``aria-valuetext``: "<desc>: <percent>%")."""
+    page.evaluate("""id => {
+        window.progress = window.progress ?? {};
+        const seen = window.progress[id] = [];
+        new MutationObserver(() => {
+            const bar = document.querySelector(`#${id} [role=progressbar]`);
+            const text = bar?.getAttribute('aria-valuetext');
+            if (text && seen[seen.length - 1] !== text) seen.push(text);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true,
+                                   attributes: true});
+    }""", elem_id)
+
+
+def progress_texts(page: Page, elem_id: str) -> list[str]:
+    return page.evaluate("id => window.progress[id]", elem_id)
+
+
+def assert_real_progress(texts: list[str], stages: list[str], steps: int, least: int) -> None:
+    """The bar showed at least ``least`` of the job's ``stages``, in their order, counted the
+    denoising steps (the pipeline's own loop, ``steps`` of them) one by one, and ended full.
+    Gradio sends only the latest progress every few milliseconds, so a quick stage or step
+    followed at once by the next may not show."""
+    joined = "\n".join(texts)
+    firsts = [next((i for i, t in enumerate(texts) if t.startswith(stage)), None)
+              for stage in stages]
+    shown = [i for i in firsts if i is not None]
+    assert len(shown) >= least and shown == sorted(shown), (stages, joined)
+    counted = [tuple(map(int, m.groups())) for t in texts
+               if (m := re.match(r"Denoising (\d+)/(\d+)", t))]
+    assert {total for _, total in counted} == {steps}, joined
+    done = [step for step, _ in counted]
+    assert len(set(done)) >= 2 and done == sorted(done), joined
+    assert texts[-1] == "Succeeded: 100%", joined
+    percents = [int(re.search(r"(\d+)%$", t).group(1)) for t in texts]
+    assert percents == sorted(percents), joined
+
+
+def image_sources(page: Page, selector: str) -> list[str]:
+    """The URLs of every image in ``selector`` once all are loaded."""
+    page.wait_for_function(
+        "s => { const all = [...document.querySelectorAll(s + ' img')];"
+        " return all.length > 0 && all.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=selector, timeout=TIMEOUT_MS,
+    )
+    return [img.get_attribute("src") for img in page.locator(f"{selector} img").all()]
+
+
+def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path: Path) -> None:
+    tab(page, "Edit").click()
+    page.locator("#edit-run").click()
+    page.locator("[data-testid=toast-text]", has_text="Upload an image").first.wait_for()
+
+    tab(page, "Segment").click()
+    segment_with_box(page, tmp_path)
+    tab(page, "Edit").click()
+    # The current object's cut-out is the default source, previewed with its transparency.
+    wait_picked(page, "edit-source", "Object 1 cut-out")
+    cutout = np.asarray(Image.open(io.BytesIO(page.request.get(
+        loaded_src(page, "#edit-preview")).body())))
+    assert cutout.shape[2] == 4 and (cutout[..., 3] == 0).any() and (cutout[..., 3] > 0).any()
+
+    # A preset edit: the progress bar follows the job's stages and steps up to 100%.
+    page.locator("#edit-parameters").click()
+    set_number(page, "edit-steps", EDIT_STEPS)  # the tiny random pipeline: ~1 s per step
+    record_progress(page, "edit-compare")
+    page.locator("#edit-run").click()
+    wait_text(page, "#edit-status", r"Edit 1 · full_body ← Object 1 cut-out · done in")
+    assert_real_progress(progress_texts(page, "edit-compare"),
+                         ["Encoding", "Denoising", "Decoding"], EDIT_STEPS, least=3)
+    before, after = (fetch_image(page, src) for src in image_sources(page, "#edit-compare"))
+    assert before.shape[:2] == cutout.shape[:2]  # the source, beside the result
+    assert after.ndim == 3 and min(after.shape[:2]) >= 16
+    thumbs = page.locator("#edit-history .thumbnail-item")
+    expect(thumbs).to_have_count(1)
+    first = page.locator("#edit-history .caption-label").first.inner_text()
+    assert first == "Edit 1 · full_body ← Object 1 cut-out"
+    expect(page.locator("#edit-to-3d")).to_be_enabled()
+
+    # Branch: go back to Edit 1 in the history (it becomes the source) and edit it freely.
+    tab(page, "Segment").click()
+    tab(page, "Edit").click()  # the picker refreshes on opening
+    wait_picked(page, "edit-source", "Object 1 cut-out")
+    thumbs.first.click()
+    wait_picked(page, "edit-source", first)
+    wait_text(page, "#edit-status", "the source of the next edit")
+    preset = page.locator("#edit-preset input")
+    until_kept(lambda: (preset.click(), page.get_by_role("option", name="free").click()),
+               lambda: preset.input_value() == "free", "the preset")
+    prompt = page.locator("#edit-prompt textarea")
+    until_kept(lambda: prompt.fill("make the shirt red"),
+               lambda: prompt.input_value() == "make the shirt red", "the prompt")
+    page.locator("#edit-run").click()
+    label = "Edit 2 · free “make the shirt red” ← Edit 1"
+    wait_text(page, "#edit-status", re.escape(label) + " · done in")
+    expect(thumbs).to_have_count(2)
+    assert page.locator("#edit-history .caption-label").all_inner_texts() == [first, label]
+    # Its "before" is Edit 1's result, pixel for pixel.
+    before, _ = (fetch_image(page, src) for src in image_sources(page, "#edit-compare"))
+    edit_1 = fetch_image(page, image_sources(page, "#edit-history")[0])
+    assert before.shape == edit_1.shape and np.array_equal(before, edit_1)
+    page.screenshot(path=str(EDIT_SCREENSHOT), full_page=True)
+
+    # "Use this for 3D" opens the 3D tab with the edit shown as its source.
+    page.locator("#edit-to-3d").click()
+    expect(tab(page, "3D")).to_have_attribute(
+        "aria-selected", "true")
+    wait_picked(page, "mesh-source", label)
+    loaded_src(page, "#mesh-preview")
+
+
+def model_urls(page: Page) -> None:
+    """Records every model the 3D viewer was given, in ``window.models``."""
+    page.evaluate("""() => {
+        const seen = window.models = [];
+        new MutationObserver(() => {
+            const link = document.querySelector('#mesh-viewer [data-testid=model3d-download-link]');
+            const href = link?.getAttribute('href');
+            if (href && seen[seen.length - 1] !== href) seen.push(href);
+        }).observe(document.body, {subtree: true, childList: true, attributes: true});
+    }""")
+
+
+def wait_drawn(canvas: Locator) -> None:
+    """Waits until the viewer's canvas shows something: not one flat colour (the viewer loads
+    and frames a new model over a few frames)."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        drawn = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"))
+        if drawn.reshape(-1, 3).std(axis=0).max() > 5:
+            return
+        assert time.monotonic() < deadline, "the 3D viewer never drew the model"
+        time.sleep(0.5)
+
+
+def check_glb(data: bytes) -> trimesh.Scene:
+    """A well-formed binary glTF 2 with at least one triangle."""
+    magic, version, length = struct.unpack("<4sII", data[:12])
+    assert magic == b"glTF" and version == 2 and length == len(data)
+    scene = trimesh.load(io.BytesIO(data), file_type="glb", force="scene")
+    assert sum(len(g.faces) for g in scene.geometry.values()) > 0
+    return scene
+
+
+def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
+                                                               tmp_path: Path) -> None:
+    segment_with_box(page, tmp_path)
+    tab(page, "3D").click()
+    wait_picked(page, "mesh-source", "Object 1 cut-out")
+    loaded_src(page, "#mesh-preview")
+
+    page.locator("#mesh-parameters").click()
+    set_number(page, "mesh-steps", MESH_STEPS)  # the tiny random Hunyuan3D
+    set_number(page, "mesh-octree", 64)
+    record_progress(page, "mesh-viewer")
+    model_urls(page)
+    page.locator("#mesh-run").click()
+    wait_text(page, "#mesh-status", r"3D asset of Object 1 cut-out · done in")
+    assert_real_progress(progress_texts(page, "mesh-viewer"), MESH_STAGES, MESH_STEPS, least=4)
+    # The untextured shape showed first, then the finished asset.
+    models = page.evaluate("window.models")
+    assert models[0].endswith("shape.glb") and models[-1].endswith("mesh.glb"), models
+    check_glb(page.request.get(models[-1]).body())
+    # The viewer drew it: its canvas is not one flat colour.
+    canvas = page.locator("#mesh-viewer canvas")
+    expect(canvas).to_have_count(1)
+    wait_drawn(canvas)
+
+    # Downloads: GLB, and the API's conversions of it.
+    links = page.locator("#mesh-download a[download]")
+    expect(links).to_have_count(4)
+    names = {links.nth(i).get_attribute("download") for i in range(4)}
+    assert names == {"mesh.glb", "mesh.obj", "mesh.ply", "mesh.stl"}
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.locator("#mesh-download a[download='mesh.glb']").click()
+    glb = check_glb(Path(info.value.path()).read_bytes())
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.locator("#mesh-download a[download='mesh.obj']").click()
+    obj = trimesh.load(info.value.path(), file_type="obj", force="mesh")
+    assert len(obj.faces) == sum(len(g.faces) for g in glb.geometry.values())
+
+    # Each stage's time, and the total.
+    table = wait_text(page, "#mesh-timings", "Total")
+    for stage in ("Conditioning", "Denoising", "Decoding the volume", "Extracting the mesh"):
+        assert re.search(rf"{stage}\s+\d+\.\d\d s", table), table
+    page.screenshot(path=str(MESH_SCREENSHOT), full_page=True)
+
+    # Cancel: a long run stops at its next step.
+    set_number(page, "mesh-steps", 150)
+    record_progress(page, "mesh-viewer")
+    page.locator("#mesh-run").click()
+    page.wait_for_function("() => window.progress['mesh-viewer'].some("
+                           "t => t.startsWith('Denoising'))", timeout=TIMEOUT_MS)
+    page.locator("#mesh-cancel").click()
+    wait_text(page, "#mesh-status", "The 3D job was cancelled")
+    steps = [int(m.group(1)) for t in progress_texts(page, "mesh-viewer")
+             if (m := re.match(r"Denoising (\d+)/150", t))]
+    assert steps and max(steps) < 150
+
+
+def test_3d_tab_layered_asset_from_the_parse_and_an_uploaded_cutout(page: Page,
+                                                                    tmp_path: Path) -> None:
+    segment_with_box(page, tmp_path)
+    tab(page, "Body & garments").click()
+    page.locator("#parse-run").click()
+    wait_text(page, "#parse-status", r"Object 1 parsed: \d+ labels, \d+ parts")
+    captions = page.locator("#parse-parts .caption-label").all_inner_texts()
+    parts = {caption.split(" · ")[0] for caption in captions}
+
+    # Layered: one GLB node per part, leaving out the group that merges the garments.
+    tab(page, "3D").click()
+    page.locator("#mesh-parameters").click()
+    set_number(page, "mesh-steps", MESH_STEPS)
+    set_number(page, "mesh-octree", 64)
+    layered = page.locator("#mesh-layered input")
+    until_kept(layered.check, layered.is_checked, "the layered box")
+    model_urls(page)
+    page.locator("#mesh-run").click()
+    wait_text(page, "#mesh-status", r"3D asset of \d+ parts, layered · done in")
+    scene = check_glb(page.request.get(page.evaluate("window.models")[-1]).body())
+    nodes = set(scene.graph.nodes_geometry)
+    garments = {LABELS[i] for i in GARMENT_LABELS}
+    assert nodes and nodes <= parts, (nodes, parts)
+    assert "clothing" not in nodes or not nodes & garments, nodes
+
+    # An uploaded cut-out: an RGB image is refused (it says why), an RGBA one is meshed.
+    until_kept(layered.uncheck, lambda: not layered.is_checked(), "the layered box")
+    image = drawn_character()
+    alpha = (np.abs(image.astype(int) - image[0, 0]).sum(-1) > 30).astype(np.uint8) * 255
+    Image.fromarray(image).save(tmp_path / "flat.png")
+    Image.fromarray(np.dstack([image, alpha])).save(tmp_path / "cutout.png")
+    upload = page.locator("#mesh-upload input[type=file]")
+    upload.set_input_files(str(tmp_path / "flat.png"))
+    wait_picked(page, "mesh-source", "Uploaded image (below)")
+    page.locator("#mesh-run").click()
+    page.locator("[data-testid=toast-text]", has_text="no alpha channel").first.wait_for()
+    page.locator("#mesh-upload button[aria-label='Remove Image']").click()
+    upload.set_input_files(str(tmp_path / "cutout.png"))
+    model_urls(page)
+    page.locator("#mesh-run").click()
+    wait_text(page, "#mesh-status", r"3D asset of the uploaded image · done in")
+    assert len(check_glb(page.request.get(page.evaluate("window.models")[-1]).body()).geometry) == 1

@@ -1,5 +1,6 @@
-"""The Gradio UI: a "Segment" tab that calls the SegmentationService in-process, and the
-"Body & garments" tab (:mod:`atelier3d.serve.ui_parse`) on the same session and objects.
+"""The Gradio UI: a "Segment" tab that calls the SegmentationService in-process, then the
+"Body & garments" tab (:mod:`atelier3d.serve.ui_parse`), and the "Edit" and "3D" tabs
+(:mod:`atelier3d.serve.ui_edit`, :mod:`atelier3d.serve.ui_mesh`), all on the same session.
 
 Sessions, objects and their undo history live on the server (the same state the /v1 API uses), so
 every view is re-rendered from the ``ObjectState`` the service returns. The per-tab ``gr.State``
@@ -12,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import numpy as np
@@ -36,6 +38,10 @@ from atelier3d.imaging import encode_png
 from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.schemas import CutoutRequest, MaskCandidate, ObjectState, SegmentRequest
 from atelier3d.serve.segmentation import SegmentationService
+
+if TYPE_CHECKING:
+    from atelier3d.serve.api_jobs import JobsApi
+    from atelier3d.serve.ui_parse import ParseTab
 
 logger = logging.getLogger("ray.serve")
 
@@ -217,29 +223,56 @@ async def _view(service: SegmentationService, ui: UiState, obj: ObjectState | No
     )
 
 
-def guarded(fallback: Callable[[UiState | None], Any] = _skip):
-    """Runs a handler under its tab's lock and turns errors into a warning toast.
+def _report(name: str, exc: Exception) -> None:
+    """Shows a handler's error as a warning toast: ``ApiError``s carry a message meant for users;
+    anything else is logged and reported generically."""
+    if isinstance(exc, ApiError):
+        gr.Warning(exc.message)
+    elif isinstance(exc, ValidationError):
+        gr.Warning("; ".join(str(err["msg"]) for err in exc.errors()))
+    else:
+        logger.error("UI handler %s failed", name, exc_info=exc)
+        gr.Warning("Something went wrong on the server; please try again.")
 
-    ``ApiError``s carry a message meant for users; anything else is logged and reported
-    generically. The outputs are then left as they were (``gr.skip()``) unless a fallback, given
-    the tab's state, says otherwise. ``functools.wraps`` keeps the signature Gradio inspects for
-    ``gr.Progress``, ``gr.Request`` and ``gr.SelectData`` parameters.
+
+def guarded(fallback: Callable[[UiState | None], Any] = _skip, lock: bool = True):
+    """Runs a handler (a coroutine, or an async generator of updates) under its tab's lock and
+    turns errors into a warning toast.
+
+    The outputs are then left as they were (``gr.skip()``) unless a fallback, given the tab's
+    state, says otherwise. Handlers that follow a job for minutes take no lock (``lock=False``):
+    the tab's other events, its Cancel button among them, must not wait for them.
+    ``functools.wraps`` keeps the signature Gradio inspects for ``gr.Progress``, ``gr.Request``
+    and ``gr.SelectData`` parameters.
     """
 
-    def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def held(args: tuple) -> tuple[UiState | None, contextlib.AbstractAsyncContextManager]:
+        ui = next((arg for arg in args if isinstance(arg, UiState)), None)
+        return ui, ui.lock if lock and ui is not None else contextlib.nullcontext()
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+                ui, guard = held(args)
+                async with guard:
+                    try:
+                        async for update in fn(*args, **kwargs):
+                            yield update
+                    except Exception as exc:
+                        _report(fn.__name__, exc)
+                        yield fallback(ui)
+
+            return stream
+
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            ui = next((arg for arg in args if isinstance(arg, UiState)), None)
-            async with ui.lock if ui is not None else contextlib.nullcontext():
+            ui, guard = held(args)
+            async with guard:
                 try:
                     return await fn(*args, **kwargs)
-                except ApiError as exc:
-                    gr.Warning(exc.message)
-                except ValidationError as exc:
-                    gr.Warning("; ".join(str(err["msg"]) for err in exc.errors()))
-                except Exception:
-                    logger.exception("UI handler %s failed", fn.__name__)
-                    gr.Warning("Something went wrong on the server; please try again.")
+                except Exception as exc:
+                    _report(fn.__name__, exc)
                 return fallback(ui)
 
         return wrapper
@@ -288,7 +321,7 @@ class ExportDir:
         return out
 
 
-def _client_key(request: gr.Request | None) -> str:
+def client_key(request: gr.Request | None) -> str:
     """Per-address session quota, like the /v1 API's, not one quota shared by every UI user."""
     host = getattr(getattr(request, "client", None), "host", None)
     return f"ui:{host or 'unknown'}"
@@ -297,14 +330,24 @@ def _client_key(request: gr.Request | None) -> str:
 # ---- the app ----------------------------------------------------------------------------
 
 
-def build_ui(service: SegmentationService, parsing: ParsingService | None = None) -> gr.Blocks:
+def build_ui(service: SegmentationService, parsing: ParsingService | None = None,
+             jobs: JobsApi | None = None) -> gr.Blocks:
+    """The Segment tab, then Body & garments (with ``parsing``), then Edit and 3D (with
+    ``jobs``, which need ``parsing`` too: their sources include the parse's parts)."""
+    if jobs is not None and parsing is None:
+        raise ValueError("the Edit and 3D tabs need the parsing service")
     exports = ExportDir()
     weights: dict[str, str] = {}  # cached answer of service.ready(): weights never change
 
     with gr.Blocks(title="atelier3d", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         banner = gr.Markdown(visible=False, elem_id="weights-banner")
         state = gr.State(UiState())
-        with gr.Tabs():
+        if jobs is not None:
+            from atelier3d.serve.ui_jobs import EditUi
+
+            # Here, not in the Edit tab: both job tabs use it, and a gr.Tabs takes only tabs.
+            edit_state = gr.State(EditUi())
+        with gr.Tabs() as tabs:
             with gr.Tab("Segment", id="segment"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
@@ -345,7 +388,10 @@ def build_ui(service: SegmentationService, parsing: ParsingService | None = None
             if parsing is not None:
                 from atelier3d.serve.ui_parse import parse_tab
 
-                parse_tab(parsing, state, exports)
+                parse = parse_tab(parsing, state, exports, sends=jobs is not None)
+            if jobs is not None:
+                _job_tabs(service, parsing, jobs, exports, tabs, [state, parse.state, edit_state],
+                          parse)
         view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset]
 
         @guarded(fallback=_empty_view)
@@ -359,7 +405,7 @@ def build_ui(service: SegmentationService, parsing: ParsingService | None = None
             if image is None:
                 return _empty_view(ui)
             png = await asyncio.to_thread(encode_png, np.ascontiguousarray(image))
-            info = await service.create_session(png, client=_client_key(request))
+            info = await service.create_session(png, client=client_key(request))
             # Owned from here on, so the next upload deletes it even if this one fails below.
             ui.session_id = info.session_id
             start = time.monotonic()
@@ -483,6 +529,26 @@ def build_ui(service: SegmentationService, parsing: ParsingService | None = None
     return demo
 
 
+def _job_tabs(service: SegmentationService, parsing: ParsingService, jobs: JobsApi,
+              exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab) -> None:
+    """The Edit and 3D tabs, and the buttons that send images to them from the tabs before;
+    ``states``: the Segment, Body & garments and Edit tabs' states."""
+    from atelier3d.serve.ui_edit import edit_tab
+    from atelier3d.serve.ui_jobs import Studio, edit_source
+    from atelier3d.serve.ui_mesh import mesh_tab
+
+    job_service, editing, meshing = jobs
+    studio = Studio(service, parsing, job_service, editing.resolver, exports, tabs, *states)
+    edit = edit_tab(studio, editing)
+    mesh = mesh_tab(studio, meshing)
+    unparsed = "Parse the character and click a part first."
+    studio.link_send(parse.send_edit, edit.picker, studio.shown_part, unparsed)
+    studio.link_send(parse.send_3d, mesh.picker, studio.shown_part, unparsed)
+    studio.link_send(edit.to_3d, mesh.picker,
+                     lambda ui, pui, eui: edit_source(eui.shown) if eui.shown else None,
+                     "Run an edit (or pick one from the history) first.")
+
+
 async def with_progress(work: Awaitable[Any], fraction: Callable[[], float],
                         progress: gr.Progress, desc: str) -> Any:
     """Awaits ``work`` while showing ``fraction()`` (0..1) as its progress; returns its result."""
@@ -519,10 +585,10 @@ class _UiMount(Mount):
         return super().matches(scope)
 
 
-def mount_ui(app: FastAPI, service: SegmentationService,
-             parsing: ParsingService | None = None) -> FastAPI:
+def mount_ui(app: FastAPI, service: SegmentationService, parsing: ParsingService | None = None,
+             jobs: JobsApi | None = None) -> FastAPI:
     """Mounts the UI at ``/``; routes already on ``app`` (/v1, /docs, /healthz) match first."""
-    demo = build_ui(service, parsing)
+    demo = build_ui(service, parsing, jobs)
     app = gr.mount_gradio_app(
         app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS,
         max_file_size=service.config.limits.max_upload_bytes,

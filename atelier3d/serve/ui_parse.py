@@ -25,7 +25,6 @@ from atelier3d.serve.ui import EVENTS, ExportDir, UiState, guarded, with_progres
 
 TINT = 0.55  # opacity of the label colours over the image
 FADE = 0.5  # how far what is not the character fades to white
-PENDING = "The **edit** and **3D** stages are not built yet: these buttons wait for them."
 
 
 @dataclass
@@ -36,6 +35,15 @@ class ParseUi:
     parse_id: str | None = None
     object_label: str = ""
     part: str | None = None  # the part shown large, with its downloads
+
+
+@dataclass
+class ParseTab:
+    """What the Edit and 3D tabs link to: the parse shown, and the buttons sending its part."""
+
+    state: gr.State  # ParseUi
+    send_edit: gr.Button
+    send_3d: gr.Button
 
 
 # ---- drawing ----------------------------------------------------------------------------------
@@ -98,8 +106,10 @@ def _caption(response: ParseResponse, index: int) -> str:
 # ---- the tab ----------------------------------------------------------------------------------
 
 
-def parse_tab(parsing: ParsingService, state: gr.State, exports: ExportDir) -> None:
-    """Builds the tab (inside the caller's ``gr.Tabs``) and its events."""
+def parse_tab(parsing: ParsingService, state: gr.State, exports: ExportDir,
+              sends: bool = False) -> ParseTab:
+    """Builds the tab (inside the caller's ``gr.Tabs``) and its events; ``sends``: show the
+    buttons sending the part shown to the Edit and 3D tabs (which link them)."""
     segmentation = parsing.segmentation
     with gr.Tab("Body & garments", id="parse"):
         pstate = gr.State(ParseUi())
@@ -118,12 +128,10 @@ def parse_tab(parsing: ParsingService, state: gr.State, exports: ExportDir) -> N
                                        elem_id="parse-skeleton")
                 checks = gr.Markdown(elem_id="parse-checks")
                 with gr.Row():
-                    # No handlers: the stages they lead to do not exist yet.
-                    gr.Button("Send to edit (edit stage pending)", interactive=False,
-                              elem_id="send-edit")
-                    gr.Button("Send to 3D (3D stage pending)", interactive=False,
-                              elem_id="send-3d")
-                gr.Markdown(PENDING, elem_id="stages-pending")
+                    send_edit = gr.Button("Send this part to Edit", visible=sends,
+                                          elem_id="send-edit")
+                    send_3d = gr.Button("Send this part to 3D", visible=sends,
+                                        elem_id="send-3d")
             with gr.Column(scale=2):
                 status = gr.Markdown("Segment the character in the Segment tab, then parse it "
                                      "here.", elem_id="parse-status")
@@ -234,3 +242,4 @@ def parse_tab(parsing: ParsingService, state: gr.State, exports: ExportDir) -> N
     for toggle in (labels, skeleton):
         toggle.input(on_toggle, [state, pstate, labels, skeleton], [overlay], **quiet)
     parts.select(on_part, [state, pstate], part_outputs, **quiet)
+    return ParseTab(pstate, send_edit, send_3d)
