@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from atelier3d.config import AppConfig
 from atelier3d.errors import ApiError, BadRequest
 from atelier3d.serve.api_jobs import JobsApi, build_jobs_router
-from atelier3d.serve.http import ERRORS, HTTP_CODES, client_key, error_response
+from atelier3d.serve.http import ERRORS, HTTP_CODES, ApiRoute, client_key, error_response
 from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.schemas import (
     CutoutRequest,
@@ -108,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def build_router(service: SegmentationService) -> APIRouter:
-    router = APIRouter(prefix="/v1", responses=ERRORS)
+    router = APIRouter(prefix="/v1", responses=ERRORS, route_class=ApiRoute)
 
     @router.post("/sessions", status_code=201, response_model=SessionInfo,
                  summary="Upload an image (multipart field 'image', or the raw bytes)")
@@ -184,7 +184,8 @@ PNG = {200: {"content": {"image/png": {}}}}
 
 def build_parse_router(parsing: ParsingService) -> APIRouter:
     """Body and garment separation: ``POST .../parse``, then its results under ``.../parses``."""
-    router = APIRouter(prefix="/v1/sessions/{session_id}", responses=ERRORS, tags=["parsing"])
+    router = APIRouter(prefix="/v1/sessions/{session_id}", responses=ERRORS, tags=["parsing"],
+                       route_class=ApiRoute)
 
     @router.post("/parse", response_model=ParseResponse,
                  summary="Parse the character (an object's mask, or an RLE) into body labels, "

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from atelier3d.errors import BadRequest, Unprocessable
 from atelier3d.meshing import FORMATS, convert_mesh
 from atelier3d.serve.editing import EditService
-from atelier3d.serve.http import ERRORS, client_key
+from atelier3d.serve.http import ERRORS, ApiRoute, client_key
 from atelier3d.serve.jobs import Job, JobService, job_state, job_url
 from atelier3d.serve.meshing import MeshService
 from atelier3d.serve.schemas import EditJobRequest, JobState, JobSubmitted, MeshJobRequest
@@ -79,7 +79,7 @@ async def event_lines(jobs: JobService, job_id: str, after: int,
 
 
 def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshService) -> APIRouter:
-    router = APIRouter(prefix="/v1/jobs", responses=ERRORS, tags=["jobs"])
+    router = APIRouter(prefix="/v1/jobs", responses=ERRORS, tags=["jobs"], route_class=ApiRoute)
 
     @router.post("/edit", status_code=202, response_model=JobSubmitted,
                  summary="Edit a session's image (or a cut-out, part, earlier edit) with text")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from ray.serve.exceptions import BackPressureError
+
+from atelier3d.errors import Unavailable
 from atelier3d.serve.schemas import ErrorResponse
 
 ERRORS = {
@@ -19,6 +25,29 @@ def error_response(status: int, code: str, message: str, retry_after_s: float | 
     headers = {"Retry-After": str(int(retry_after_s + 0.999))} if retry_after_s else None
     body = {"error": {"code": code, "message": message}}
     return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+class ApiRoute(APIRoute):
+    """Turns a model deployment's back-pressure into our 503 + Retry-After error.
+
+    When a deployment's queue (``max_queued_requests``) is full, its handle raises
+    ``BackPressureError`` in the Gateway. Ray Serve installs its own handler for it on the
+    ingress app, which answers plain text; caught here, inside the route, it becomes an
+    ``Unavailable`` with the deployment's ``backpressure_config`` Retry-After, in our shape.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except BackPressureError as exc:
+                retry_after = exc.retry_after_s if exc.retry_after_s is not None else 1.0
+                message = f"the server is busy, retry shortly ({exc.message.rstrip('.')})"
+                raise Unavailable(message, retry_after_s=retry_after) from exc
+
+        return route
 
 
 def client_key(request: Request) -> str:

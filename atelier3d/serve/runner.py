@@ -39,6 +39,9 @@ def load_serve_config(
                 args[key] = {**args[key], **value}
             else:
                 args[key] = value
+        if args.get("cache_dir"):
+            # Replicas run in other working directories: a relative cache dir means this one's.
+            args["cache_dir"] = str(Path(args["cache_dir"]).expanduser().resolve())
     return config
 
 
