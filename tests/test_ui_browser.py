@@ -695,3 +695,37 @@ def test_3d_tab_layered_asset_from_the_parse_and_an_uploaded_cutout(page: Page,
     page.locator("#mesh-run").click()
     wait_text(page, "#mesh-status", r"3D asset of the uploaded image · done in")
     assert len(check_glb(page.request.get(page.evaluate("window.models")[-1]).body()).geometry) == 1
+
+
+def test_one_persons_long_edit_never_blocks_anothers_clicks(browser: Browser, server: str,
+                                                            page: Page, tmp_path: Path) -> None:
+    """Two people at once: while A's long edit runs, B uploads and clicks, and gets masks.
+    (The UI's events have no Gradio concurrency limit; the edit waits in its own job queue.)"""
+    segment_with_box(page, tmp_path)
+    tab(page, "Edit").click()
+    wait_picked(page, "edit-source", "Object 1 cut-out")
+    page.locator("#edit-parameters").click()
+    set_number(page, "edit-steps", 100)
+    record_progress(page, "edit-compare")
+    page.locator("#edit-run").click()
+    page.wait_for_function("() => (window.progress['edit-compare'] ?? []).some("
+                           "t => t.startsWith('Denoising'))", timeout=TIMEOUT_MS)
+
+    other = browser.new_context(viewport={"width": 1400, "height": 1100})
+    try:
+        b = other.new_page()
+        b.set_default_timeout(TIMEOUT_MS)
+        b.goto(server, timeout=TIMEOUT_MS)
+        b.wait_for_selector("#upload input[type=file]", state="attached")
+        upload_character(b, tmp_path)
+        click_image(b, *SHIRT)
+        wait_status(b, r"Object 1 · 1 \+ / 0 − points.*score")
+        # A's edit is still going: B was served in the middle of it, not after it.
+        steps = [int(m.group(1)) for t in progress_texts(page, "edit-compare")
+                 if (m := re.match(r"Denoising (\d+)/100", t))]
+        assert steps and max(steps) < 100
+        assert "done in" not in page.locator("#edit-status").inner_text()
+    finally:
+        other.close()
+    page.locator("#edit-cancel").click()
+    wait_text(page, "#edit-status", "cancelled")
