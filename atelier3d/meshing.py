@@ -43,8 +43,9 @@ class MeshSettings(BaseModel):
         "auto", description="auto: float16 on CUDA (as the weights are published), float32 on CPU"
     )
     flashvdm: bool = Field(
-        False, description="FlashVDM volume decoding (hierarchical, adaptive KV): much faster "
-        "at octree 256+ on a GPU; uses the turbo VAE where the model folder has one"
+        False, description="FlashVDM volume decoding (hierarchical, adaptive KV; uses the turbo "
+        "VAE where the model folder has one): its authors report it much faster at octree 256+; "
+        "on an H200 with random weights it was 10x slower than dense (benchmarks/README.md)"
     )
     texture: Literal["auto", "paint", "project", "none"] = Field(
         "auto", description="paint: Hunyuan3D-Paint (CUDA and hy3dgen's compiled "
