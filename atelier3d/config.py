@@ -87,6 +87,40 @@ class JobSettings(_Strict):
     )
 
 
+class RateLimit(_Strict):
+    """A token bucket: ``per_s`` sustained, up to ``burst`` at once."""
+
+    per_s: float = Field(gt=0)
+    burst: int = Field(gt=0)
+
+
+class FairUseSettings(_Strict):
+    """Per-client limits on ``/v1`` (429 + Retry-After); the UI is paced by Gradio's queue."""
+
+    trust_forwarded_for: bool = Field(
+        False, description="the client is the first X-Forwarded-For address: only behind a "
+        "proxy (the k8s ingress) that sets it; otherwise anyone could pick their own bucket"
+    )
+    exempt: list[str] = Field(
+        default_factory=list, description="addresses or CIDRs never limited (load generators, "
+        "internal services)"
+    )
+    uploads: RateLimit | None = Field(RateLimit(per_s=0.5, burst=10),
+                                      description="POST /v1/sessions")
+    clicks: RateLimit | None = Field(
+        RateLimit(per_s=20, burst=40),
+        description="segment, cutout, object edits: what a person clicking produces, with room",
+    )
+    parses: RateLimit | None = Field(RateLimit(per_s=0.5, burst=5), description="POST .../parse")
+    jobs: RateLimit | None = Field(RateLimit(per_s=0.5, burst=10),
+                                   description="POST /v1/jobs/edit and /v1/jobs/mesh")
+    reads: RateLimit | None = Field(RateLimit(per_s=50, burst=200),
+                                    description="every other /v1 request (status, results)")
+    max_active_jobs: int | None = Field(
+        4, gt=0, description="edit + mesh jobs a client may have queued or running at once"
+    )
+
+
 class AppConfig(_Strict):
     models: Literal["auto", "tiny", "real"] = "auto"
     cache_dir: str | None = Field(None, description="weights and ONNX cache; $ATELIER3D_HOME")
@@ -97,6 +131,7 @@ class AppConfig(_Strict):
     edit: EditSettings = Field(default_factory=EditSettings)
     mesh: MeshSettings = Field(default_factory=MeshSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    fair_use: FairUseSettings = Field(default_factory=FairUseSettings)
     ui: bool = Field(True, description="mount the Gradio UI at /")
 
     @property

@@ -99,6 +99,9 @@ def server(tiny_dir, metrics_url) -> str:
             "sessions": {"max_resident_embeddings": 2},
             # Two Shape3D replicas (below): mesh jobs run two at a time.
             "jobs": {"mesh": {"max_running": 2, "max_queued": 8}},
+            # The config's fair-use limits, with the tests' own address exempt: the fair-use
+            # tests name other clients through X-Forwarded-For.
+            "fair_use": {"trust_forwarded_for": True, "exempt": ["127.0.0.1"]},
         },
     )
     for deployment in config["applications"][0]["deployments"]:

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from atelier3d.config import AppConfig
 from atelier3d.errors import ApiError, BadRequest
 from atelier3d.serve.api_jobs import JobsApi, build_jobs_router
+from atelier3d.serve.fairuse import FairUse, FairUseMiddleware
 from atelier3d.serve.http import ERRORS, HTTP_CODES, ApiRoute, client_key, error_response
 from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.schemas import (
@@ -231,7 +232,8 @@ def build_parse_router(parsing: ParsingService) -> APIRouter:
 
 
 def build_api(service: SegmentationService, config: AppConfig,
-              parsing: ParsingService | None = None, jobs: JobsApi | None = None) -> FastAPI:
+              parsing: ParsingService | None = None, jobs: JobsApi | None = None,
+              fair_use: FairUse | None = None) -> FastAPI:
     app = FastAPI(
         title="atelier3d",
         version="1",
@@ -255,4 +257,6 @@ def build_api(service: SegmentationService, config: AppConfig,
         return await service.ready()
 
     app.add_middleware(BodyLimitMiddleware, config=config)
+    # Added last, so outermost: a rate-limited request is refused before its body is read.
+    app.add_middleware(FairUseMiddleware, fair_use=fair_use or FairUse(config.fair_use))
     return app

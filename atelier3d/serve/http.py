@@ -51,4 +51,9 @@ class ApiRoute(APIRoute):
 
 
 def client_key(request: Request) -> str:
+    """The client as ``FairUseMiddleware`` named it (its address, or the proxy's
+    X-Forwarded-For where trusted)."""
+    named = getattr(request.state, "client", None)
+    if named:
+        return named
     return request.client.host if request.client else "unknown"

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import ApiError, Conflict, NotFound, TooManyRequests, Unavailable
 from atelier3d.metrics import observe_stage, set_jobs
+from atelier3d.serve.fairuse import FairUse
 from atelier3d.serve.schemas import ErrorBody, JobArtifact, JobState
 from atelier3d.serve.sessions import Session, SessionStore, new_id
 
@@ -160,9 +161,11 @@ class KindQueue:
 
 
 class JobService:
-    def __init__(self, settings: JobSettings, store: SessionStore) -> None:
+    def __init__(self, settings: JobSettings, store: SessionStore,
+                 fair_use: FairUse | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.fair_use = fair_use
         self.kinds: dict[str, JobKind] = {}
         self.queues: dict[str, KindQueue] = {}
         self.jobs: dict[str, Job] = {}
@@ -192,6 +195,9 @@ class JobService:
                 if existing.fingerprint != digest:
                     raise Conflict("this Idempotency-Key was used for a different request")
                 return existing
+        if self.fair_use is not None:
+            active = sum(1 for j in self.jobs.values() if j.client == client and not j.finished)
+            self.fair_use.check_active_jobs(client, active)
         request = await build()
         self._sweep_unowned()
         if session is not None:
