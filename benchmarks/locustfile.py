@@ -13,6 +13,11 @@ Every request is named by its route (ids stripped) so Locust's table groups them
 Retry-After counts as a failure named "back-pressure", which is what an overloaded system is
 supposed to answer. Settings by environment: ``ATELIER3D_EDIT_STEPS`` (default 4),
 ``ATELIER3D_MESH_STEPS`` (5), ``ATELIER3D_MESH_OCTREE`` (64): small, so a CPU box copes.
+
+Every simulated user comes from the load generator's one address, which the server's fair-use
+limits count as one client: list that address in the target's ``fair_use.exempt`` (and raise
+``limits.max_sessions_per_client``), or the run measures the rate limits. A 429 counts as a
+failure named "rate-limited".
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class _Journey(HttpUser):
         with self.client.post(url, name=name, catch_response=True, **kwargs) as response:
             if response.status_code == 503:
                 response.failure("back-pressure")
+            elif response.status_code == 429:
+                response.failure("rate-limited")
             elif not response.ok:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
             return response

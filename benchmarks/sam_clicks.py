@@ -440,6 +440,7 @@ def served_system(checkpoint: SamCheckpoint, cache_dir: Path, models: str,
             "ui": False,
             # Every simulated user shares 127.0.0.1, which the per-client quota counts as one.
             "limits": {"max_sessions_per_client": 1000},
+            "fair_use": {"exempt": [LOOPBACK]},  # the load generator, not a person
         },
     )
     assert config["http_options"]["host"] == LOOPBACK, "the served proxy must bind loopback only"
