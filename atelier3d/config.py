@@ -85,6 +85,10 @@ class JobSettings(_Strict):
     ttl_s: float = Field(
         3600.0, gt=0, description="how long a job without a session (an uploaded image) is kept"
     )
+    max_attempts: int = Field(
+        2, ge=1, description="a job whose replica is lost (killed, crashed, node gone) runs "
+        "again from the start, up to this many runs in all; then it fails as retryable"
+    )
 
 
 class RateLimit(_Strict):

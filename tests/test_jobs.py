@@ -155,3 +155,20 @@ async def test_follow_replays_from_a_sequence_number():
     await jobs.wait(job.job_id)
     tail = [e async for e in jobs.follow(job.job_id, after=2)]
     assert [e["seq"] for e in tail] == list(range(3, len(job.events)))
+
+
+@pytest.mark.parametrize("sse", [False, True])
+async def test_event_stream_outlives_quiet_spells(monkeypatch, sse):
+    """Keep-alives while nothing happens, then every event to the end: a quiet spell (a job
+    waiting for a replaced replica) must not end the stream."""
+    from atelier3d.serve import api_jobs
+
+    monkeypatch.setattr(api_jobs, "KEEPALIVE_S", 0.02)
+    jobs, store, _ = service(work=StepWork(steps=3, step_s=0.15))
+    job = await submit(jobs, store, "slow")
+    chunks = [chunk async for chunk in api_jobs.event_lines(jobs, job.job_id, -1, sse)]
+    keepalive = b": keep-alive\n\n" if sse else b"\n"
+    assert chunks.count(keepalive) >= 3
+    events = [c for c in chunks if c != keepalive]
+    assert b"succeeded" in events[-1]
+    assert sum(b'"progress"' in c for c in events) >= 3

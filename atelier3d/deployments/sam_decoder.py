@@ -109,8 +109,11 @@ class SamDecoder:
             embedding = ray.get(ref, timeout=60)
         except ray.exceptions.ObjectLostError as exc:
             raise EmbeddingLostError(f"embedding {key} is gone: {type(exc).__name__}") from exc
-        except ray.exceptions.RayTaskError as exc:
-            raise EmbeddingLostError(f"embedding {key} failed to compute: {exc}") from exc
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError,
+                ray.exceptions.WorkerCrashedError) as exc:
+            # The encode failed, or its replica died before finishing: the Gateway re-encodes.
+            raise EmbeddingLostError(
+                f"embedding {key} failed to compute: {type(exc).__name__}") from exc
         if self.cache_size:
             self.embeddings[key] = embedding
             while len(self.embeddings) > self.cache_size:

@@ -62,20 +62,30 @@ def _first_errors(exc: ValidationError) -> str:
 async def event_lines(jobs: JobService, job_id: str, after: int,
                       sse: bool) -> AsyncIterator[bytes]:
     events = jobs.follow(job_id, after).__aiter__()
-    while True:
-        try:
-            event = await asyncio.wait_for(anext(events), KEEPALIVE_S)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
+    # One pending read carried across keep-alives: cancelling it (as ``wait_for`` would) would
+    # close the ``follow`` generator, ending the stream at the first quiet spell, such as a job
+    # waiting for a replaced replica.
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+            if not done:
+                yield b": keep-alive\n\n" if sse else b"\n"  # NDJSON readers skip blank lines
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            data = json.dumps(event, separators=(",", ":"))
             if sse:
-                yield b": keep-alive\n\n"
-            continue
-        data = json.dumps(event, separators=(",", ":"))
-        if sse:
-            yield f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
-        else:
-            yield (data + "\n").encode()
+                yield f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+            else:
+                yield (data + "\n").encode()
+    finally:  # the client went away: stop following
+        if pending is not None:
+            pending.cancel()
 
 
 def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshService) -> APIRouter:

@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from ray.serve.exceptions import BackPressureError
 
 from atelier3d.errors import Unavailable
+from atelier3d.serve.faults import REPLICA_LOST, RETRY_AFTER_S, describe
 from atelier3d.serve.schemas import ErrorResponse
 
 ERRORS = {
@@ -28,7 +29,7 @@ def error_response(status: int, code: str, message: str, retry_after_s: float | 
 
 
 class ApiRoute(APIRoute):
-    """Turns a model deployment's back-pressure into our 503 + Retry-After error.
+    """Turns a model deployment's back-pressure, or a lost replica, into our 503 + Retry-After.
 
     When a deployment's queue (``max_queued_requests``) is full, its handle raises
     ``BackPressureError`` in the Gateway. Ray Serve installs its own handler for it on the
@@ -46,6 +47,9 @@ class ApiRoute(APIRoute):
                 retry_after = exc.retry_after_s if exc.retry_after_s is not None else 1.0
                 message = f"the server is busy, retry shortly ({exc.message.rstrip('.')})"
                 raise Unavailable(message, retry_after_s=retry_after) from exc
+            except REPLICA_LOST as exc:  # where a route has no retry of its own
+                raise Unavailable(f"a model replica was lost ({describe(exc)}); retry shortly",
+                                  retry_after_s=RETRY_AFTER_S) from exc
 
         return route
 

@@ -29,6 +29,7 @@ from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import ApiError, Conflict, NotFound, TooManyRequests, Unavailable
 from atelier3d.metrics import observe_stage, set_jobs
 from atelier3d.serve.fairuse import FairUse
+from atelier3d.serve.faults import REPLICA_LOST, describe
 from atelier3d.serve.schemas import ErrorBody, JobArtifact, JobState
 from atelier3d.serve.sessions import Session, SessionStore, new_id
 
@@ -229,7 +230,7 @@ class JobService:
     # ---- run ------------------------------------------------------------------------------
 
     async def _run(self, job: Job, request: Any) -> None:
-        kind, queue = job.kind, self.queues[job.kind.name]
+        queue = self.queues[job.kind.name]
         try:
             await queue.acquire(job)
         except asyncio.CancelledError:
@@ -238,6 +239,36 @@ class JobService:
         job.status, job.started_at, job.queue_position = "running", time.time(), None
         job._last_report = time.perf_counter()
         self._emit(job, {"type": "started"})
+        try:
+            await self._attempts(job, request)
+        finally:
+            queue.release()
+
+    async def _attempts(self, job: Job, request: Any) -> None:
+        """Runs the job; where its replica is lost, runs it again (``max_attempts`` in all)."""
+        kind = job.kind
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                await self._attempt(job, request)
+                return
+            except REPLICA_LOST as exc:
+                reason = describe(exc)
+                logger.warning("job %s: replica lost (%s), attempt %d of %d", job.job_id[:10],
+                               reason, attempt, self.settings.max_attempts)
+            if attempt < self.settings.max_attempts:  # from the start, on a live replica
+                job.progress, job.stage, job.step, job.total = 0.0, None, 0, 0
+                job._stage_done.clear()
+                job.artifacts.clear()
+                job._last_report = time.perf_counter()
+                self._emit(job, {"type": "retrying", "attempt": attempt + 1, "reason": reason})
+        self._finish(job, "failed", {
+            "code": "replica_lost", "retryable": True,
+            "message": f"the {kind.name} replica was lost {self.settings.max_attempts} times "
+                       f"({reason}); submit the job again"})
+
+    async def _attempt(self, job: Job, request: Any) -> None:
+        """One run on a replica; finishes the job unless the replica was lost (raised)."""
+        kind = job.kind
         stream = None
         try:
             stream = kind.start(request)
@@ -245,6 +276,8 @@ class JobService:
                 self._on_event(job, event)
             kind.mean_seconds = 0.7 * kind.mean_seconds + 0.3 * (time.time() - job.started_at)
             self._finish(job, "succeeded")
+        except REPLICA_LOST:
+            raise
         except asyncio.CancelledError:
             # Serve's response generator cancels the replica's request (which stops at the
             # pipeline's next step); an in-process generator was cancelled with this task.
@@ -258,8 +291,6 @@ class JobService:
             logger.exception("job %s failed", job.job_id[:10])
             self._finish(job, "failed", {"code": "internal", "message": f"{type(exc).__name__}: "
                                                                         f"{str(exc)[:500]}"})
-        finally:
-            queue.release()
 
     def _settle(self, job: Job) -> None:
         """A task cancelled before it ever ran skips ``_run``'s handlers: finish it here."""

@@ -27,6 +27,7 @@ from atelier3d.errors import NotFound
 from atelier3d.imaging import encode_png
 from atelier3d.models.parsing import LABELS, colorize
 from atelier3d.models.pose import render_pose_map
+from atelier3d.serve.faults import call_idempotent
 from atelier3d.serve.schemas import RLE, ParsePart, ParseRequest, ParseResponse, ParseTimings
 from atelier3d.serve.segmentation import SegmentationService
 from atelier3d.serve.sessions import Session, new_id
@@ -107,9 +108,9 @@ class ParsingService:
         start = time.perf_counter()
         session = self.store.get(session_id)
         mask = self.segmentation.source_mask(session, request, "select the character first")
-        result: ParseResult = await self.parser.parse.remote(
-            session.image, mask, None, request.groups, request.complete_occlusions
-        )
+        result: ParseResult = await call_idempotent(
+            lambda: self.parser.parse.remote(session.image, mask, None, request.groups,
+                                             request.complete_occlusions), "parse")
         parse_id = new_id("prs")
         total_ms = (time.perf_counter() - start) * 1000
         response = self._response(session_id, parse_id, request.object_id, result, total_ms)

@@ -175,6 +175,9 @@ class ParseResponse(_Model):
 class ErrorBody(_Model):
     code: str
     message: str
+    retryable: bool | None = Field(
+        None, description="a failed job's error: true when the same request may succeed if "
+        "submitted again (its replica was lost)")
 
 
 class ErrorResponse(_Model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 
 import numpy as np
 import ray
@@ -27,6 +28,7 @@ from atelier3d.errors import (
 )
 from atelier3d.imaging import decode_image, encode_png
 from atelier3d.models.sam_prompts import mask_to_logits
+from atelier3d.serve.faults import call_idempotent
 from atelier3d.serve.schemas import (
     RLE,
     CutoutRequest,
@@ -239,14 +241,18 @@ class SegmentationService:
         )
 
     async def _decode(self, session: Session, request: DecodeRequest) -> DecodeResult:
+        def decode() -> Awaitable[DecodeResult]:
+            return self.decoder.decode.remote(request)
+
         try:
-            return await self.decoder.decode.remote(request)
+            return await call_idempotent(decode, "decode")
         except EmbeddingLostError:
-            # The object is gone (node died, object store evicted it): recompute, never fail.
+            # The object is gone (node died, object store evicted it, its encoder replica died
+            # mid-encode): recompute from the stored image, never fail.
             logger.warning("embedding of session %s lost; re-encoding", session.session_id[:10])
             session.embedding_ref = None
             request.embedding = [await self._embedding(session)]
-            return await self.decoder.decode.remote(request)
+            return await call_idempotent(decode, "decode")
 
     # ---- objects and history --------------------------------------------------------------
 

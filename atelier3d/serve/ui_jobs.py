@@ -101,6 +101,8 @@ def describe(event: dict) -> str:
         text = f"{event['name'].capitalize()} ready"
     elif kind == "started":
         text = "Starting"
+    elif kind == "retrying":
+        text = f"A worker was lost; running again (attempt {event['attempt']})"
     else:  # the job finished
         return kind.capitalize()
     eta = event.get("eta_s")
