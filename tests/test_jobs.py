@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import ray.exceptions
 
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.deployments.streaming import stream_blocking
@@ -172,3 +173,38 @@ async def test_event_stream_outlives_quiet_spells(monkeypatch, sse):
     events = [c for c in chunks if c != keepalive]
     assert b"succeeded" in events[-1]
     assert sum(b'"progress"' in c for c in events) >= 3
+
+
+class LosesReplica(StepWork):
+    """The first ``losses`` runs die the way a killed replica's stream does (Ray's own
+    ActorDiedError, after a step), the rest run normally."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__(steps=3, step_s=0.01)
+        self.losses, self.runs = losses, 0
+
+    def start(self, request: dict):
+        self.runs += 1
+        if self.runs > self.losses:
+            return super().start(request)
+
+        async def dies():
+            yield {"type": "progress", "stage": "denoise", "step": 1, "total": 3}
+            raise ray.exceptions.ActorDiedError()
+
+        return dies()
+
+
+@pytest.mark.parametrize("losses, status", [(1, "succeeded"), (2, "failed")])
+async def test_a_job_whose_replica_dies_runs_again(losses, status):
+    work = LosesReplica(losses)
+    jobs, store, _ = service(work=work)  # JobSettings' default: two attempts
+    job = await jobs.wait((await submit(jobs, store, "j")).job_id)
+    assert job.status == status and work.runs == 2
+    types = [e["type"] for e in job.events]
+    assert types.count("retrying") == 1 and types[-1] == status
+    if status == "failed":
+        assert job.error["code"] == "replica_lost" and job.error["retryable"] is True
+        assert job_state(job).error.retryable is True
+    else:
+        assert job.result.data == b"j" and job.progress == 1.0
