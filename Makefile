@@ -17,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# The browser tests drive Debian's chromium with Playwright (no browser download).
+# The browser tests drive Debian's chromium with Playwright (no browser download); the Redis
+# session tests start Debian's redis-server on a free port of their own.
 test-deps: install
 	@command -v chromium >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	@command -v redis-server >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 
 lint: install
 	$(VENV)/bin/ruff check atelier3d tests benchmarks

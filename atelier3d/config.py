@@ -66,6 +66,15 @@ class SessionSettings(_Strict):
     max_parses: int = Field(
         4, gt=0, description="body/garment parses kept per session; the oldest goes first"
     )
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: in each Gateway replica (a client must stay on one: "
+        "sticky routing); redis: shared, so any Gateway replica serves any session"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="with backend: redis")
+    redis_prefix: str = Field("atelier3d", min_length=1, description="of every key written")
+    lock_timeout_s: float = Field(
+        10.0, gt=0, description="a session's Redis lock expires after this (a dead holder)"
+    )
 
 
 class JobKindSettings(_Strict):

@@ -4,7 +4,8 @@ Recorded with ``ray.serve.metrics`` in whichever replica sees the event (the Gat
 sessions, jobs and job stages; the model deployments for encode/decode/parse and their GPU
 memory), aggregated by Ray's metrics agent and exported on ``ray.init(_metrics_export_port=…)``
 with a ``ray_`` prefix: ``ray_atelier_stage_latency_ms``, ``ray_atelier_embedding_cache_total``,
-``ray_atelier_active_sessions``, ``ray_atelier_jobs``, ``ray_atelier_gpu_memory_bytes``.
+``ray_atelier_gateway_embedding_total``, ``ray_atelier_active_sessions``, ``ray_atelier_jobs``,
+``ray_atelier_gpu_memory_bytes``.
 Ray adds the deployment, replica and application tags itself. (``prometheus_client`` alone
 would only see one process.)
 """
@@ -36,6 +37,15 @@ def _embedding_cache() -> metrics.Counter:
 
 
 @cache
+def _gateway_embedding() -> metrics.Counter:
+    return metrics.Counter(
+        "atelier_gateway_embedding_total",
+        "Gateway lookups of a session's embedding reference: hit (held by this replica) or miss "
+        "(re-encoded from the image: evicted, lost, or the session came from another replica)",
+        tag_keys=("result",))
+
+
+@cache
 def _active_sessions() -> metrics.Gauge:
     return metrics.Gauge("atelier_active_sessions", "Live sessions in this Gateway replica")
 
@@ -59,6 +69,10 @@ def observe_stage(stage: str, ms: float) -> None:
 
 def count_embedding_lookup(hit: bool) -> None:
     _embedding_cache().inc(1, tags={"result": "hit" if hit else "miss"})
+
+
+def count_gateway_embedding(hit: bool) -> None:
+    _gateway_embedding().inc(1, tags={"result": "hit" if hit else "miss"})
 
 
 def set_active_sessions(count: int) -> None:

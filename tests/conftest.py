@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -36,6 +40,48 @@ def uploaded(http: httpx.Client, image: np.ndarray):
     assert r.status_code == 201, r.text
     yield r.json()["session_id"]
     http.delete(f"/v1/sessions/{r.json()['session_id']}")
+
+
+@contextlib.contextmanager
+def redis_server():
+    """A real ``redis-server`` (Debian's; ``make test-deps`` installs it) on a free port, in a
+    temporary directory, persisting nothing; stopped afterwards. Yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make test-deps` (apt-get install "
+                    "redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="a3d-redis-") as directory:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start (exit {proc.poll()})")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """One redis-server for the test session (tests use key prefixes of their own)."""
+    with redis_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

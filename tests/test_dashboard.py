@@ -152,7 +152,7 @@ def test_template_variables(dashboard):
 
 def test_every_metric_of_ours_has_a_panel(dashboard):
     ours = our_metrics()
-    assert len(ours) == 5 and all(n.startswith("ray_atelier_") for n in ours)
+    assert len(ours) == 6 and all(n.startswith("ray_atelier_") for n in ours)
     used = {base_name(n, ours) for e in exprs(dashboard) for n in metric_names(e)}
     assert not ours.keys() - used, f"no panel for {sorted(ours.keys() - used)}"
     histograms = {n for n, kind in ours.items() if kind == "histogram"}

@@ -115,7 +115,7 @@ def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshServi
 
     @router.get("/{job_id}", response_model=JobState)
     async def get_job(job_id: str) -> JobState:
-        return job_state(jobs.get(job_id))
+        return job_state(await jobs.fetch(job_id))
 
     @router.delete("/{job_id}", response_model=JobState,
                    summary="Cancel a queued or running job (it stops at its next step)")
@@ -130,7 +130,7 @@ def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshServi
                          format: Literal["ndjson", "sse"] | None = None,
                          last_event_id: str | None = Header(None, alias="Last-Event-ID"),
                          ) -> StreamingResponse:
-        jobs.get(job_id)  # 404 before the stream starts
+        await jobs.fetch(job_id)  # 404 before the stream starts
         sse = format == "sse" or (format is None and "text/event-stream"
                                   in request.headers.get("accept", ""))
         if last_event_id is not None and last_event_id.isdigit():
@@ -146,8 +146,8 @@ def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshServi
                 "artifact=shape gives the untextured mesh as soon as it exists")
     async def job_result(job_id: str, artifact: str | None = None,
                          format: str | None = None) -> Response:
-        job = jobs.get(job_id)
-        found = jobs.result(job_id, artifact)
+        job = await jobs.fetch(job_id)
+        found = await jobs.fetch_result(job_id, artifact)
         offered = FORMATS if job.kind.name == "mesh" else {"png": "image/png"}
         if format is not None and format not in offered:
             raise BadRequest(f"format {format!r} is not offered for this job "

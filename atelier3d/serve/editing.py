@@ -8,7 +8,8 @@ from atelier3d.editing import EditRequest
 from atelier3d.serve.jobs import Job, JobService, streaming_kind
 from atelier3d.serve.schemas import EditJobRequest
 from atelier3d.serve.segmentation import SegmentationService
-from atelier3d.serve.sources import SourceResolver, decode_mask
+from atelier3d.serve.sessions import Session
+from atelier3d.serve.sources import SourceResolver, decode_mask, job_sources
 
 # Share of an edit's time per stage, for one progress fraction: denoising dominates.
 EDIT_STAGES = {"encode": 0.1, "denoise": 0.8, "decode": 0.1}
@@ -25,9 +26,9 @@ class EditService:
         jobs.register(streaming_kind("edit", segmentation.config.jobs.edit, editor, "edit",
                                      EDIT_STAGES))
 
-    def request(self, body: EditJobRequest) -> EditRequest:
+    def request(self, body: EditJobRequest, session: Session | None = None) -> EditRequest:
         """The ImageEditor's request for ``body``, validated (4xx) before anything queues."""
-        session = self.store.get(body.session_id)
+        session = session or self.store.get(body.session_id)
         image = self.resolver.image(session, body.source)
         mask: np.ndarray | None = None
         if body.mask is not None:
@@ -44,9 +45,11 @@ class EditService:
 
     async def submit(self, body: EditJobRequest, client: str,
                      idempotency_key: str | None = None) -> Job:
-        async def build() -> EditRequest:
-            return self.request(body)
+        session = await self.store.load(body.session_id)
 
-        return await self.jobs.submit("edit", build, body.model_dump(),
-                                      session=self.store.get(body.session_id), client=client,
-                                      idempotency_key=idempotency_key)
+        async def build() -> EditRequest:
+            await self.jobs.prefetch(session, job_sources([body.source, *body.extra_sources]))
+            return self.request(body, session)
+
+        return await self.jobs.submit("edit", build, body.model_dump(), session=session,
+                                      client=client, idempotency_key=idempotency_key)

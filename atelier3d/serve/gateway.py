@@ -11,6 +11,7 @@ import logging
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier3d.config import AppConfig
 from atelier3d.serve.api import build_api
@@ -23,6 +24,43 @@ from atelier3d.serve.segmentation import SegmentationService
 from atelier3d.serve.sources import SourceResolver
 
 logger = logging.getLogger("ray.serve")
+
+REPLICA_HEADER = "X-Atelier-Replica"
+NODE_HEADER = "X-Atelier-Node"
+
+
+def replica_identity() -> tuple[str, str]:
+    """(this Gateway replica's id, its Ray node's id); placeholders outside a replica."""
+    import ray
+
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a Serve replica (an in-process app in a test)
+        replica = "local"
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return replica, node
+
+
+class ReplicaHeaders:
+    """Names the replica (and node) that served each HTTP response: with several Gateway
+    replicas, what shows where a client's requests went (and whether routing is sticky)."""
+
+    def __init__(self, app: ASGIApp, replica: str, node: str) -> None:
+        self.app = app
+        self.headers = [(REPLICA_HEADER.lower().encode(), replica.encode()),
+                        (NODE_HEADER.lower().encode(), node.encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
 
 
 @serve.deployment(name="Gateway")
@@ -47,4 +85,6 @@ class Gateway:
 
             app = mount_ui(app, self.service, self.parsing,
                            (self.jobs, self.editing, self.meshing))
+        replica, node = replica_identity()
+        app.add_middleware(ReplicaHeaders, replica=replica, node=node)
         return app

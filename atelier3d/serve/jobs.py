@@ -12,6 +12,12 @@ Jobs belong to a session (their source images came from it) and go with it; jobs
 (an uploaded image) live ``jobs.ttl_s`` after they finish. Ids are ``secrets`` capabilities.
 Submissions carry an optional idempotency key: the same key with the same request returns the
 same job; with a different request, 409.
+
+With Redis sessions (``sessions.backend: redis``) a job still runs in the replica that took it,
+which also writes its record, events and results to Redis (``atelier3d.serve.redis_jobs``): the
+async lookups (``fetch``, ``follow``, ``cancel``, ``fetch_result``, what the HTTP routes use)
+answer for any job from any replica; the synchronous ones (``get``, ``result``: the sticky UI's)
+for this replica's jobs.
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ class Job:
     events: list[dict] = field(default_factory=list)
     task: asyncio.Task | None = None
     idempotency: tuple[str, str] | None = None  # (owner, key) while the key maps to this job
+    remote: bool = False  # a view of a job another replica runs (from its Redis record)
+    recorded_eta: float | None = None  # a remote job's ETA, as of its last event
+    events_sent: int = 0  # events written to Redis so far
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _last_report: float = 0.0  # perf_counter of the last progress report (or the start)
     _stage_done: dict[str, float] = field(default_factory=dict)  # stage -> fraction done
@@ -92,6 +101,8 @@ class Job:
     def eta_s(self) -> float | None:
         if self.finished:
             return 0.0
+        if self.remote:
+            return self.recorded_eta
         if self.status == "running" and self.started_at is not None and self.progress >= 0.05:
             elapsed = time.time() - self.started_at
             return max(0.0, elapsed / self.progress - elapsed)
@@ -173,6 +184,13 @@ class JobService:
         self.keys: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
         self.unowned: OrderedDict[str, Job] = OrderedDict()  # session-less jobs, oldest first
         store.on_drop.append(self._forget_session)
+        self.mirror = None  # job records in Redis, with Redis sessions
+        self._watcher: asyncio.Task | None = None
+        if getattr(store, "backend", "memory") == "redis":
+            from atelier3d.serve.redis_jobs import JobMirror
+
+            self.mirror = JobMirror(store, settings)
+            store.job_lookup = self.jobs.get
 
     def register(self, kind: JobKind) -> None:
         self.kinds[kind.name] = kind
@@ -191,7 +209,7 @@ class JobService:
         owner = session.session_id if session is not None else f"client:{client}"
         digest = fingerprint((kind_name, payload))
         if idempotency_key:
-            existing = self.jobs.get(self.keys.get((owner, idempotency_key), ""))
+            existing = await self._by_key(owner, idempotency_key)
             if existing is not None:
                 if existing.fingerprint != digest:
                     raise Conflict("this Idempotency-Key was used for a different request")
@@ -202,12 +220,27 @@ class JobService:
         request = await build()
         self._sweep_unowned()
         if session is not None:
-            self._make_room(session)
+            if self.mirror is not None:
+                await self._make_room_shared(session)
+            else:
+                self._make_room(session)
         job = Job(new_id("job"), kind, session.session_id if session else None, client, digest)
         self.queues[kind_name].admit(job)
+        if self.mirror is not None:
+            try:
+                existing = await self._share(job, session, owner, idempotency_key)
+            except BaseException:
+                self.queues[kind_name].leave(job)
+                raise
+            if existing is not None:  # another replica took the same key meanwhile
+                self.queues[kind_name].leave(job)
+                if existing.fingerprint != digest:
+                    raise Conflict("this Idempotency-Key was used for a different request")
+                return existing
         self.jobs[job.job_id] = job
         if session is not None:
-            session.jobs[job.job_id] = job
+            if self.mirror is None:
+                session.jobs[job.job_id] = job
         else:
             self.unowned[job.job_id] = job
         if idempotency_key:
@@ -216,8 +249,63 @@ class JobService:
         job.task = asyncio.create_task(self._run(job, request))
         job.task.add_done_callback(lambda _: self._settle(job))
         self._announce_positions()
+        if self.mirror is not None:
+            self._watch_soon()
         logger.info("job %s (%s) queued", job.job_id[:10], kind_name)
         return job
+
+    async def _by_key(self, owner: str, key: str) -> Job | None:
+        """The job an idempotency key names, if any."""
+        existing = self.jobs.get(self.keys.get((owner, key), ""))
+        if existing is not None or self.mirror is None:
+            return existing
+        found = await self.mirror.find(owner, key)
+        if found is None:
+            return None
+        try:
+            return await self.fetch(found[0])
+        except NotFound:
+            return None
+
+    async def _share(self, job: Job, session: Session | None, owner: str,
+                     key: str | None) -> Job | None:
+        """Writes a new job's record, claims its idempotency key and lists it in its session's
+        record (Redis). Returns the job the key named already, if another replica got there
+        first (and then leaves nothing of this one behind)."""
+        await self.mirror.create(job)
+        if key:
+            found = await self.mirror.claim(owner, key, job)
+            if found is not None:
+                await self.mirror.delete(job.job_id, job.session_id)
+                try:
+                    return await self.fetch(found[0])
+                except NotFound:
+                    raise Conflict("this Idempotency-Key's job has just gone; retry") from None
+        if session is not None:
+            try:
+                await self.store.update(session.session_id,
+                                        lambda s: s.jobs.__setitem__(job.job_id, job))
+            except BaseException:
+                await self.mirror.delete(job.job_id, job.session_id)
+                raise
+        return None
+
+    async def _make_room_shared(self, session: Session) -> None:
+        """``_make_room`` for Redis sessions, whose jobs may run in other replicas."""
+        while len(session.jobs) >= self.settings.max_jobs_per_session:
+            ids = list(session.jobs)
+            statuses = await self.mirror.statuses(ids)
+            oldest = next((j for j in ids if statuses[j] is None or statuses[j] in FINISHED),
+                          None)
+            if oldest is None:
+                raise TooManyRequests(
+                    f"this session has {len(session.jobs)} unfinished jobs; wait or cancel one")
+            local = self.jobs.get(oldest)
+            if local is not None:
+                self._forget(local)
+            await self.mirror.delete(oldest, session.session_id)
+            await self.store.update(session.session_id,
+                                    lambda s, gone=oldest: s.jobs.pop(gone, None))
 
     def _make_room(self, session: Session) -> None:
         while len(session.jobs) >= self.settings.max_jobs_per_session:
@@ -344,6 +432,8 @@ class JobService:
         job.events.append(event)
         wake, job._wake = job._wake, asyncio.Event()
         wake.set()
+        if self.mirror is not None:
+            self.mirror.publish(job)
 
     def _announce_positions(self) -> None:
         for name, queue in self.queues.items():
@@ -355,6 +445,10 @@ class JobService:
 
     async def follow(self, job_id: str, after: int = -1) -> AsyncIterator[dict]:
         """The job's events with ``seq > after``, then new ones as they come, until the end."""
+        if self.mirror is not None and job_id not in self.jobs:
+            async for event in self._follow_shared(job_id, after):
+                yield event
+            return
         job = self.get(job_id)
         index = after + 1
         while True:
@@ -366,39 +460,168 @@ class JobService:
                 return
             await wake.wait()
 
+    async def _follow_shared(self, job_id: str, after: int) -> AsyncIterator[dict]:
+        """Another replica's job: its events from Redis, polled until the last one."""
+        from atelier3d.serve.redis_jobs import POLL_S
+
+        index = after + 1
+        while True:
+            events, exists = await self.mirror.events(job_id, index)
+            for event in events:
+                yield event
+                index += 1
+                if event["type"] in FINISHED:
+                    return
+            if not exists:
+                return
+            if not events:
+                await asyncio.sleep(POLL_S)
+
     async def wait(self, job_id: str) -> Job:
         async for _ in self.follow(job_id):
             pass
-        return self.get(job_id)
+        return await self.fetch(job_id)
 
     # ---- lookup, cancel, results ------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
+        """A job of this replica (with Redis sessions, ``fetch`` finds any replica's)."""
         self._sweep_unowned()
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound("job not found (its session may have expired)")
-        if job.session_id is not None:
+        if job.session_id is not None and self.mirror is None:
             self.store.get(job.session_id)  # keeps the session alive while its jobs are used
         return job
 
+    async def fetch(self, job_id: str) -> Job:
+        """The job, whichever replica runs it; a use of its session."""
+        if self.mirror is None:
+            return self.get(job_id)
+        self._sweep_unowned()
+        job = self.jobs.get(job_id)
+        if job is None:
+            state = await self.mirror.load(job_id)
+            if state is None or state["kind"] not in self.kinds:
+                raise NotFound("job not found (its session may have expired)")
+            job = self._view(job_id, state)
+        if job.session_id is not None:
+            try:
+                await self.store.load(job.session_id)  # keeps the session alive
+            except NotFound:
+                raise NotFound("job not found (its session may have expired)") from None
+        return job
+
+    def _view(self, job_id: str, state: dict) -> Job:
+        """A job another replica runs, as its record describes it (bytes not read)."""
+        job = Job(job_id, self.kinds[state["kind"]], state["session_id"], state["client"],
+                  state["fingerprint"], created_at=state["created_at"], status=state["status"],
+                  stage=state["stage"], step=state["step"], total=state["total"],
+                  progress=state["progress"], queue_position=state["queue_position"],
+                  started_at=state["started_at"], finished_at=state["finished_at"],
+                  error=state["error"], stage_ms=state["stage_ms"], remote=True,
+                  recorded_eta=state["eta_s"])
+        job.artifacts = {name: Artifact(a["media_type"], b"", a["meta"])
+                         for name, a in state["artifacts"].items()}
+        if state["result"] is not None:
+            job.result = Artifact(state["result"]["media_type"], b"", state["result"]["meta"])
+        return job
+
+    async def prefetch(self, session: Session, job_ids: list[str]) -> None:
+        """Other replicas' jobs that a request names as sources, with their results, into this
+        replica's copy of ``session`` (for ``get_in_session``). Nothing to do in memory."""
+        if self.mirror is None:
+            return
+        for job_id in job_ids:
+            if job_id not in session.jobs or session.jobs[job_id] is not None:
+                continue
+            state = await self.mirror.load(job_id)
+            if state is None or state["kind"] not in self.kinds:
+                continue
+            view = self._view(job_id, state)
+            if view.result is not None:
+                view.result.data = await self.mirror.data(job_id, None) or b""
+            session.jobs[job_id] = view
+
     def get_in_session(self, session: Session, job_id: str) -> Job:
         """A job that must belong to ``session`` (as a source of another job)."""
-        job = session.jobs.get(job_id)
+        job = session.jobs.get(job_id)  # None also for another replica's job not prefetched
         if job is None:
             raise NotFound(f"job {job_id!r} not found in this session")
         return job
 
     async def cancel(self, job_id: str) -> Job:
-        job = self.get(job_id)
+        if self.mirror is not None and job_id not in self.jobs:
+            return await self._cancel_shared(job_id)
+        job = await self.fetch(job_id)
         if job.finished:
             raise Conflict(f"the job has already {job.status}")
         job.task.cancel()
         await asyncio.wait([job.task])
         return job
 
+    async def _cancel_shared(self, job_id: str, timeout_s: float = 30.0) -> Job:
+        """Another replica's job: asks it to cancel, and waits until it says it has."""
+        from atelier3d.serve.redis_jobs import POLL_S
+
+        job = await self.fetch(job_id)
+        if job.finished:
+            raise Conflict(f"the job has already {job.status}")
+        await self.mirror.request_cancel(job_id)
+        deadline = time.monotonic() + timeout_s
+        while not job.finished and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            state = await self.mirror.load(job_id)
+            if state is None:
+                raise NotFound("job not found (its session may have expired)")
+            job = self._view(job_id, state)
+        return job
+
+    def _watch_soon(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """While this replica runs jobs: cancels those another replica cancelled, and those
+        whose records went (their session was deleted elsewhere, or expired)."""
+        from atelier3d.serve.redis_jobs import WATCH_S
+
+        while True:
+            running = [job.job_id for job in self.jobs.values() if not job.finished]
+            if not running:
+                return
+            await asyncio.sleep(WATCH_S)
+            try:
+                cancel, gone = await self.mirror.watch(running)
+            except Exception:  # noqa: BLE001 - Redis unreachable for a moment: try again
+                logger.exception("watching jobs in Redis failed")
+                continue
+            for job_id in cancel:
+                job = self.jobs.get(job_id)
+                if job is not None and not job.finished and job.task is not None:
+                    job.task.cancel()
+            for job_id in gone:
+                job = self.jobs.get(job_id)
+                if job is not None:
+                    logger.info("job %s: its record went (session ended): cancelled",
+                                job_id[:10])
+                    self._forget(job)
+
     def result(self, job_id: str, artifact: str | None = None) -> Artifact:
-        job = self.get(job_id)
+        return self._artifact(self.get(job_id), artifact)
+
+    async def fetch_result(self, job_id: str, artifact: str | None = None) -> Artifact:
+        """``result`` for any replica's job (its bytes from Redis when another runs it)."""
+        job = await self.fetch(job_id)
+        found = self._artifact(job, artifact)
+        if not job.remote:
+            return found
+        data = await self.mirror.data(job_id, artifact)
+        if data is None:
+            raise NotFound("the job's result has gone (its session may have expired)")
+        return Artifact(found.media_type, data, found.meta)
+
+    def _artifact(self, job: Job, artifact: str | None) -> Artifact:
         if artifact is not None:
             found = job.artifacts.get(artifact)
             if found is None:
@@ -425,8 +648,14 @@ class JobService:
         session = self.store.find(job.session_id) if job.session_id else None
         if session is not None:
             session.jobs.pop(job.job_id, None)
+        if self.mirror is not None:
+            self.mirror.forget(job.job_id)
 
     def _forget_session(self, session: Session) -> None:
+        if self.mirror is not None:  # its jobs that run here (its records went with it)
+            for job in [j for j in self.jobs.values() if j.session_id == session.session_id]:
+                self._forget(job)
+            return
         for job in list(session.jobs.values()):
             self._forget(job)
 

@@ -14,7 +14,7 @@ from atelier3d.serve.jobs import Job, JobService, streaming_kind
 from atelier3d.serve.schemas import ImageSource, MaskSource, MeshJobRequest
 from atelier3d.serve.segmentation import SegmentationService
 from atelier3d.serve.sessions import Session
-from atelier3d.serve.sources import SourceResolver
+from atelier3d.serve.sources import SourceResolver, job_sources
 
 # Share of a mesh job's time per stage, measured on the tiny and full pipelines: the diffusion
 # steps and the volume decode dominate; texture projection is cheap, painting is not.
@@ -61,7 +61,8 @@ class MeshService:
         frame[y0:y1, x0:x1] = rgba[: y1 - y0, : x1 - x0]
         return frame
 
-    async def request(self, body: MeshJobRequest, upload: bytes | None) -> MeshRequest:
+    async def request(self, body: MeshJobRequest, upload: bytes | None,
+                      session: Session | None = None) -> MeshRequest:
         params = {k: getattr(body, k) for k in PARAMS if getattr(body, k) is not None}
         if upload is not None:
             image = decode_image(upload, self.config.limits.max_pixels, keep_alpha=True)
@@ -73,7 +74,7 @@ class MeshService:
             return MeshRequest.build(image=image, **params)
         if body.session_id is None:
             raise BadRequest("give a session_id (and a source), or upload an image")
-        session = self.store.get(body.session_id)
+        session = session or await self.store.load(body.session_id)
         if body.parts:
             parts = [(p.name, self._full_frame(session, p.name, p.source)) for p in body.parts]
             return MeshRequest.build(parts=parts, **params)
@@ -82,13 +83,17 @@ class MeshService:
 
     async def submit(self, body: MeshJobRequest, client: str, idempotency_key: str | None = None,
                      upload: bytes | None = None) -> Job:
-        session = self.store.get(body.session_id) if body.session_id and upload is None else None
+        session = (await self.store.load(body.session_id)
+                   if body.session_id and upload is None else None)
         payload = body.model_dump()
         if upload is not None:
             payload["upload_sha256"] = hashlib.sha256(upload).hexdigest()
 
         async def build() -> MeshRequest:
-            return await self.request(body, upload)
+            if session is not None:
+                sources = [body.source, *(p.source for p in body.parts or [])]
+                await self.jobs.prefetch(session, job_sources(sources))
+            return await self.request(body, upload, session)
 
         return await self.jobs.submit("mesh", build, payload, session=session, client=client,
                                       idempotency_key=idempotency_key)

@@ -106,7 +106,7 @@ class ParsingService:
 
     async def parse(self, session_id: str, request: ParseRequest) -> ParseResponse:
         start = time.perf_counter()
-        session = self.store.get(session_id)
+        session = await self.store.load(session_id)
         mask = self.segmentation.source_mask(session, request, "select the character first")
         result: ParseResult = await call_idempotent(
             lambda: self.parser.parse.remote(session.image, mask, None, request.groups,
@@ -114,7 +114,8 @@ class ParsingService:
         parse_id = new_id("prs")
         total_ms = (time.perf_counter() - start) * 1000
         response = self._response(session_id, parse_id, request.object_id, result, total_ms)
-        self._keep(session, parse_id, StoredParse(response, result))
+        stored = StoredParse(response, result)
+        await self.store.update(session_id, lambda s: self._keep(s, parse_id, stored))
         self.parse_seconds = 0.7 * self.parse_seconds + 0.3 * total_ms / 1000
         logger.info("session %s: parse %s, %d labels, %d parts in %.0f ms", session_id[:10],
                     parse_id[:10], len(result.labels), len(result.parts), total_ms)
@@ -151,20 +152,27 @@ class ParsingService:
         while len(session.parses) > self.config.sessions.max_parses:
             session.parses.popitem(last=False)
 
-    def get(self, session_id: str, parse_id: str) -> StoredParse:
-        stored = self.store.get(session_id).parses.get(parse_id)
+    def _found(self, session: Session, parse_id: str) -> StoredParse:
+        stored = session.parses.get(parse_id)
         if stored is None:
             raise NotFound(f"parse not found (a session keeps its last "
                            f"{self.config.sessions.max_parses})")
         return stored
 
+    def get(self, session_id: str, parse_id: str) -> StoredParse:
+        """From this replica's copy of the session (synchronous: the UI's)."""
+        return self._found(self.store.get(session_id), parse_id)
+
+    async def load(self, session_id: str, parse_id: str) -> StoredParse:
+        return self._found(await self.store.load(session_id), parse_id)
+
     async def get_parse(self, session_id: str, parse_id: str) -> ParseResponse:
-        return self.get(session_id, parse_id).response
+        return (await self.load(session_id, parse_id)).response
 
     async def asset(self, session_id: str, parse_id: str, kind: AssetKind,
                     part: str | None = None) -> tuple[bytes, str]:
         """``(bytes, media type)`` of one image (or the ZIP) of a parse."""
-        stored = self.get(session_id, parse_id)
+        stored = await self.load(session_id, parse_id)
         key = (kind, part)
         data = stored.assets.get(key)
         if data is None:

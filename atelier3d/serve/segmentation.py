@@ -1,9 +1,14 @@
 """The segmentation service: what the Gateway's HTTP routes and the Gradio UI both call.
 
-It owns the session store and talks to the SamEncoder and SamDecoder deployments through their
-handles. The embedding never passes through this process: the encoder's result is turned into an
-object reference (owned here, so it outlives encoder replicas that scale down) and only that
-reference travels with each click.
+It owns the session store (in this replica's memory, or in Redis: ``build_store``) and talks to
+the SamEncoder and SamDecoder deployments through their handles. The embedding never passes
+through this process: the encoder's result is turned into an object reference (owned here, so it
+outlives encoder replicas that scale down) and only that reference travels with each click. With
+Redis sessions the reference stays this replica's: another replica serving the session re-encodes
+from the stored image once (a miss in ``ray_atelier_gateway_embedding_total``).
+
+Changes to a session go through ``store.update`` (a read-modify-write, under the session's lock
+with Redis); reads through ``store.load``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from atelier3d.errors import (
     Unavailable,
 )
 from atelier3d.imaging import decode_image, encode_png
+from atelier3d.metrics import count_gateway_embedding
 from atelier3d.models.sam_prompts import mask_to_logits
 from atelier3d.serve.faults import call_idempotent
 from atelier3d.serve.schemas import (
@@ -56,6 +62,25 @@ def _candidate_model(candidate: Candidate) -> MaskCandidate:
     )
 
 
+def build_store(config: AppConfig):
+    """The session store ``sessions.backend`` names: this replica's memory, or Redis."""
+    sessions = config.sessions
+    if sessions.backend == "redis":
+        from atelier3d.serve.redis_store import RedisSessionStore
+
+        return RedisSessionStore(
+            sessions.redis_url, ttl_s=sessions.ttl_s, max_sessions=sessions.max_sessions,
+            max_per_client=config.limits.max_sessions_per_client,
+            max_history=sessions.max_history, prefix=sessions.redis_prefix,
+            lock_timeout_s=sessions.lock_timeout_s, max_pixels=config.limits.max_pixels,
+        )
+    return SessionStore(
+        ttl_s=sessions.ttl_s,
+        max_sessions=sessions.max_sessions,
+        max_per_client=config.limits.max_sessions_per_client,
+    )
+
+
 class SegmentationService:
     def __init__(self, config: AppConfig, encoder, decoder) -> None:
         self.config = config
@@ -63,11 +88,7 @@ class SegmentationService:
         self.decoder = decoder
         # Every model deployment /readyz asks for its ModelInfo; other services add theirs.
         self.models = {"sam_encoder": encoder, "sam_decoder": decoder}
-        self.store = SessionStore(
-            ttl_s=config.sessions.ttl_s,
-            max_sessions=config.sessions.max_sessions,
-            max_per_client=config.limits.max_sessions_per_client,
-        )
+        self.store = build_store(config)
         self.encode_seconds = 5.0  # running estimate, for progress bars
 
     # ---- sessions ------------------------------------------------------------------------
@@ -78,7 +99,7 @@ class SegmentationService:
                 f"upload is {len(data)} bytes, the limit is {self.config.limits.max_upload_bytes}"
             )
         image = await asyncio.to_thread(decode_image, data, self.config.limits.max_pixels)
-        session = self.store.add(client, image)
+        session = await self.store.create(client, image, data)
         self._start_encode(session)
         logger.info("session %s: %dx%d image", session.session_id[:10], *image.shape[1::-1])
         return self.session_info(session)
@@ -100,15 +121,15 @@ class SegmentationService:
         )
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return self.session_info(self.store.get(session_id))
+        return self.session_info(await self.store.load(session_id))
 
     async def wait_ready(self, session_id: str) -> SessionInfo:
-        session = self.store.get(session_id)
+        session = await self.store.load(session_id)
         await self._embedding(session)
         return self.session_info(session)
 
     async def delete_session(self, session_id: str) -> None:
-        self.store.delete(session_id)
+        await self.store.remove(session_id)
 
     def encode_progress(self, session_id: str) -> float:
         """0..1 estimate of the encode's progress (time-based: one forward pass has no steps)."""
@@ -147,9 +168,13 @@ class SegmentationService:
             session.embedding_ref = None  # recomputed from the stored image if used again
 
     async def _embedding(self, session: Session) -> ray.ObjectRef:
+        if session.embedding_ref is not None:
+            count_gateway_embedding(hit=True)
         while session.embedding_ref is None:
             task = session.embedding_task
             if task is None or task.done():
+                # Evicted, lost, or (Redis sessions) never encoded by this replica: re-encode.
+                count_gateway_embedding(hit=False)
                 self._start_encode(session)
                 task = session.embedding_task
             try:
@@ -182,7 +207,7 @@ class SegmentationService:
 
     async def segment(self, session_id: str, request: SegmentRequest) -> SegmentResponse:
         start = time.perf_counter()
-        session = self.store.get(session_id)
+        session = await self.store.load(session_id)
         self._check_prompt(session, request)
         target = session.get_object(request.object_id) if request.object_id else None
         mask_logits = None
@@ -217,16 +242,16 @@ class SegmentationService:
         selected = int(np.argmax(result.scores))
         step_index = None
         if target is not None:
-            step_index = target.push(
-                Step(
-                    points=[tuple(p) for p in request.points],
-                    labels=list(request.labels),
-                    box=request.box,
-                    candidates=candidates,
-                    low_res=result.low_res,
-                    selected=selected,
-                )
+            step = Step(
+                points=[tuple(p) for p in request.points],
+                labels=list(request.labels),
+                box=request.box,
+                candidates=candidates,
+                low_res=result.low_res,
+                selected=selected,
             )
+            step_index = await self.store.update(
+                session_id, lambda s: s.get_object(request.object_id).push(step))
         end = time.perf_counter()
         return SegmentResponse(
             masks=[_candidate_model(c) for c in candidates],
@@ -272,34 +297,44 @@ class SegmentationService:
         )
 
     async def create_object(self, session_id: str) -> ObjectState:
-        session = self.store.get(session_id)
         object_id = new_id("obj")
-        session.objects[object_id] = SegObject(object_id, self.config.sessions.max_history)
-        return self.object_state(session, object_id)
+
+        def create(session: Session) -> ObjectState:
+            session.objects[object_id] = SegObject(object_id, self.config.sessions.max_history)
+            return self.object_state(session, object_id)
+
+        return await self.store.update(session_id, create)
 
     async def get_object(self, session_id: str, object_id: str) -> ObjectState:
-        return self.object_state(self.store.get(session_id), object_id)
+        return self.object_state(await self.store.load(session_id), object_id)
 
     async def edit_object(self, session_id: str, object_id: str, action: str) -> ObjectState:
-        session = self.store.get(session_id)
-        obj = session.get_object(object_id)
-        {"undo": obj.undo, "redo": obj.redo, "reset": obj.reset}[action]()
-        return self.object_state(session, object_id)
+        def edit(session: Session) -> ObjectState:
+            obj = session.get_object(object_id)
+            {"undo": obj.undo, "redo": obj.redo, "reset": obj.reset}[action]()
+            return self.object_state(session, object_id)
+
+        return await self.store.update(session_id, edit)
 
     async def select(self, session_id: str, object_id: str, index: int) -> ObjectState:
-        session = self.store.get(session_id)
-        step = session.get_object(object_id).current
-        if step is None:
-            raise Conflict("the object has no masks to choose from yet")
-        if index >= len(step.candidates):
-            raise BadRequest(f"candidate {index} does not exist (there are {len(step.candidates)})")
-        step.selected = index
-        return self.object_state(session, object_id)
+        def select(session: Session) -> ObjectState:
+            step = session.get_object(object_id).current
+            if step is None:
+                raise Conflict("the object has no masks to choose from yet")
+            if index >= len(step.candidates):
+                raise BadRequest(
+                    f"candidate {index} does not exist (there are {len(step.candidates)})")
+            step.selected = index
+            return self.object_state(session, object_id)
+
+        return await self.store.update(session_id, select)
 
     async def delete_object(self, session_id: str, object_id: str) -> None:
-        session = self.store.get(session_id)
-        session.get_object(object_id)
-        del session.objects[object_id]
+        def delete(session: Session) -> None:
+            session.get_object(object_id)
+            del session.objects[object_id]
+
+        await self.store.update(session_id, delete)
 
     # ---- export ---------------------------------------------------------------------------
 
@@ -338,7 +373,7 @@ class SegmentationService:
         return mask
 
     async def cutout(self, session_id: str, request: CutoutRequest) -> bytes:
-        session = self.store.get(session_id)
+        session = await self.store.load(session_id)
         mask = self.source_mask(session, request, "nothing to cut out")
         return await asyncio.to_thread(
             cutout_png, session.image, mask, request.background, request.crop

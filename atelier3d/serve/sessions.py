@@ -1,7 +1,15 @@
 """Per-image sessions: the image, its embedding reference, and objects with undo/redo history.
 
-In memory, least-recently-used with an idle TTL. Ids come from ``secrets`` and are capabilities:
-whoever holds one may use the session, nobody can guess one.
+``SessionStore`` keeps them in this Gateway replica's memory, least-recently-used with an idle
+TTL (the default, ``sessions.backend: memory``). ``atelier3d.serve.redis_store.RedisSessionStore``
+(``sessions.backend: redis``) keeps them in Redis, so that any Gateway replica, on any node, can
+serve any request of a session. Both offer the same async interface, which the services use:
+``create``, ``load``, ``update`` (read-modify-write, under the session's lock in Redis) and
+``remove``; the synchronous ``get`` is what this replica holds (all of it in memory; with Redis,
+the copy this replica last loaded, which is what the sticky Gradio UI reads).
+
+Ids come from ``secrets`` and are capabilities: whoever holds one may use the session, nobody can
+guess one.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from atelier3d.errors import NotFound, TooManyRequests
 from atelier3d.metrics import set_active_sessions
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +48,7 @@ class Step:
     candidates: list[Candidate]
     low_res: np.ndarray  # (K, 256, 256) logits of the candidates, for refinement
     selected: int
+    uid: str | None = None  # its record's id in a shared store (Redis); None until saved there
 
 
 @dataclass
@@ -103,7 +114,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(18)}"
 
 
+def new_step_uid() -> str:
+    return secrets.token_urlsafe(9)
+
+
 class SessionStore:
+    """In memory, in this replica. ``on_drop`` hooks run for every session that leaves."""
+
+    backend = "memory"
+
     def __init__(
         self,
         ttl_s: float,
@@ -180,6 +199,25 @@ class SessionStore:
         for callback in self.on_drop:
             callback(session)
         return session
+
+    # ---- the async interface the services use (RedisSessionStore implements it too) -----------
+
+    async def create(self, client: str, image: np.ndarray, data: bytes | None = None) -> Session:
+        """A new session for ``image`` (``data``: its upload, which a shared store keeps)."""
+        return self.add(client, image)
+
+    async def load(self, session_id: str) -> Session:
+        """The session, as a use (refreshes its TTL); 404 if it is not live."""
+        return self.get(session_id)
+
+    async def update(self, session_id: str, change: Callable[[Session], T]) -> T:
+        """Runs ``change`` on the session (a read-modify-write) and keeps the result. In memory
+        the session is this process's object, so this is a plain call; the Redis store runs it on
+        the latest record under the session's lock and writes the record back."""
+        return change(self.get(session_id))
+
+    async def remove(self, session_id: str) -> None:
+        self.delete(session_id)
 
     def resident_embeddings(self) -> list[Session]:
         """Sessions holding an embedding, least recently used first."""

@@ -74,6 +74,11 @@ class SourceResolver:
         return parts[source.part], stored.result.completed.get(source.part)
 
 
+def job_sources(sources: list[ImageSource | None]) -> list[str]:
+    """The job ids among ``sources`` (earlier edits used as inputs)."""
+    return [s.job_id for s in sources if s is not None and s.kind == "job"]
+
+
 def decode_mask(mask: RLE, shape: tuple[int, int]) -> np.ndarray:
     """A request's RLE mask, which must be sized like the image it applies to."""
     if tuple(mask.size) != tuple(shape):

@@ -1,0 +1,240 @@
+"""Sessions and jobs in a real Redis, shared by two stores standing for two Gateway replicas.
+
+Each test gets its own key prefix on the session's redis-server. The served version (two Gateway
+replicas behind Serve's proxy) is in test_gateway_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import numpy as np
+import pytest
+
+from atelier3d.config import JobKindSettings, JobSettings
+from atelier3d.errors import Conflict, NotFound, TooManyRequests
+from atelier3d.serve import records
+from atelier3d.serve.jobs import JobKind, JobService, job_state
+from atelier3d.serve.redis_store import RedisSessionStore
+from atelier3d.serve.sessions import Candidate, SegObject, Step
+from tests.conftest import png_bytes
+from tests.test_jobs import StepWork
+
+IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
+
+
+def replicas(url: str, n: int = 2, **kw) -> list[RedisSessionStore]:
+    """``n`` stores on one prefix: what ``n`` Gateway replicas see."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    options = {"ttl_s": 60, "max_sessions": 10, "max_per_client": 5, "max_history": 8, **kw}
+    return [RedisSessionStore(url, prefix=prefix, **options) for _ in range(n)]
+
+
+def step(n: int, k: int = 3) -> Step:
+    low_res = np.random.default_rng(n).standard_normal((k, 256, 256)).astype(np.float32)
+    candidates = [Candidate(rle={"size": [24, 32], "counts": f"{n}{i}"}, score=0.5 + i / 10,
+                            bbox=[0, 0, n, i], area=n * 10 + i) for i in range(k)]
+    return Step(points=[(n, n)], labels=[1], box=None, candidates=candidates, low_res=low_res,
+                selected=0)
+
+
+def push(object_id: str, new: Step):
+    return lambda s: s.get_object(object_id).push(new)
+
+
+async def test_any_replica_sees_the_session_and_its_history(redis_url):
+    a, b = replicas(redis_url)
+    session = await a.create("client", IMAGE, png_bytes(IMAGE))
+    sid = session.session_id
+
+    copy = await b.load(sid)
+    assert copy is not session and np.array_equal(copy.image, IMAGE)
+    await b.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 8)))
+    for n in range(3):  # clicks alternate between the replicas
+        await (a if n % 2 else b).update(sid, push("o", step(n)))
+    await a.update(sid, lambda s: s.get_object("o").undo())
+
+    seen = (await b.load(sid)).get_object("o")
+    assert seen.cursor == 2 and len(seen.steps) == 3
+    assert [s.points[0][0] for s in seen.steps] == [0, 1, 2]
+    # logits are shared as float16, and every replica (the one that made them too) sees those
+    assert seen.current.low_res.dtype == np.float16
+    assert np.array_equal(seen.current.low_res, (await a.load(sid)).get_object("o").current.low_res)
+    assert np.allclose(seen.current.low_res, step(1).low_res, atol=1e-2)
+    assert seen.current.candidates == step(1).candidates
+
+    await b.update(sid, lambda s: s.get_object("o").redo())
+    await a.update(sid, lambda s: setattr(s.get_object("o").current, "selected", 2))
+    assert (await b.load(sid)).get_object("o").current.selected == 2
+    # a new click after an undo drops the redo branch, on every replica, and in Redis
+    await b.update(sid, lambda s: s.get_object("o").undo())
+    await b.update(sid, push("o", step(7)))
+    seen = (await a.load(sid)).get_object("o")
+    assert [s.points[0][0] for s in seen.steps] == [0, 1, 7] and seen.cursor == 3
+    step_keys = await a.redis.keys(a.key(sid, "step", "*"))
+    assert len(step_keys) == 3
+
+    await b.update(sid, lambda s: s.get_object("o").reset())
+    assert (await a.load(sid)).get_object("o").current is None
+    await a.update(sid, lambda s: s.get_object("o").undo())
+    assert (await b.load(sid)).get_object("o").current.points == [(7, 7)]
+
+
+async def test_unchanged_sessions_are_not_read_again(redis_url):
+    a, b = replicas(redis_url)
+    sid = (await a.create("client", IMAGE)).session_id
+    await a.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 8)))
+    await a.update(sid, push("o", step(1)))
+    first = await b.load(sid)
+    held = first.get_object("o").current
+    assert (await b.load(sid)) is first and first.get_object("o").current is held
+    await a.update(sid, push("o", step(2)))
+    again = await b.load(sid)
+    assert again is first  # the same copy, brought up to date: the embedding ref stays on it
+    assert again.get_object("o").steps[0] is held  # steps already read are not read again
+
+
+async def test_concurrent_changes_from_two_replicas_are_serialised(redis_url):
+    a, b = replicas(redis_url, max_history=64)
+    sid = (await a.create("client", IMAGE)).session_id
+    await a.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 64)))
+    await asyncio.gather(*[(a if n % 2 else b).update(sid, push("o", step(n, k=1)))
+                           for n in range(24)])
+    seen = (await a.load(sid)).get_object("o")
+    assert sorted(s.points[0][0] for s in seen.steps) == list(range(24))
+    assert seen.cursor == 24
+
+
+async def test_quota_lru_expiry_and_delete_through_redis(redis_url):
+    a, b = replicas(redis_url, max_sessions=3, max_per_client=2)
+    dropped = []
+    a.on_drop.append(lambda s: dropped.append(s.session_id))
+    x1 = (await a.create("x", IMAGE)).session_id
+    await b.create("x", IMAGE)
+    with pytest.raises(TooManyRequests):
+        await a.create("x", IMAGE)  # the quota counts the other replica's session too
+    await b.load(x1)  # most recently used now
+    y1 = (await a.create("y", IMAGE)).session_id
+    assert len(a) == 3
+    await b.create("z", IMAGE)  # the least recently used (x's second) goes
+    assert (await a.load(x1)) and (await a.load(y1))
+
+    await b.remove(y1)
+    with pytest.raises(NotFound):
+        await a.load(y1)
+    assert y1 in dropped  # a held a copy: it let go of it, and told its hooks
+    with pytest.raises(NotFound):
+        await b.remove(y1)
+
+    short, = replicas(redis_url, n=1, ttl_s=0.5)
+    sid = (await short.create("c", IMAGE)).session_id
+    await short.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 8)))
+    await short.update(sid, push("o", step(1)))
+    await asyncio.sleep(0.3)
+    await short.load(sid)  # a use refreshes the TTL of every key of the session
+    await asyncio.sleep(0.3)
+    await short.load(sid)
+    await asyncio.sleep(0.7)
+    with pytest.raises(NotFound):
+        await short.load(sid)
+    assert await short.redis.keys(f"{short.prefix}:s:*") == []
+
+
+def test_parse_record_round_trip(human_parser):
+    from atelier3d.samples import drawn_character
+    from atelier3d.serve.parsing import ParsingService, StoredParse
+
+    image = drawn_character(160, 256)
+    mask = np.zeros(image.shape[:2], bool)
+    mask[20:240, 30:130] = True
+    result = human_parser.parse(image, mask, None, None, True)
+    response = ParsingService._response("ses_x", "prs_x", None, result, 1.0)
+    back = records.unpack_parse(records.pack_parse(StoredParse(response, result)))
+    assert back.response == response
+    assert np.array_equal(back.result.label_map, result.label_map)
+    assert [(p.name, p.labels, p.box) for p in back.result.parts] == \
+        [(p.name, p.labels, p.box) for p in result.parts]
+    for got, want in zip(back.result.parts, result.parts, strict=True):
+        assert np.array_equal(got.rgba, want.rgba)
+    assert back.result.completed.keys() == result.completed.keys()
+    assert back.result.pose == result.pose and back.result.checks == result.checks
+
+
+def job_services(stores: list[RedisSessionStore], work: StepWork) -> list[JobService]:
+    services = []
+    for store in stores:
+        jobs = JobService(JobSettings(max_jobs_per_session=3), store)
+        jobs.register(JobKind("edit", JobKindSettings(max_running=1, max_queued=8), work.start,
+                              {"denoise": 1.0}))
+        services.append(jobs)
+    return services
+
+
+async def submit(jobs: JobService, session, name: str, key: str | None = None):
+    request = {"name": name}
+
+    async def build():
+        return request
+
+    return await jobs.submit("edit", build, request, session=session, client="client",
+                             idempotency_key=key)
+
+
+async def test_jobs_are_readable_followable_and_cancellable_from_any_replica(redis_url):
+    stores = replicas(redis_url)
+    work = StepWork(steps=4, step_s=0.05)
+    a, b = job_services(stores, work)
+    session = await stores[0].create("client", IMAGE)
+    sid = session.session_id
+
+    job = await submit(a, session, "one", key="k1")
+    seen = [e async for e in b.follow(job.job_id)]  # b follows a's job from Redis
+    assert seen == job.events and seen[-1]["type"] == "succeeded"
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    view = await b.fetch(job.job_id)
+    assert view.remote and job_state(view) == job_state(job)
+    assert (await b.fetch_result(job.job_id)).data == b"one"
+    # the same key on the other replica: the same job, not a second one
+    b_session = await stores[1].load(sid)
+    assert (await submit(b, b_session, "one", key="k1")).job_id == job.job_id
+    with pytest.raises(Conflict, match="Idempotency-Key"):
+        await submit(b, b_session, "two", key="k1")
+    tail = [e async for e in b.follow(job.job_id, after=2)]
+    assert [e["seq"] for e in tail] == list(range(3, len(job.events)))
+
+    # cancel from the replica that does not run it
+    slow = StepWork(steps=100, step_s=0.02)
+    a.kinds["edit"].start = slow.start
+    long = await submit(a, session, "long")
+    async for event in b.follow(long.job_id):
+        if event["type"] == "progress":
+            break
+    cancelled = await b.cancel(long.job_id)
+    assert cancelled.status == "cancelled" and long.status == "cancelled"
+    assert slow.ran["long"] < 100
+    with pytest.raises(Conflict):
+        await b.fetch_result(long.job_id)
+
+    # at most 3 jobs per session: the oldest finished goes, from whichever replica
+    third = await submit(b, await stores[1].load(sid), "three")
+    await b.wait(third.job_id)
+    assert len((await stores[0].load(sid)).jobs) == 3
+    fourth = await submit(a, await stores[0].load(sid), "four")
+    await a.wait(fourth.job_id)
+    with pytest.raises(NotFound):
+        await b.fetch(job.job_id)
+
+    # the session deleted on b: a's running job is cancelled, its records gone
+    last = await submit(a, await stores[0].load(sid), "last")
+    await asyncio.sleep(0.1)
+    await stores[1].remove(sid)
+    for _ in range(40):
+        if last.finished:
+            break
+        await asyncio.sleep(0.05)
+    assert last.status == "cancelled"
+    with pytest.raises(NotFound):
+        await a.fetch(last.job_id)
+    await a.mirror.flush()
+    assert await stores[0].redis.keys(f"{stores[0].prefix}:job:*") == []
