@@ -208,3 +208,21 @@ async def test_a_job_whose_replica_dies_runs_again(losses, status):
         assert job_state(job).error.retryable is True
     else:
         assert job.result.data == b"j" and job.progress == 1.0
+
+
+async def test_a_session_does_not_expire_under_its_waiting_job():
+    """Nobody clicks while a job queues and runs; its session (TTL 0.3 s here) stays alive for
+    the job's 1.5 s, and then expires as usual."""
+    store = SessionStore(ttl_s=0.3, max_sessions=10, max_per_client=10)
+    jobs = JobService(JobSettings(), store)
+    work = StepWork(steps=5, step_s=0.15)
+    jobs.register(JobKind("edit", JobKindSettings(max_running=1), work.start, {"denoise": 1.0}))
+    session = store.add("client", np.zeros((4, 4, 3), np.uint8))
+    first = await submit(jobs, store, "first", session=session)
+    second = await submit(jobs, store, "second", session=session)  # waits ~0.75 s in the queue
+    assert (await jobs.wait(second.job_id)).status == "succeeded"
+    assert first.status == "succeeded"
+    assert store.get(session.session_id) is session
+    await asyncio.sleep(0.5)
+    with pytest.raises(NotFound):
+        store.get(session.session_id)

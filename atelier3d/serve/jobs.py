@@ -23,6 +23,7 @@ for this replica's jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -318,6 +319,23 @@ class JobService:
     # ---- run ------------------------------------------------------------------------------
 
     async def _run(self, job: Job, request: Any) -> None:
+        keeper = (asyncio.create_task(self._keep_session(job.session_id))
+                  if job.session_id is not None else None)
+        try:
+            await self._queue_and_run(job, request)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+
+    async def _keep_session(self, session_id: str) -> None:
+        """A session is in use while one of its jobs waits or runs (nobody need click meanwhile):
+        it must not expire under the job, taking the job with it."""
+        while True:
+            await asyncio.sleep(self.store.ttl_s / 3)
+            with contextlib.suppress(ApiError):  # gone already, or Redis briefly away
+                await self.store.load(session_id)
+
+    async def _queue_and_run(self, job: Job, request: Any) -> None:
         queue = self.queues[job.kind.name]
         try:
             await queue.acquire(job)
