@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
@@ -116,14 +116,16 @@ def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshServi
                 responses={200: {"content": {"application/x-ndjson": {},
                                              "text/event-stream": {}}}},
                 summary="Progress events: NDJSON, or SSE with Accept: text/event-stream")
-    async def job_events(job_id: str, request: Request, after: int = -1,
+    async def job_events(job_id: str, request: Request,
+                         after: int = Query(-1, ge=-1, description="events with seq > after"),
                          format: Literal["ndjson", "sse"] | None = None,
                          last_event_id: str | None = Header(None, alias="Last-Event-ID"),
                          ) -> StreamingResponse:
         jobs.get(job_id)  # 404 before the stream starts
         sse = format == "sse" or (format is None and "text/event-stream"
                                   in request.headers.get("accept", ""))
-        if last_event_id is not None and last_event_id.isdigit():
+        # isdecimal and ASCII: str.isdigit also accepts "²", which int() refuses.
+        if last_event_id is not None and last_event_id.isascii() and last_event_id.isdecimal():
             after = max(after, int(last_event_id))
         media_type = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(event_lines(jobs, job_id, after, sse), media_type=media_type,

@@ -319,7 +319,7 @@ class JobService:
     async def follow(self, job_id: str, after: int = -1) -> AsyncIterator[dict]:
         """The job's events with ``seq > after``, then new ones as they come, until the end."""
         job = self.get(job_id)
-        index = after + 1
+        index = max(0, after + 1)  # never a negative index: that would count from the end
         while True:
             wake = job._wake
             while index < len(job.events):
