@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from atelier3d.errors import BadRequest, Unprocessable
 from atelier3d.meshing import FORMATS, convert_mesh
 from atelier3d.serve.editing import EditService
-from atelier3d.serve.http import ERRORS, ApiRoute, client_key
+from atelier3d.serve.http import ERRORS, ApiRoute, client_key, require_json
 from atelier3d.serve.jobs import Job, JobService, job_state, job_url
 from atelier3d.serve.meshing import MeshService
 from atelier3d.serve.schemas import EditJobRequest, JobState, JobSubmitted, MeshJobRequest
@@ -36,6 +36,7 @@ async def mesh_body(request: Request) -> tuple[MeshJobRequest, bytes | None]:
     """JSON body, or multipart: a file field ``image`` (RGBA cut-out) and an optional JSON field
     ``request`` with the parameters."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        require_json(request)
         try:
             return MeshJobRequest.model_validate_json(await request.body()), None
         except ValidationError as exc:
