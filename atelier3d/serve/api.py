@@ -106,12 +106,28 @@ def install_error_handlers(app: FastAPI) -> None:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # A bug, never bad input (that is a 4xx above): logged with its traceback, and answered
+        # in the API's error shape rather than Starlette's plain-text 500.
+        logger.error("unhandled error on %s %s", request.method, request.url.path,
+                     exc_info=exc)
+        return error_response(500, "internal", f"internal server error ({type(exc).__name__})")
+
 
 def build_router(service: SegmentationService) -> APIRouter:
     router = APIRouter(prefix="/v1", responses=ERRORS, route_class=ApiRoute)
 
     @router.post("/sessions", status_code=201, response_model=SessionInfo,
-                 summary="Upload an image (multipart field 'image', or the raw bytes)")
+                 summary="Upload an image (multipart field 'image', or the raw bytes)",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "multipart/form-data": {"schema": {
+                         "type": "object", "required": ["image"],
+                         "properties": {"image": {"type": "string", "format": "binary"}}}},
+                     "application/octet-stream": {"schema": {"type": "string",
+                                                             "format": "binary"}},
+                     "image/png": {"schema": {"type": "string", "format": "binary"}},
+                 }}})
     async def create_session(request: Request, wait: bool = False) -> SessionInfo:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
