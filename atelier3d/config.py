@@ -52,6 +52,9 @@ class Limits(_Strict):
     max_upload_bytes: int = Field(25 * 2**20, gt=0)
     max_json_bytes: int = Field(4 * 2**20, gt=0)
     max_pixels: int = Field(36_000_000, gt=0, description="decompression-bomb guard")
+    max_aspect_ratio: float = Field(
+        1000.0, gt=1, le=2048, description="longest side / shortest side of an upload; beyond "
+        "2048 a side of SAM's 1024-pixel frame is zero pixels wide")
     max_points: int = Field(64, gt=0)
     max_sessions_per_client: int = Field(32, gt=0)
 
