@@ -90,6 +90,27 @@ class JobSettings(_Strict):
     )
 
 
+class AuthSettings(_Strict):
+    """Who may use the server. Empty (the default): nobody needs a key, and a session or job id
+    is the capability to use it. With API keys, every ``/v1`` route needs
+    ``Authorization: Bearer <key>`` (401 without), and what one key creates (sessions, their
+    objects and parses, jobs) is invisible to every other key (404, as if it did not exist).
+    ``/healthz``, ``/readyz``, ``/docs`` and the metrics port stay open."""
+
+    api_keys: list[str] = Field(
+        default_factory=list, description="accepted keys: each the key itself (16+ characters) "
+        "or, to keep keys out of config files, 'sha256:' and the hex SHA-256 of the key")
+    api_keys_file: str | None = Field(
+        None, description="a file (absolute path on the Gateway's node) with one key or "
+        "sha256:<hex> per line; blank lines and # comments are skipped")
+    api_keys_env: str | None = Field(
+        None, description="name of an environment variable of the Gateway's replica holding "
+        "keys (or sha256:<hex>), comma-separated; e.g. set through the YAML's runtime_env")
+    ui_users: dict[str, str] = Field(
+        default_factory=dict, description="Gradio login for the UI: user name -> password, or "
+        "'sha256:' and the hex SHA-256 of the password. Empty: the UI is open to everyone")
+
+
 class AppConfig(_Strict):
     models: Literal["auto", "tiny", "real"] = "auto"
     cache_dir: str | None = Field(None, description="weights and ONNX cache; $ATELIER3D_HOME")
@@ -101,6 +122,7 @@ class AppConfig(_Strict):
     mesh: MeshSettings = Field(default_factory=MeshSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     ui: bool = Field(True, description="mount the Gradio UI at /")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @property
     def cache_path(self) -> Path:

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from atelier3d.config import AppConfig
 from atelier3d.errors import ApiError, BadRequest
 from atelier3d.serve.api_jobs import JobsApi, build_jobs_router
+from atelier3d.serve.auth import ApiKeyMiddleware, KeyRing
 from atelier3d.serve.http import ERRORS, HTTP_CODES, ApiRoute, client_key, error_response
 from atelier3d.serve.parsing import ParsingService
 from atelier3d.serve.schemas import (
@@ -271,4 +272,33 @@ def build_api(service: SegmentationService, config: AppConfig,
         return await service.ready()
 
     app.add_middleware(BodyLimitMiddleware, config=config)
+    keys = KeyRing(config.auth)
+    if keys.enabled:
+        # Added last, so outermost: a request without a key is refused before its body is read.
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+        require_bearer_in_openapi(app)
+        logger.info("API keys on: %d accepted key(s)", len(keys.digests))
+        if config.ui and not config.auth.ui_users:
+            logger.warning("API keys are on but the UI has no login (auth.ui_users): anyone who "
+                           "reaches / can use the models through it")
     return app
+
+
+def require_bearer_in_openapi(app: FastAPI) -> None:
+    """Documents the bearer key on every /v1 operation of the OpenAPI."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "an API key of auth.api_keys"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

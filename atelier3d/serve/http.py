@@ -15,9 +15,9 @@ from atelier3d.serve.schemas import ErrorResponse
 
 ERRORS = {
     status: {"model": ErrorResponse}
-    for status in (400, 404, 409, 413, 415, 422, 429, 503)
+    for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
 
 
@@ -74,4 +74,10 @@ class ApiRoute(APIRoute):
 
 
 def client_key(request: Request) -> str:
+    """Who the client is: its API key's identity when keys are on, else its address."""
+    from atelier3d.serve.auth import SCOPE_KEY
+
+    identity = request.scope.get(SCOPE_KEY)
+    if identity is not None:
+        return identity
     return request.client.host if request.client else "unknown"

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import ApiError, Conflict, NotFound, TooManyRequests, Unavailable
 from atelier3d.metrics import observe_stage, set_jobs
+from atelier3d.serve.auth import visible
 from atelier3d.serve.schemas import ErrorBody, JobArtifact, JobState
 from atelier3d.serve.sessions import Session, SessionStore, new_id
 
@@ -339,7 +340,7 @@ class JobService:
     def get(self, job_id: str) -> Job:
         self._sweep_unowned()
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or not visible(job.client):  # another API key's job: as if not there
             raise NotFound("job not found (its session may have expired)")
         if job.session_id is not None:
             self.store.get(job.session_id)  # keeps the session alive while its jobs are used

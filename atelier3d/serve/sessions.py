@@ -1,7 +1,8 @@
 """Per-image sessions: the image, its embedding reference, and objects with undo/redo history.
 
-In memory, least-recently-used with an idle TTL. Ids come from ``secrets`` and are capabilities:
-whoever holds one may use the session, nobody can guess one.
+In memory, least-recently-used with an idle TTL. Ids come from ``secrets`` (144 bits) and are
+capabilities: whoever holds one may use the session, nobody can guess one. With API keys on,
+a session is also its key's: another key gets the 404 of an unknown id (``serve.auth``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from atelier3d.errors import NotFound, TooManyRequests
 from atelier3d.metrics import set_active_sessions
+from atelier3d.serve.auth import visible
 
 
 @dataclass
@@ -156,7 +158,7 @@ class SessionStore:
     def get(self, session_id: str) -> Session:
         self.sweep()
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or not visible(session.client):  # another key's: as if not there
             raise NotFound("session not found (it may have expired)")
         session.last_used = self.clock()
         self._sessions.move_to_end(session_id)
@@ -167,7 +169,8 @@ class SessionStore:
         return self._sessions.get(session_id)
 
     def delete(self, session_id: str) -> None:
-        if session_id not in self._sessions:
+        session = self._sessions.get(session_id)
+        if session is None or not visible(session.client):
             raise NotFound("session not found (it may have expired)")
         self._drop(session_id)
 
