@@ -52,6 +52,9 @@ class Limits(_Strict):
     max_upload_bytes: int = Field(25 * 2**20, gt=0)
     max_json_bytes: int = Field(4 * 2**20, gt=0)
     max_pixels: int = Field(36_000_000, gt=0, description="decompression-bomb guard")
+    max_aspect_ratio: float = Field(
+        1000.0, gt=1, le=2048, description="longest side / shortest side of an upload; beyond "
+        "2048 a side of SAM's 1024-pixel frame is zero pixels wide")
     max_points: int = Field(64, gt=0)
     max_sessions_per_client: int = Field(32, gt=0)
 
@@ -134,6 +137,27 @@ class FairUseSettings(_Strict):
     )
 
 
+class AuthSettings(_Strict):
+    """Who may use the server. Empty (the default): nobody needs a key, and a session or job id
+    is the capability to use it. With API keys, every ``/v1`` route needs
+    ``Authorization: Bearer <key>`` (401 without), and what one key creates (sessions, their
+    objects and parses, jobs) is invisible to every other key (404, as if it did not exist).
+    ``/healthz``, ``/readyz``, ``/docs`` and the metrics port stay open."""
+
+    api_keys: list[str] = Field(
+        default_factory=list, description="accepted keys: each the key itself (16+ characters) "
+        "or, to keep keys out of config files, 'sha256:' and the hex SHA-256 of the key")
+    api_keys_file: str | None = Field(
+        None, description="a file (absolute path on the Gateway's node) with one key or "
+        "sha256:<hex> per line; blank lines and # comments are skipped")
+    api_keys_env: str | None = Field(
+        None, description="name of an environment variable of the Gateway's replica holding "
+        "keys (or sha256:<hex>), comma-separated; e.g. set through the YAML's runtime_env")
+    ui_users: dict[str, str] = Field(
+        default_factory=dict, description="Gradio login for the UI: user name -> password, or "
+        "'sha256:' and the hex SHA-256 of the password. Empty: the UI is open to everyone")
+
+
 class AppConfig(_Strict):
     models: Literal["auto", "tiny", "real"] = "auto"
     cache_dir: str | None = Field(None, description="weights and ONNX cache; $ATELIER3D_HOME")
@@ -146,6 +170,7 @@ class AppConfig(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     fair_use: FairUseSettings = Field(default_factory=FairUseSettings)
     ui: bool = Field(True, description="mount the Gradio UI at /")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @property
     def cache_path(self) -> Path:

@@ -214,7 +214,7 @@ def test_oversize_bodies(http, sid):
         ({}, 422),
         ({"points": [[10, 10]], "labels": [2]}, 422),  # bad label
         ({"box": [50, 50, 10, 10]}, 422),  # inverted box
-        ({"points": [[10, 10]] * 17, "labels": [1] * 17}, 400),  # over max_points (16)
+        ({"points": [[10, 10]] * 17, "labels": [1] * 17}, 413),  # over max_points (16)
         ({"points": [[10, 10]], "labels": [1], "refine": True}, 422),  # refine needs object
         ({"points": [[10, 10]], "labels": [1], "object_id": "obj_nope"}, 404),
         ({"points": [[10, 10]], "labels": [1], "mask_input": {"size": [3, 3], "counts": "0"}},

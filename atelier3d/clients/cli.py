@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from atelier3d.clients.client import DEFAULT_BASE_URL
+from atelier3d.clients.client import API_KEY_ENV, DEFAULT_BASE_URL
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -150,7 +150,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     def work() -> int:
         points, labels = _prompt(args)
-        with Client(args.server, timeout=args.timeout) as client, \
+        with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
                 _session(client, Path(args.image)) as info:
             chosen = _segment(client, info.session_id, args, points, labels)
             png = client.cutout(info.session_id, rle=chosen.rle, background="transparent",
@@ -168,7 +168,7 @@ def cmd_parse(args: argparse.Namespace) -> int:
 
     def work() -> int:
         points, labels = _prompt(args)
-        with Client(args.server, timeout=args.timeout) as client, \
+        with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
                 _session(client, Path(args.image)) as info:
             chosen = _segment(client, info.session_id, args, points, labels)
             result = client.parse(info.session_id, rle=chosen.rle,
@@ -223,7 +223,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)
-        with Client(args.server, timeout=args.timeout) as client, \
+        with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
                 _session(client, Path(args.image)) as info:
             source = _optional_source(client, info.session_id, args)
             submitted = client.submit_edit(
@@ -248,7 +248,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         params = {"seed": args.seed, "steps": args.steps, "octree_resolution": args.octree,
                   "target_face_count": args.faces, "texture": not args.no_texture}
         params = {k: v for k, v in params.items() if v is not None}
-        with Client(args.server, timeout=args.timeout) as client:
+        with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client:
             if args.point or args.box is not None:
                 with _session(client, Path(args.image)) as info:
                     source = _optional_source(client, info.session_id, args)
@@ -274,6 +274,8 @@ def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="a box in pixels")
     command.add_argument("--server", default=DEFAULT_BASE_URL,
                          help=f"base URL of the server (default {DEFAULT_BASE_URL})")
+    command.add_argument("--api-key", default=None, metavar="KEY",
+                         help=f"the server's API key (default ${API_KEY_ENV}, if set)")
     command.add_argument("--pick", type=parse_pick, default="best", metavar="best|0|1|2",
                          help="which candidate is the mask (default: the best-scoring)")
     command.add_argument("--timeout", type=float, default=360.0,

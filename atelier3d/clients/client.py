@@ -63,6 +63,7 @@ from atelier3d.serve.schemas import (
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 USER_AGENT = "atelier3d-client/1"
+API_KEY_ENV = "ATELIER3D_API_KEY"  # the API key when none is given
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray
 RLEInput = Any  # RLE | MaskCandidate | dict | np.ndarray (a boolean mask)
@@ -490,9 +491,14 @@ class _Endpoints:
 
     @staticmethod
     def _http_options(base_url: str, timeout: float | httpx.Timeout | None,
-                      headers: dict[str, str] | None) -> dict[str, Any]:
+                      headers: dict[str, str] | None, api_key: str | None) -> dict[str, Any]:
+        """``api_key``: sent as ``Authorization: Bearer``; None: ``$ATELIER3D_API_KEY`` if set,
+        "" for none at all."""
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV) or ""
+        auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         return {"base_url": base_url.rstrip("/"), "timeout": timeout,
-                "headers": {"User-Agent": USER_AGENT, **(headers or {})}}
+                "headers": {"User-Agent": USER_AGENT, **auth, **(headers or {})}}
 
     # sessions
 
@@ -620,7 +626,8 @@ class _Endpoints:
 
 
 class Client(_Endpoints):
-    """Synchronous client. ``timeout`` is httpx's (seconds, or an ``httpx.Timeout``)."""
+    """Synchronous client. ``timeout`` is httpx's (seconds, or an ``httpx.Timeout``);
+    ``api_key`` is the server's (``auth.api_keys``), by default ``$ATELIER3D_API_KEY``."""
 
     def __init__(
         self,
@@ -632,11 +639,12 @@ class Client(_Endpoints):
         max_retry_delay_s: float = 30.0,
         headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url
         self._init_retry(retries, backoff_s, max_retry_delay_s)
         self._http = httpx.Client(transport=transport,
-                                  **self._http_options(base_url, timeout, headers))
+                                  **self._http_options(base_url, timeout, headers, api_key))
 
     def _send(self, call: Call) -> Any:
         attempt = 0
@@ -692,11 +700,12 @@ class AsyncClient(_Endpoints):
         max_retry_delay_s: float = 30.0,
         headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url
         self._init_retry(retries, backoff_s, max_retry_delay_s)
         self._http = httpx.AsyncClient(transport=transport,
-                                       **self._http_options(base_url, timeout, headers))
+                                       **self._http_options(base_url, timeout, headers, api_key))
 
     async def _send(self, call: Call) -> Any:
         attempt = 0

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from atelier3d.config import AppConfig
 from atelier3d.errors import ApiError, BadRequest
 from atelier3d.serve.api_jobs import JobsApi, build_jobs_router
+from atelier3d.serve.auth import ApiKeyMiddleware, KeyRing
 from atelier3d.serve.fairuse import FairUse, FairUseMiddleware
 from atelier3d.serve.http import ERRORS, HTTP_CODES, ApiRoute, client_key, error_response
 from atelier3d.serve.parsing import ParsingService
@@ -107,12 +108,28 @@ def install_error_handlers(app: FastAPI) -> None:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # A bug, never bad input (that is a 4xx above): logged with its traceback, and answered
+        # in the API's error shape rather than Starlette's plain-text 500.
+        logger.error("unhandled error on %s %s", request.method, request.url.path,
+                     exc_info=exc)
+        return error_response(500, "internal", f"internal server error ({type(exc).__name__})")
+
 
 def build_router(service: SegmentationService) -> APIRouter:
     router = APIRouter(prefix="/v1", responses=ERRORS, route_class=ApiRoute)
 
     @router.post("/sessions", status_code=201, response_model=SessionInfo,
-                 summary="Upload an image (multipart field 'image', or the raw bytes)")
+                 summary="Upload an image (multipart field 'image', or the raw bytes)",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "multipart/form-data": {"schema": {
+                         "type": "object", "required": ["image"],
+                         "properties": {"image": {"type": "string", "format": "binary"}}}},
+                     "application/octet-stream": {"schema": {"type": "string",
+                                                             "format": "binary"}},
+                     "image/png": {"schema": {"type": "string", "format": "binary"}},
+                 }}})
     async def create_session(request: Request, wait: bool = False) -> SessionInfo:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -257,6 +274,35 @@ def build_api(service: SegmentationService, config: AppConfig,
         return await service.ready()
 
     app.add_middleware(BodyLimitMiddleware, config=config)
-    # Added last, so outermost: a rate-limited request is refused before its body is read.
+    keys = KeyRing(config.auth)
+    # Outermost first: the API key names the client (401 without one), then fair use counts
+    # that client; both refuse before the body is read.
     app.add_middleware(FairUseMiddleware, fair_use=fair_use or FairUse(config.fair_use))
+    if keys.enabled:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+        require_bearer_in_openapi(app)
+        logger.info("API keys on: %d accepted key(s)", len(keys.digests))
+        if config.ui and not config.auth.ui_users:
+            logger.warning("API keys are on but the UI has no login (auth.ui_users): anyone who "
+                           "reaches / can use the models through it")
     return app
+
+
+def require_bearer_in_openapi(app: FastAPI) -> None:
+    """Documents the bearer key on every /v1 operation of the OpenAPI."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "an API key of auth.api_keys"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -7,14 +7,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from atelier3d.errors import BadRequest, Unprocessable
 from atelier3d.meshing import FORMATS, convert_mesh
 from atelier3d.serve.editing import EditService
-from atelier3d.serve.http import ERRORS, ApiRoute, client_key
+from atelier3d.serve.http import ERRORS, ApiRoute, client_key, require_json
 from atelier3d.serve.jobs import Job, JobService, job_state, job_url
 from atelier3d.serve.meshing import MeshService
 from atelier3d.serve.schemas import EditJobRequest, JobState, JobSubmitted, MeshJobRequest
@@ -36,6 +36,7 @@ async def mesh_body(request: Request) -> tuple[MeshJobRequest, bytes | None]:
     """JSON body, or multipart: a file field ``image`` (RGBA cut-out) and an optional JSON field
     ``request`` with the parameters."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        require_json(request)
         try:
             return MeshJobRequest.model_validate_json(await request.body()), None
         except ValidationError as exc:
@@ -126,14 +127,16 @@ def build_jobs_router(jobs: JobService, editing: EditService, meshing: MeshServi
                 responses={200: {"content": {"application/x-ndjson": {},
                                              "text/event-stream": {}}}},
                 summary="Progress events: NDJSON, or SSE with Accept: text/event-stream")
-    async def job_events(job_id: str, request: Request, after: int = -1,
+    async def job_events(job_id: str, request: Request,
+                         after: int = Query(-1, ge=-1, description="events with seq > after"),
                          format: Literal["ndjson", "sse"] | None = None,
                          last_event_id: str | None = Header(None, alias="Last-Event-ID"),
                          ) -> StreamingResponse:
         await jobs.fetch(job_id)  # 404 before the stream starts
         sse = format == "sse" or (format is None and "text/event-stream"
                                   in request.headers.get("accept", ""))
-        if last_event_id is not None and last_event_id.isdigit():
+        # isdecimal and ASCII: str.isdigit also accepts "²", which int() refuses.
+        if last_event_id is not None and last_event_id.isascii() and last_event_id.isdecimal():
             after = max(after, int(last_event_id))
         media_type = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(event_lines(jobs, job_id, after, sse), media_type=media_type,

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from atelier3d.config import FairUseSettings, RateLimit
 from atelier3d.errors import TooManyRequests
+from atelier3d.serve.auth import SCOPE_KEY
 from atelier3d.serve.http import error_response
 
 MAX_BUCKETS = 50_000  # past this, buckets that have refilled completely are dropped
@@ -107,7 +108,9 @@ class FairUseMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        client = client_address(scope, self.fair_use.settings.trust_forwarded_for)
+        # An API key names the client where keys are on (ApiKeyMiddleware runs first).
+        client = scope.get(SCOPE_KEY) or client_address(
+            scope, self.fair_use.settings.trust_forwarded_for)
         scope.setdefault("state", {})["client"] = client
         if scope["path"].startswith("/v1/"):
             kind = request_class(scope["method"], scope["path"])

@@ -10,15 +10,15 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from ray.serve.exceptions import BackPressureError
 
-from atelier3d.errors import Unavailable
+from atelier3d.errors import Unavailable, UnsupportedMediaType
 from atelier3d.serve.faults import REPLICA_LOST, RETRY_AFTER_S, describe
 from atelier3d.serve.schemas import ErrorResponse
 
 ERRORS = {
     status: {"model": ErrorResponse}
-    for status in (400, 404, 409, 413, 415, 422, 429, 503)
+    for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
 
 
@@ -28,8 +28,28 @@ def error_response(status: int, code: str, message: str, retry_after_s: float | 
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def is_json(content_type: str) -> bool:
+    """``application/json`` or ``application/*+json``, whatever the parameters."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
+def require_json(request: Request) -> None:
+    """415 for a body declared as something other than JSON (a form, text). Without any
+    Content-Type, FastAPI does not read the body as JSON either: its 422 says so."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and request.headers.get("content-length") != "0" \
+            and not is_json(content_type):
+        raise UnsupportedMediaType(
+            f"this route takes a JSON body (Content-Type: application/json), not "
+            f"{content_type.split(';', 1)[0][:100]!r}")
+
+
 class ApiRoute(APIRoute):
-    """Turns a model deployment's back-pressure, or a lost replica, into our 503 + Retry-After.
+    """Turns a model deployment's back-pressure, or a lost replica, into our 503 + Retry-After,
+    and refuses bodies that are not JSON on the routes that take a JSON body (415, rather than
+    FastAPI's 422 for a form, or a 400 whose message says nothing of the content type).
 
     When a deployment's queue (``max_queued_requests``) is full, its handle raises
     ``BackPressureError`` in the Gateway. Ray Serve installs its own handler for it on the
@@ -39,8 +59,11 @@ class ApiRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        takes_json = self.body_field is not None
 
         async def route(request: Request) -> Response:
+            if takes_json:
+                require_json(request)
             try:
                 return await handler(request)
             except BackPressureError as exc:
@@ -55,9 +78,11 @@ class ApiRoute(APIRoute):
 
 
 def client_key(request: Request) -> str:
-    """The client as ``FairUseMiddleware`` named it (its address, or the proxy's
-    X-Forwarded-For where trusted)."""
-    named = getattr(request.state, "client", None)
-    if named:
-        return named
+    """Who the client is: its API key's identity when keys are on, else its address as
+    ``FairUseMiddleware`` named it (the proxy's X-Forwarded-For where trusted)."""
+    from atelier3d.serve.auth import SCOPE_KEY
+
+    identity = request.scope.get(SCOPE_KEY) or getattr(request.state, "client", None)
+    if identity:
+        return identity
     return request.client.host if request.client else "unknown"

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import ApiError, Conflict, NotFound, TooManyRequests, Unavailable
 from atelier3d.metrics import observe_stage, set_jobs
+from atelier3d.serve.auth import visible
 from atelier3d.serve.fairuse import FairUse
 from atelier3d.serve.faults import REPLICA_LOST, describe
 from atelier3d.serve.schemas import ErrorBody, JobArtifact, JobState
@@ -468,7 +469,7 @@ class JobService:
                 yield event
             return
         job = self.get(job_id)
-        index = after + 1
+        index = max(0, after + 1)  # never a negative index: that would count from the end
         while True:
             wake = job._wake
             while index < len(job.events):
@@ -506,7 +507,7 @@ class JobService:
         """A job of this replica (with Redis sessions, ``fetch`` finds any replica's)."""
         self._sweep_unowned()
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or not visible(job.client):  # another API key's job: as if not there
             raise NotFound("job not found (its session may have expired)")
         if job.session_id is not None and self.mirror is None:
             self.store.get(job.session_id)  # keeps the session alive while its jobs are used
@@ -523,6 +524,8 @@ class JobService:
             if state is None or state["kind"] not in self.kinds:
                 raise NotFound("job not found (its session may have expired)")
             job = self._view(job_id, state)
+        if not visible(job.client):  # another API key's job: as if not there
+            raise NotFound("job not found (its session may have expired)")
         if job.session_id is not None:
             try:
                 await self.store.load(job.session_id)  # keeps the session alive

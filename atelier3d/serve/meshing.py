@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import numpy as np
@@ -65,7 +66,10 @@ class MeshService:
                       session: Session | None = None) -> MeshRequest:
         params = {k: getattr(body, k) for k in PARAMS if getattr(body, k) is not None}
         if upload is not None:
-            image = decode_image(upload, self.config.limits.max_pixels, keep_alpha=True)
+            limits = self.config.limits
+            image = await asyncio.to_thread(decode_image, upload, limits.max_pixels,
+                                            keep_alpha=True,
+                                            max_aspect_ratio=limits.max_aspect_ratio)
             if image.shape[2] != 4:
                 # A session source without alpha is cut out with SAM (its session has the
                 # embedding machinery); a bare upload must say what the object is itself.

@@ -46,6 +46,7 @@ from atelier3d.errors import NotFound, TooManyRequests, Unavailable
 from atelier3d.imaging import decode_image, encode_png
 from atelier3d.metrics import set_active_sessions
 from atelier3d.serve import records
+from atelier3d.serve.auth import visible
 from atelier3d.serve.sessions import SegObject, Session, T, new_id, new_step_uid
 
 logger = logging.getLogger("ray.serve")
@@ -221,7 +222,7 @@ class RedisSessionStore:
         """This replica's copy (as of its last load or change here): for synchronous callers,
         the Gradio UI (sticky: its session's requests come here)."""
         held = self._held.get(session_id)
-        if held is None:
+        if held is None or not visible(held.session.client):
             raise NotFound("session not found on this Gateway replica (it may have expired)")
         return held.session
 
@@ -303,6 +304,8 @@ class RedisSessionStore:
         version = int(reply[0])
         if len(reply) > 1:
             held = await self._refresh(session_id, version, reply)
+        if not visible(held.session.client):  # another API key's session: as if not there
+            raise NotFound("session not found (it may have expired)")
         held.session.last_used = self.clock()
         self._held.move_to_end(session_id)
         return held

@@ -98,7 +98,9 @@ class SegmentationService:
             raise PayloadTooLarge(
                 f"upload is {len(data)} bytes, the limit is {self.config.limits.max_upload_bytes}"
             )
-        image = await asyncio.to_thread(decode_image, data, self.config.limits.max_pixels)
+        limits = self.config.limits
+        image = await asyncio.to_thread(decode_image, data, limits.max_pixels,
+                                        max_aspect_ratio=limits.max_aspect_ratio)
         session = await self.store.create(client, image, data)
         self._start_encode(session)
         logger.info("session %s: %dx%d image", session.session_id[:10], *image.shape[1::-1])
@@ -195,7 +197,8 @@ class SegmentationService:
     def _check_prompt(self, session: Session, request: SegmentRequest) -> None:
         height, width = session.size
         if len(request.points) > self.config.limits.max_points:
-            raise BadRequest(f"at most {self.config.limits.max_points} points per request")
+            raise PayloadTooLarge(f"at most {self.config.limits.max_points} points per request, "
+                                  f"not {len(request.points)}")
         for x, y in request.points:
             if not (0 <= x <= width and 0 <= y <= height):
                 raise BadRequest(f"point ({x}, {y}) lies outside the {width}x{height} image")

@@ -8,8 +8,9 @@ serve any request of a session. Both offer the same async interface, which the s
 ``remove``; the synchronous ``get`` is what this replica holds (all of it in memory; with Redis,
 the copy this replica last loaded, which is what the sticky Gradio UI reads).
 
-Ids come from ``secrets`` and are capabilities: whoever holds one may use the session, nobody can
-guess one.
+Ids come from ``secrets`` (144 bits) and are capabilities: whoever holds one may use the
+session, nobody can guess one. With API keys on, a session is also its key's: another key gets
+the 404 of an unknown id (``serve.auth``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from atelier3d.errors import NotFound, TooManyRequests
 from atelier3d.metrics import set_active_sessions
+from atelier3d.serve.auth import visible
 
 T = TypeVar("T")
 
@@ -175,7 +177,7 @@ class SessionStore:
     def get(self, session_id: str) -> Session:
         self.sweep()
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or not visible(session.client):  # another key's: as if not there
             raise NotFound("session not found (it may have expired)")
         session.last_used = self.clock()
         self._sessions.move_to_end(session_id)
@@ -186,7 +188,8 @@ class SessionStore:
         return self._sessions.get(session_id)
 
     def delete(self, session_id: str) -> None:
-        if session_id not in self._sessions:
+        session = self._sessions.get(session_id)
+        if session is None or not visible(session.client):
             raise NotFound("session not found (it may have expired)")
         self._drop(session_id)
 

@@ -322,7 +322,11 @@ class ExportDir:
 
 
 def client_key(request: gr.Request | None) -> str:
-    """Per-address session quota, like the /v1 API's, not one quota shared by every UI user."""
+    """Per-user (with the UI login) or per-address session quota, like the /v1 API's, not one
+    quota shared by every UI user."""
+    user = getattr(request, "username", None)
+    if user:
+        return f"ui-user:{user}"
     host = getattr(getattr(request, "client", None), "host", None)
     return f"ui:{host or 'unknown'}"
 
@@ -588,10 +592,18 @@ class _UiMount(Mount):
 def mount_ui(app: FastAPI, service: SegmentationService, parsing: ParsingService | None = None,
              jobs: JobsApi | None = None) -> FastAPI:
     """Mounts the UI at ``/``; routes already on ``app`` (/v1, /docs, /healthz) match first."""
+    from atelier3d.serve.auth import ui_login
+
+    config = service.config
     demo = build_ui(service, parsing, jobs)
+    # Gradio serves only the files its events returned (copied into its cache, deleted after
+    # an hour by delete_cache): no allowed_paths, and the weights cache blocked outright.
+    # With auth.ui_users, those files, the queue and the config all need the login.
     app = gr.mount_gradio_app(
         app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS,
-        max_file_size=service.config.limits.max_upload_bytes,
+        max_file_size=config.limits.max_upload_bytes, allowed_paths=[],
+        blocked_paths=[str(config.cache_path.resolve())], auth=ui_login(config.auth.ui_users),
+        auth_message="atelier3d: sign in" if config.auth.ui_users else None,
     )
     mount = app.router.routes[-1]  # mount_gradio_app appends its Mount last
     if not isinstance(mount, Mount) or mount.path != "":
