@@ -49,6 +49,10 @@ HEAVY = {("POST", "/v1/sessions/{session_id}/parse"): 0.5, ("POST", "/v1/jobs/ed
          ("POST", "/v1/jobs/mesh"): 0.5}
 ID_FIELDS = ("session_id", "object_id", "parse_id", "job_id", "part", "name")
 IMAGE = drawn_character(160, 240)
+_CUTOUT = np.zeros((96, 64, 4), np.uint8)
+_CUTOUT[20:80, 16:48] = (200, 60, 40, 255)
+CUTOUT_PNG = png_bytes(_CUTOUT)  # an RGBA cut-out, what an uploaded mesh needs
+SMALL_MESH = json.dumps({"steps": 1, "octree_resolution": 32, "texture": False})
 
 
 @dataclass
@@ -167,6 +171,10 @@ def repair(path: str, body, ids: dict[str, str]):
                           ("guidance_scale", None), ("target_face_count", None)):
             if _number(body.get(name)):
                 body[name] = None if top is None else 1 + abs(int(body[name])) % top
+        if path.endswith("/mesh") and "image" in body:  # multipart: an upload of a cut-out
+            request = body.get("request")
+            return {"image": CUTOUT_PNG,
+                    "request": request if isinstance(request, str) else SMALL_MESH}
         if path.endswith("/mesh"):
             body["parts"] = None
         body["session_id"] = ids["session_id"]
