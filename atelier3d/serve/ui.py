@@ -597,12 +597,15 @@ def mount_ui(app: FastAPI, service: SegmentationService, parsing: ParsingService
     config = service.config
     demo = build_ui(service, parsing, jobs)
     # Gradio serves only the files its events returned (copied into its cache, deleted after
-    # an hour by delete_cache): no allowed_paths, and the weights cache blocked outright.
+    # an hour by delete_cache): no allowed_paths (tests/test_auth.py checks that the weights
+    # cache, the tree and system files are not served). Not blocked_paths on the cache folder
+    # too: with it, two quick undos in the Segment tab never rendered (test_ui_browser, every
+    # run; cause inside Gradio not pinned down), without it they do.
     # With auth.ui_users, those files, the queue and the config all need the login.
     app = gr.mount_gradio_app(
         app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS,
         max_file_size=config.limits.max_upload_bytes, allowed_paths=[],
-        blocked_paths=[str(config.cache_path.resolve())], auth=ui_login(config.auth.ui_users),
+        auth=ui_login(config.auth.ui_users),
         auth_message="atelier3d: sign in" if config.auth.ui_users else None,
     )
     mount = app.router.routes[-1]  # mount_gradio_app appends its Mount last
