@@ -91,13 +91,19 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str) -> No
             http.delete(f"/v1/sessions/{sid}")
         report["total_s"] = round(time.monotonic() - started, 1)
     finally:
-        print(REPORT + json.dumps(report), flush=True)
-        try:
-            from ray import serve
+        end_driver(REPORT, report)
 
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+
+def end_driver(marker: str, report: dict) -> None:
+    """Prints the driver's report (also when it stopped half-way) and lets go of the cluster."""
+    import ray
+    from ray import serve
+
+    print(marker + json.dumps(report), flush=True)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def job_outcome(http, job_id: str, submitted: int) -> dict:
@@ -108,6 +114,19 @@ def job_outcome(http, job_id: str, submitted: int) -> dict:
             "status": state["status"], "error": state.get("error")}
 
 
+def run_driver(cluster, module: str, marker: str, timeout_s: float, *args: str) -> dict:
+    """Runs ``module`` as the cluster's driver (a subprocess: one Ray per process) and returns
+    the JSON report it prints after ``marker``."""
+    env = cluster.env | {"PYTHONPATH": str(ROOT), "ATELIER3D_RAY_LOGS": "0"}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
+    assert lines, done.stdout[-2000:] + done.stderr[-4000:] + cluster.logs()
+    report = json.loads(lines[-1][len(marker):])
+    assert done.returncode == 0, (report, done.stderr[-4000:])
+    return report
+
+
 def test_models_on_a_second_node_gateway_on_the_head(tiny_dir, redis_url):
     from atelier3d.devcluster import LocalCluster
 
@@ -115,15 +134,8 @@ def test_models_on_a_second_node_gateway_on_the_head(tiny_dir, redis_url):
     try:
         address = cluster.start_head(num_cpus=2, resources={"gateway": 1})
         cluster.add_node("models", num_cpus=2, resources={"model_node": 1})
-        env = cluster.env | {"PYTHONPATH": str(ROOT), "ATELIER3D_RAY_LOGS": "0"}
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.test_multinode", address, cluster.dashboard_url,
-             str(tiny_dir), redis_url],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-        lines = [line for line in done.stdout.splitlines() if line.startswith(REPORT)]
-        assert lines, done.stdout[-2000:] + done.stderr[-4000:] + cluster.logs()
-        report = json.loads(lines[-1][len(REPORT):])
-        assert done.returncode == 0, (report, done.stderr[-4000:])
+        report = run_driver(cluster, "tests.test_multinode", REPORT, 420, address,
+                            cluster.dashboard_url, str(tiny_dir), redis_url)
     finally:
         left = cluster.stop()
     assert left == [], f"processes of the cluster left running: {left}"

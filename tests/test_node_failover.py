@@ -14,15 +14,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from tests.test_multinode import CONFIG, MODELS, replica_nodes
+from tests.test_multinode import CONFIG, MODELS, end_driver, replica_nodes, run_driver
 
-ROOT = Path(__file__).resolve().parent.parent
 REPORT = "FAILOVER-REPORT "
 NODES = ("models-a", "models-b")
 
@@ -117,11 +114,7 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str,
                 report["old_session_masks"] = len(client.segment(sid, points=[[90, 60]]).masks)
             http.delete(f"/v1/sessions/{sid}")
     finally:
-        print(REPORT + json.dumps(report), flush=True)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        end_driver(REPORT, report)
 
 
 def test_a_model_node_dies_under_load(tiny_dir, redis_url):
@@ -133,15 +126,8 @@ def test_a_model_node_dies_under_load(tiny_dir, redis_url):
         pgids = {name: cluster.add_node(name, num_cpus=2,
                                         resources={"model_node": 1, name: 1}).pgid
                  for name in NODES}
-        env = cluster.env | {"PYTHONPATH": str(ROOT), "ATELIER3D_RAY_LOGS": "0"}
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.test_node_failover", address, cluster.dashboard_url,
-             str(tiny_dir), redis_url, json.dumps(pgids)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        lines = [line for line in done.stdout.splitlines() if line.startswith(REPORT)]
-        assert lines, done.stdout[-2000:] + done.stderr[-4000:] + cluster.logs()
-        report = json.loads(lines[-1][len(REPORT):])
-        assert done.returncode == 0, (report, done.stderr[-4000:])
+        report = run_driver(cluster, "tests.test_node_failover", REPORT, 600, address,
+                            cluster.dashboard_url, str(tiny_dir), redis_url, json.dumps(pgids))
     finally:
         left = cluster.stop()
     assert left == [], f"processes of the cluster left running: {left}"
