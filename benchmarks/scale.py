@@ -5,14 +5,22 @@ a) fixed replicas: the real app on a local Ray (as ``atelier3d serve``) with ``-
    ``--seconds``; throughput and click latency p50/p95 per replica count;
 b) autoscaling: the decoder at 1..``--max-replicas`` (target 2 ongoing requests a replica),
    ``--users`` users for ``--seconds``, then idle; the running replica count sampled twice a
-   second shows it scale up under load and back down after.
+   second shows it scale up under load and back down after;
+c) two nodes: a real two-node Ray cluster on this machine (``atelier3d.devcluster``, the
+   ``two-node.yaml`` profile: Gateway and proxy on the head, models on the other node), one user
+   clicking ``--hop-clicks`` times with the SamDecoder on the Gateway's node, then on the other
+   node. The hop is the Gateway's click time less the decoder's own run and the embedding wait
+   (``total_ms - decode_ms - wait_embedding_ms``): handle, router, (de)serialisation, network;
+   ``two_node_hop_ms`` is how much crossing nodes adds to it (p50).
 
 The encoder/decoder/Serve code is benchmarks/sam_clicks.py's (one click generator for both).
 The decoder's cost does not depend on the encoder's size (its input is always a 256x64x64
 embedding), so the tiny SAM checkpoint is used: uploads encode in milliseconds.
-Prints a table, writes ``benchmarks/results/scale.json`` and ``scale.png``. Not a test.
+Prints a table, writes ``benchmarks/results/scale.json`` (the sections run) and ``scale.png``.
+Not a test.
 
-Run: ``.venv/bin/python benchmarks/scale.py`` (about 5 minutes on a 2-core CPU).
+Run: ``.venv/bin/python benchmarks/scale.py`` (about 8 minutes on a 2-core CPU);
+``--sections two-node`` for the two-node part alone (2-4 minutes).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +52,9 @@ from sam_clicks import (
 )
 
 from atelier3d.models.sam import tiny_checkpoint
+
+TWO_NODE_CONFIG = Path(__file__).resolve().parent.parent / "atelier3d" / "serve" / "configs" \
+    / "two-node.yaml"
 
 
 def session_for(base_url: str, image: np.ndarray) -> str:
@@ -125,6 +139,100 @@ def autoscaling(args: argparse.Namespace, image: np.ndarray) -> dict:
     return {"samples": samples, "load_window_s": [load_from, load_to], "load": result}
 
 
+def hop_clicks(base_url: str, image: np.ndarray, clicks: int) -> dict:
+    """One user's clicks on a fresh session: client and Gateway latencies, the decoder's own
+    time, and the hop (the Gateway's time less the decode and the embedding wait)."""
+    import httpx
+
+    rows = []
+    with httpx.Client(base_url=base_url, timeout=120, trust_env=False) as http:
+        r = http.post("/v1/sessions?wait=true", files={"image": ("b.png", png_bytes(image))})
+        r.raise_for_status()
+        sid = r.json()["session_id"]
+        height, width = image.shape[:2]
+        rng = np.random.default_rng(0)
+        for _ in range(clicks + 1):
+            point = [float(rng.uniform(0, width)), float(rng.uniform(0, height))]
+            start = time.perf_counter()
+            r = http.post(f"/v1/sessions/{sid}/segment", json={"points": [point], "labels": [1]})
+            client_ms = (time.perf_counter() - start) * 1000
+            r.raise_for_status()
+            t = r.json()["timings_ms"]
+            rows.append({"client_ms": client_ms, **t,
+                         "hop_ms": t["total_ms"] - t["decode_ms"] - t["wait_embedding_ms"]})
+        http.delete(f"/v1/sessions/{sid}")
+    first, steady = rows[0], rows[1:]  # the first pulls the embedding to the decoder's node
+    return {"first_click": first,
+            **{key: percentiles([row[key] for row in steady])
+               for key in ("client_ms", "total_ms", "decode_ms", "hop_ms")}}
+
+
+def two_node(args: argparse.Namespace, image: np.ndarray) -> dict:
+    """Click hop with the decoder beside the Gateway (head) and on the model node."""
+    import ray
+    from ray import serve
+    from sam_clicks import free_port
+
+    from atelier3d.devcluster import LocalCluster
+    from atelier3d.serve import runner
+
+    checkpoint = tiny_checkpoint(args.cache_dir)
+    out: dict = {}
+    with LocalCluster() as cluster:
+        # `head_node`: room beside the Gateway (which takes the whole `gateway` resource)
+        address = cluster.start_head(num_cpus=2, resources={"gateway": 1, "head_node": 1},
+                                     dashboard=False)
+        cluster.add_node("models", num_cpus=2, resources={"model_node": 1})
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # as the cluster's processes have it
+        ray.init(address=address, log_to_driver=False)
+        # ray.init took SIGTERM over: a terminated benchmark must still stop its cluster.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+            port = free_port()
+            for placement, resources in (("other_node", {"model_node": 0.1}),
+                                         ("same_node", {"head_node": 0.1})):
+                config = runner.load_serve_config(TWO_NODE_CONFIG, models="tiny", port=port,
+                                                  args_override={
+                    "cache_dir": str(args.cache_dir), "ui": False,
+                    "sam": {"checkpoint": str(checkpoint.path)},
+                    "sessions": {"backend": "memory"}})
+                for deployment in config["applications"][0]["deployments"]:
+                    if deployment["name"] == "SamDecoder":
+                        deployment["ray_actor_options"]["resources"] = resources
+                started = time.monotonic()
+                runner.deploy(config, timeout_s=600)  # the second only moves the decoder
+                result = hop_clicks(f"http://127.0.0.1:{port}", image, args.hop_clicks)
+                result["deploy_s"] = round(time.monotonic() - started, 1)
+                result["decoder_node_resources"] = sorted(
+                    k for k in nodes[decoder_node()] if k in ("head_node", "model_node"))
+                out[placement] = result
+                print(f"decoder on {placement} ({result['decoder_node_resources']}): client p50 "
+                      f"{result['client_ms']['p50']:.1f} ms, Gateway p50 "
+                      f"{result['total_ms']['p50']:.1f} ms, decode p50 "
+                      f"{result['decode_ms']['p50']:.1f} ms, hop p50 "
+                      f"{result['hop_ms']['p50']:.1f} ms (p95 {result['hop_ms']['p95']:.1f}); "
+                      f"first click {result['first_click']['total_ms']:.0f} ms", flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    out["two_node_hop_ms"] = out["other_node"]["hop_ms"]["p50"] - out["same_node"]["hop_ms"]["p50"]
+    print(f"crossing nodes adds {out['two_node_hop_ms']:.1f} ms to a click's hop (p50)",
+          flush=True)
+    return out
+
+
+def decoder_node() -> str:
+    """The node id of the (one) running SamDecoder replica, from Ray's actor table."""
+    import ray
+
+    for actor in ray._private.state.actors().values():  # the GCS's table: no dashboard needed
+        if (actor["State"] == "ALIVE" and actor.get("Name", "").startswith("SERVE_REPLICA::")
+                and "#SamDecoder#" in actor["Name"]):
+            return actor["Address"]["NodeID"]
+    raise RuntimeError("no running SamDecoder replica")
+
+
 def save_plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -166,16 +274,28 @@ def main() -> int:
     parser.add_argument("--idle-s", type=float, default=30.0, help="after the autoscaling load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--sections", nargs="+", default=["fixed", "autoscaling", "two-node"],
+                        choices=["fixed", "autoscaling", "two-node"])
+    parser.add_argument("--hop-clicks", type=int, default=40, help="per decoder placement")
     args = parser.parse_args()
 
     image = bench_image("astronaut", 1024)
-    results = {"machine": machine_info(), "users": args.users, "seconds": args.seconds,
-               "fixed": fixed_replicas(args, image), "autoscaling": autoscaling(args, image),
-               "two_node_hop_ms": None}  # needs the two-node cluster: not built yet
+    path = RESULTS_DIR / "scale.json"
+    # Sections not run this time keep their last results.
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"machine": machine_info(), "users": args.users, "seconds": args.seconds})
+    if "fixed" in args.sections:
+        results["fixed"] = fixed_replicas(args, image)
+    if "autoscaling" in args.sections:
+        results["autoscaling"] = autoscaling(args, image)
+    if "two-node" in args.sections:
+        results["two_node"] = two_node(args, image)
+        results["two_node_hop_ms"] = results["two_node"]["two_node_hop_ms"]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "scale.json").write_text(json.dumps(results, indent=1))
-    save_plot(results, RESULTS_DIR / "scale.png")
-    print(f"wrote {RESULTS_DIR / 'scale.json'} and scale.png")
+    path.write_text(json.dumps(results, indent=1))
+    if "fixed" in results and "autoscaling" in results:
+        save_plot(results, RESULTS_DIR / "scale.png")
+    print(f"wrote {path}" + (" and scale.png" if "fixed" in results else ""))
     return 0
 
 
