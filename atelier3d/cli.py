@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+from atelier3d.clients.cli import add_client_commands
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from atelier3d.serve import runner
@@ -41,9 +43,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from atelier3d.models import hunyuan3d, parsing
-    from atelier3d.models.qwen_edit import tiny_edit_dir
-    from atelier3d.models.sam import RANDOM_VIT_B_NAME, tiny_checkpoint, write_random_checkpoint
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
+    from atelier3d.models.mesh import hunyuan3d
+    from atelier3d.models.parse import segformer as parsing
+    from atelier3d.models.segment.sam import (
+        RANDOM_VIT_B_NAME,
+        tiny_checkpoint,
+        write_random_checkpoint,
+    )
 
     out = Path(args.dir)
     tiny = tiny_checkpoint(out)
@@ -83,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write full-size vit_b and SegFormer-B2 with random weights "
                            "(benchmarks)")
     tiny.set_defaults(func=cmd_make_tiny)
-
-    from atelier3d.clients.cli import add_client_commands
 
     add_client_commands(sub)
     return parser

@@ -7,14 +7,147 @@ Python code needs to know: which weights, which limits, how long sessions live.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from atelier3d.editing import EditSettings
-from atelier3d.meshing import MeshSettings
-from atelier3d.models.sam import default_cache_dir
+ModelsMode = Literal["auto", "tiny", "real"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ATELIER3D_HOME", Path.home() / ".cache" / "atelier3d"))
+
+
+Quantization = Literal["auto", "bitsandbytes_4bit", "bitsandbytes_8bit", "torchao_int8wo", "none"]
+
+
+# The pipelines work on 2x2 patches of 8x-downsampled latents: sizes are multiples of 16.
+SIZE_MULTIPLE = 16
+
+
+class LightningLora(BaseModel):
+    """Qwen-Image-Lightning: a step-distillation LoRA (4 or 8 steps, no CFG)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: str = Field(
+        "lightx2v/Qwen-Image-Lightning", description="hub id or local directory of the LoRA"
+    )
+    weight_name: str = Field(
+        "Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors",
+        description="file in it; match the base model (Qwen-Image-Edit-2509/... for 2509)",
+    )
+    steps: Literal[4, 8] = Field(8, description="the step count the LoRA was distilled for")
+
+
+class EditSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "Qwen/Qwen-Image-Edit",
+        description="hub id (Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509) or local directory",
+    )
+    quantization: Quantization = Field(
+        "auto", description="the transformer's weights; auto: bitsandbytes_4bit (nf4) on CUDA, "
+        "none on CPU (bitsandbytes needs a GPU; torchao_int8wo runs on CPU too)"
+    )
+    text_encoder_quantization: Quantization = Field(
+        "auto", description="the Qwen2.5-VL text encoder's weights (its vision tower and lm_head "
+        "stay unquantized with bitsandbytes)"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plus: bool | None = Field(
+        None, description="run single-image edits with the Plus pipeline too, as "
+        "Qwen-Image-Edit-2509 expects; default: when the model's name contains 2509"
+    )
+    lightning_lora: LightningLora | None = None
+    steps: int | None = Field(
+        None, ge=1, description="default steps; unset: 50, or the Lightning LoRA's 4/8"
+    )
+    true_cfg_scale: float | None = Field(
+        None, ge=1, le=20, description="default; unset: 4.0, or 1.0 (no CFG) with Lightning"
+    )
+    max_steps: int = Field(100, ge=1)
+    min_side: int = Field(256, ge=SIZE_MULTIPLE, description="smallest output width/height")
+    max_side: int = Field(2048, ge=SIZE_MULTIPLE, description="largest output width/height")
+
+    @property
+    def default_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return self.lightning_lora.steps if self.lightning_lora else 50
+
+    @property
+    def default_true_cfg_scale(self) -> float:
+        if self.true_cfg_scale is not None:
+            return self.true_cfg_scale
+        return 1.0 if self.lightning_lora else 4.0
+
+    @property
+    def plus_for_single_image(self) -> bool:
+        return self.plus if self.plus is not None else "2509" in self.model
+
+    @model_validator(mode="after")
+    def _check(self) -> EditSettings:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
+        if self.steps is not None and self.steps > self.max_steps:
+            raise ValueError(f"steps {self.steps} > max_steps {self.max_steps}")
+        return self
+
+
+OCTREE_RANGE = (16, 1024)
+
+
+FACE_RANGE = (500, 2_000_000)
+
+
+class MeshSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tencent/Hunyuan3D-2mini",
+        description="hub id (tencent/Hunyuan3D-2, tencent/Hunyuan3D-2mini) or a local directory "
+        "in the same layout (<dir>/<subfolder>/config.yaml + model.fp16.safetensors)",
+    )
+    subfolder: str = Field(
+        "hunyuan3d-dit-v2-mini",
+        description="the shape model inside it: hunyuan3d-dit-v2-0, hunyuan3d-dit-v2-0-turbo, "
+        "hunyuan3d-dit-v2-mini, hunyuan3d-dit-v2-mini-turbo, ...",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA (as the weights are published), float32 on CPU"
+    )
+    flashvdm: bool = Field(
+        False, description="FlashVDM volume decoding (hierarchical, adaptive KV; uses the turbo "
+        "VAE where the model folder has one): its authors report it much faster at octree 256+; "
+        "on an H200 with random weights it was 10x slower than dense (benchmarks/README.md)"
+    )
+    texture: Literal["auto", "paint", "project", "none"] = Field(
+        "auto", description="paint: Hunyuan3D-Paint (CUDA and hy3dgen's compiled "
+        "custom_rasterizer); project: colours projected from the input view; auto: paint where "
+        "it can run, else project"
+    )
+    paint_model: str = Field(
+        "tencent/Hunyuan3D-2", description="hub id or local directory with "
+        "hunyuan3d-paint-v2-0 and hunyuan3d-delight-v2-0"
+    )
+    steps: int = Field(30, ge=1, le=200, description="default diffusion steps")
+    guidance_scale: float = Field(5.0, ge=0, le=30, allow_inf_nan=False)
+    octree_resolution: int = Field(256, ge=OCTREE_RANGE[0], le=OCTREE_RANGE[1])
+    max_octree_resolution: int = Field(
+        512, ge=OCTREE_RANGE[0], le=OCTREE_RANGE[1],
+        description="requests above this are refused (volume decoding memory grows as its cube)",
+    )
+    num_chunks: int = Field(8000, ge=1000, description="query points per volume decoding batch")
+    target_face_count: int = Field(40000, ge=FACE_RANGE[0], le=FACE_RANGE[1])
+    mc_level: float = Field(0.0, allow_inf_nan=False, description="iso-level of the surface")
 
 
 class _Strict(BaseModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from atelier3d.stages import parse as atr
+
 PHOTOS = {"astronaut": "astronaut", "coffee": "coffee", "chelsea (cat)": "chelsea"}
 
 
@@ -25,8 +27,6 @@ def _figure(width: int, height: int) -> list[tuple[str, tuple, tuple[int, int, i
     Left/right labels are the character's own sides: it faces the viewer, so its right arm is on
     the image's left.
     """
-    from atelier3d.models import parsing as P
-
     cx = width // 2
     u = height / 640  # unit: drawn for 640 px tall, scaled
 
@@ -40,20 +40,20 @@ def _figure(width: int, height: int) -> list[tuple[str, tuple, tuple[int, int, i
     hair, eyes, shirt, skirt, shoes = (60, 40, 90), (40, 90, 170), (200, 60, 70), (40, 50, 110), (
         90, 50, 30)
     return [
-        ("ellipse", (box(-62, 40, 62, 170),), hair, P.HAIR),  # hair (back)
-        ("ellipse", (box(-48, 62, 48, 170),), SKIN_RGB, P.FACE),
-        ("pieslice", (box(-62, 40, 62, 150), 180, 360), hair, P.HAIR),  # fringe
-        ("ellipse", (box(-26, 110, -12, 126),), eyes, P.FACE),
-        ("ellipse", (box(12, 110, 26, 126),), eyes, P.FACE),
-        ("rectangle", (box(-14, 168, 14, 190),), SKIN_RGB, P.FACE),  # neck: ATR has no label
-        ("polygon", (trapezoid(70, 60, 190, 340),), shirt, P.UPPER_CLOTHES),
-        ("rectangle", (box(-100, 196, -72, 330),), SKIN_RGB, P.RIGHT_ARM),
-        ("rectangle", (box(72, 196, 100, 330),), SKIN_RGB, P.LEFT_ARM),
-        ("polygon", (trapezoid(60, 95, 340, 450),), skirt, P.SKIRT),
-        ("rectangle", (box(-40, 450, -14, 585),), SKIN_RGB, P.RIGHT_LEG),
-        ("rectangle", (box(14, 450, 40, 585),), SKIN_RGB, P.LEFT_LEG),
-        ("rectangle", (box(-50, 585, -8, 610),), shoes, P.RIGHT_SHOE),
-        ("rectangle", (box(8, 585, 50, 610),), shoes, P.LEFT_SHOE),
+        ("ellipse", (box(-62, 40, 62, 170),), hair, atr.HAIR),  # hair (back)
+        ("ellipse", (box(-48, 62, 48, 170),), SKIN_RGB, atr.FACE),
+        ("pieslice", (box(-62, 40, 62, 150), 180, 360), hair, atr.HAIR),  # fringe
+        ("ellipse", (box(-26, 110, -12, 126),), eyes, atr.FACE),
+        ("ellipse", (box(12, 110, 26, 126),), eyes, atr.FACE),
+        ("rectangle", (box(-14, 168, 14, 190),), SKIN_RGB, atr.FACE),  # neck: ATR has no label
+        ("polygon", (trapezoid(70, 60, 190, 340),), shirt, atr.UPPER_CLOTHES),
+        ("rectangle", (box(-100, 196, -72, 330),), SKIN_RGB, atr.RIGHT_ARM),
+        ("rectangle", (box(72, 196, 100, 330),), SKIN_RGB, atr.LEFT_ARM),
+        ("polygon", (trapezoid(60, 95, 340, 450),), skirt, atr.SKIRT),
+        ("rectangle", (box(-40, 450, -14, 585),), SKIN_RGB, atr.RIGHT_LEG),
+        ("rectangle", (box(14, 450, 40, 585),), SKIN_RGB, atr.LEFT_LEG),
+        ("rectangle", (box(-50, 585, -8, 610),), shoes, atr.RIGHT_SHOE),
+        ("rectangle", (box(8, 585, 50, 610),), shoes, atr.LEFT_SHOE),
     ]
 
 

@@ -32,7 +32,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from atelier3d.models import hunyuan3d as H
+from atelier3d.models.mesh import hunyuan3d as H
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
 

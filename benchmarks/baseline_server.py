@@ -31,19 +31,19 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
 from atelier3d import rle
-from atelier3d.errors import ApiError
-from atelier3d.imaging import decode_image
-from atelier3d.models.sam import SamCheckpoint, resolve_checkpoint
-from atelier3d.models.sam_prompts import decoder_prompt
-from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
-from atelier3d.serve.schemas import (
-    RLE,
+from atelier3d.api.common import RLE
+from atelier3d.api.segment import (
     MaskCandidate,
     SegmentRequest,
     SegmentResponse,
     SessionInfo,
     Timings,
 )
+from atelier3d.errors import ApiError
+from atelier3d.imaging import decode_image
+from atelier3d.models.segment.sam import SamCheckpoint, resolve_checkpoint
+from atelier3d.optimizations.segment_onnx import cached_decoder_onnx
+from atelier3d.stages.segment import decoder_prompt
 
 logger = logging.getLogger("baseline")
 
@@ -108,7 +108,7 @@ class LockedSam:
 
 def segment_response(masks: np.ndarray, scores: np.ndarray, decode_ms: float,
                      total_ms: float) -> SegmentResponse:
-    """The served API's response model, filled the way SegmentationService.segment fills it."""
+    """The served API's response model, filled the way SegmentService.segment fills it."""
     rles = rle.encode(masks)
     candidates = [
         MaskCandidate(rle=RLE(**r), score=float(s), bbox=tuple(rle.bbox_xywh(r)), area=rle.area(r))

@@ -3,7 +3,7 @@ torchao_int8wo.
 
 Two transformers, random weights (``QwenImageTransformer2DModel`` built from its config):
 
-- ``tiny``: the tiny profile's (``atelier3d.models.qwen_edit.TINY_TRANSFORMER``), what the tests
+- ``tiny``: the tiny profile's (``models.edit.qwen_image_edit.TINY_TRANSFORMER``), what the tests
   and a CPU-only server run;
 - ``full-width-1-block``: the real model's widths (24 heads x 128, joint_attention_dim 3584,
   in 64) with one of its 60 blocks: a real step costs about 60 times this block.
@@ -63,7 +63,7 @@ FULL_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
 
 
 def model_configs() -> dict[str, dict]:
-    from atelier3d.models.qwen_edit import TINY_TRANSFORMER
+    from atelier3d.models.edit.qwen_image_edit import TINY_TRANSFORMER
 
     return {"tiny": TINY_TRANSFORMER, "full-width-1-block": FULL_CONFIG | {"num_layers": 1}}
 
@@ -185,7 +185,7 @@ def stats(values: list[float]) -> dict:
 
 def direct_editor() -> Any:
     """The ImageEditor deployment's class, built in this process on the tiny pipeline."""
-    from atelier3d.deployments.image_editor import ImageEditor
+    from atelier3d.deployments.edit import ImageEditor
 
     return ImageEditor.func_or_class({"models": "tiny"})
 
@@ -194,7 +194,7 @@ def direct_edit(editor: Any, image: np.ndarray, params: dict) -> dict:
     """One edit through ``editor.edit`` (what a replica runs), from request to result (ms)."""
     import asyncio
 
-    from atelier3d.editing import EditRequest
+    from atelier3d.stages.edit import EditRequest
 
     async def run() -> dict:
         start = time.perf_counter()

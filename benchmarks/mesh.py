@@ -1,6 +1,6 @@
 """Image-to-3D latency: Hunyuan3D per stage in this process, and jobs served over HTTP.
 
-a) direct (default): ``atelier3d.models.hunyuan3d.generate`` in this process on the tiny random
+a) direct (default): ``atelier3d.models.mesh.hunyuan3d.generate`` in this process on the tiny random
    checkpoint (CPU here; the full-size costs need a GPU: ``benchmarks/gpu/mesh_gpu.py``), per
    stage (conditioning, denoise, volume_decode, mesh_extraction, postprocess, texture), the time
    to the untextured ``shape`` artifact and to the result, at each ``--octree``;
@@ -31,9 +31,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from atelier3d.meshing import MeshRequest, MeshSettings
-from atelier3d.models import hunyuan3d as H
+from atelier3d.config import MeshSettings
+from atelier3d.models.mesh import hunyuan3d as H
 from atelier3d.samples import drawn_character, drawn_character_labels
+from atelier3d.stages.mesh import MeshRequest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "bench"

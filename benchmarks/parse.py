@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image
 
 from atelier3d import rle
-from atelier3d.models import parsing
-from atelier3d.models.pose import POSE_SOURCE
-from atelier3d.models.sam import tiny_checkpoint
+from atelier3d.models.parse import segformer as parsing
+from atelier3d.models.parse.pose import POSE_SOURCE
+from atelier3d.models.segment.sam import tiny_checkpoint
 from atelier3d.samples import drawn_character, drawn_character_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def time_served(http: httpx.Client, session_id: str, body: dict) -> dict:
 
 
 def direct_phase(args: argparse.Namespace, config: dict) -> dict:
-    from atelier3d.deployments.human_parser import HumanParser
+    from atelier3d.deployments.parse import HumanParser
 
     parser = HumanParser.func_or_class(config)
     out = {}

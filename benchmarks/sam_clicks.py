@@ -37,14 +37,14 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from atelier3d.models.sam import (
+from atelier3d.models.segment.sam import (
     RANDOM_VIT_B_NAME,
     SamCheckpoint,
     resolve_checkpoint,
     write_random_checkpoint,
 )
-from atelier3d.models.sam_prompts import decoder_prompt
-from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
+from atelier3d.optimizations.segment_onnx import cached_decoder_onnx
+from atelier3d.stages.segment import decoder_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "bench"

@@ -51,7 +51,7 @@ from sam_clicks import (
     upload,
 )
 
-from atelier3d.models.sam import tiny_checkpoint
+from atelier3d.models.segment.sam import tiny_checkpoint
 
 TWO_NODE_CONFIG = Path(__file__).resolve().parent.parent / "atelier3d" / "serve" / "configs" \
     / "two-node.yaml"

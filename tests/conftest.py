@@ -89,11 +89,11 @@ def tiny_dir() -> Path:
     """Tiny SAM, SegFormer, Qwen-Image-Edit and Hunyuan3D checkpoints, and BlazePose's real
     models (no tiny ones exist; fetched once from the mediapipe wheel), so no server replica
     writes or downloads any."""
-    from atelier3d.models.hunyuan3d import tiny_shape3d_dir
-    from atelier3d.models.parsing import tiny_segformer_dir
-    from atelier3d.models.pose import resolve_pose_weights
-    from atelier3d.models.qwen_edit import tiny_edit_dir
-    from atelier3d.models.sam import tiny_checkpoint
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
+    from atelier3d.models.mesh.hunyuan3d import tiny_shape3d_dir
+    from atelier3d.models.parse.pose import resolve_pose_weights
+    from atelier3d.models.parse.segformer import tiny_segformer_dir
+    from atelier3d.models.segment.sam import tiny_checkpoint
 
     tiny_checkpoint(GENERATED)
     tiny_segformer_dir(GENERATED)
@@ -105,7 +105,7 @@ def tiny_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sam(tiny_dir):
-    from atelier3d.models.sam import tiny_checkpoint
+    from atelier3d.models.segment.sam import tiny_checkpoint
 
     return tiny_checkpoint(tiny_dir)
 
@@ -113,7 +113,7 @@ def tiny_sam(tiny_dir):
 @pytest.fixture(scope="session")
 def human_parser(tiny_dir):
     """The HumanParser deployment's class in-process, configured as the ``server``'s."""
-    from atelier3d.deployments.human_parser import HumanParser
+    from atelier3d.deployments.parse import HumanParser
 
     return HumanParser.func_or_class({"models": "tiny", "cache_dir": str(tiny_dir)})
 

@@ -114,11 +114,11 @@ def field_paths(value, path: str = ""):
 
 
 def app_deployment_names() -> set[str]:
-    from atelier3d.deployments.human_parser import HumanParser
-    from atelier3d.deployments.image_editor import ImageEditor
-    from atelier3d.deployments.sam_decoder import SamDecoder
-    from atelier3d.deployments.sam_encoder import SamEncoder
-    from atelier3d.deployments.shape3d import Shape3D
+    from atelier3d.deployments.edit import ImageEditor
+    from atelier3d.deployments.mesh import Shape3D
+    from atelier3d.deployments.parse import HumanParser
+    from atelier3d.deployments.segment_decoder import SamDecoder
+    from atelier3d.deployments.segment_encoder import SamEncoder
     from atelier3d.serve.gateway import Gateway
 
     return {d.name for d in (Gateway, SamEncoder, SamDecoder, HumanParser, ImageEditor, Shape3D)}

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier3d.editing import PRESETS, EditRequest, EditSettings
+from atelier3d.config import EditSettings
 from atelier3d.errors import BadRequest, Unprocessable
+from atelier3d.stages.edit import PRESETS, EditRequest
 from tests.conftest import GENERATED
 
 STEPS = 2
@@ -26,7 +27,7 @@ PROMPT = "make the shirt red"
 
 @pytest.fixture(scope="module")
 def tiny_edit():
-    from atelier3d.models.qwen_edit import tiny_edit_dir
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
 
     return tiny_edit_dir(GENERATED)
 
@@ -36,7 +37,7 @@ def editor_config(**edit) -> dict:
 
 
 def make_editor(**edit):
-    from atelier3d.deployments.image_editor import ImageEditor
+    from atelier3d.deployments.edit import ImageEditor
 
     editor = ImageEditor.func_or_class(editor_config(**edit))
     # The deployment defaults to one thread; the tests use the box's cores.
@@ -220,7 +221,7 @@ async def test_the_editor_applies_its_own_limits(tiny_edit, image):
 
 
 def test_missing_weights_fail_in_real_mode_and_fall_back_loudly_in_auto(tiny_edit, caplog):
-    from atelier3d.models.qwen_edit import load_edit_pipeline
+    from atelier3d.models.edit.qwen_image_edit import load_edit_pipeline
 
     settings = EditSettings(model="/no/such/qwen-image-edit")
     with pytest.raises((OSError, ValueError)):
@@ -230,7 +231,7 @@ def test_missing_weights_fail_in_real_mode_and_fall_back_loudly_in_auto(tiny_edi
 
 
 def test_lightning_lora_brings_its_schedule_and_defaults(tiny_edit, caplog):
-    from atelier3d.models.qwen_edit import load_edit_pipeline
+    from atelier3d.models.edit.qwen_image_edit import load_edit_pipeline
 
     lora = {"weights": str(GENERATED / "no-such-lora"), "steps": 4}
     pipes = load_edit_pipeline(EditSettings(lightning_lora=lora), "tiny", GENERATED)
@@ -247,7 +248,7 @@ def test_lightning_lora_brings_its_schedule_and_defaults(tiny_edit, caplog):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only start-up error")
 @pytest.mark.parametrize("field", ["quantization", "text_encoder_quantization"])
 def test_bitsandbytes_on_cpu_fails_at_start_up_with_the_way_out(field):
-    from atelier3d.deployments.image_editor import ImageEditor
+    from atelier3d.deployments.edit import ImageEditor
 
     with pytest.raises(ValueError, match="use torchao_int8wo or none on CPU"):
         ImageEditor.func_or_class(editor_config(**{field: "bitsandbytes_4bit"}))

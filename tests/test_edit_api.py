@@ -142,7 +142,7 @@ def test_served_edit_is_pixel_identical_to_diffusers_direct(http, session, tiny_
     import torch
     from diffusers import DiffusionPipeline
 
-    from atelier3d.models.qwen_edit import tiny_edit_dir
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
 
     job_id = submit(http, edit_body(session, steps=2, width=256, height=256)).json()["job_id"]
     assert wait(http, job_id)[-1]["type"] == "succeeded"

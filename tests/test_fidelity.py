@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from atelier3d import rle
-from atelier3d.models.sam_prompts import apply_coords, decoder_prompt, preprocess_shape
+from atelier3d.stages.segment import apply_coords, decoder_prompt, preprocess_shape
 from tests.conftest import png_bytes
 
 # Shapes: portrait, landscape, square, tiny, odd sizes.
@@ -131,7 +131,7 @@ def test_low_res_logits_match_torch_within_1e3(tiny_sam, tiny_dir, predictor):
     """The exported graph itself, in-process: ONNX vs torch low-res logits."""
     import onnxruntime as ort
 
-    from atelier3d.optimizations.sam_onnx import cached_decoder_onnx
+    from atelier3d.optimizations.segment_onnx import cached_decoder_onnx
 
     for height, width in SIZES:
         image = synthetic_image(height, width, seed=1)

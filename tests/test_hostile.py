@@ -454,7 +454,7 @@ def test_unexpected_errors_are_json_500():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from atelier3d.serve.api import install_error_handlers
+    from atelier3d.serve.http import install_error_handlers
 
     app = FastAPI()
     install_error_handlers(app)

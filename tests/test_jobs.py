@@ -17,8 +17,8 @@ import ray.exceptions
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.deployments.streaming import stream_blocking
 from atelier3d.errors import BadRequest, Conflict, NotFound, Unavailable
-from atelier3d.serve.jobs import JobKind, JobService, job_state
-from atelier3d.serve.sessions import SessionStore
+from atelier3d.serve.jobs.service import JobKind, JobService, job_state
+from atelier3d.serve.sessions.memory import MemorySessionStore
 
 
 class StepWork:
@@ -50,7 +50,7 @@ class StepWork:
 
 
 def service(max_running: int = 1, max_queued: int = 8, work: StepWork | None = None):
-    store = SessionStore(ttl_s=60, max_sessions=10, max_per_client=10)
+    store = MemorySessionStore(ttl_s=60, max_sessions=10, max_per_client=10)
     jobs = JobService(JobSettings(max_jobs_per_session=4), store)
     work = work or StepWork()
     jobs.register(JobKind("edit", JobKindSettings(max_running=max_running, max_queued=max_queued),
@@ -162,7 +162,7 @@ async def test_follow_replays_from_a_sequence_number():
 async def test_event_stream_outlives_quiet_spells(monkeypatch, sse):
     """Keep-alives while nothing happens, then every event to the end: a quiet spell (a job
     waiting for a replaced replica) must not end the stream."""
-    from atelier3d.serve import api_jobs
+    from atelier3d.serve.jobs import routes as api_jobs
 
     monkeypatch.setattr(api_jobs, "KEEPALIVE_S", 0.02)
     jobs, store, _ = service(work=StepWork(steps=3, step_s=0.15))
@@ -213,7 +213,7 @@ async def test_a_job_whose_replica_dies_runs_again(losses, status):
 async def test_a_session_does_not_expire_under_its_waiting_job():
     """Nobody clicks while a job queues and runs; its session (TTL 0.3 s here) stays alive for
     the job's 1.5 s, and then expires as usual."""
-    store = SessionStore(ttl_s=0.3, max_sessions=10, max_per_client=10)
+    store = MemorySessionStore(ttl_s=0.3, max_sessions=10, max_per_client=10)
     jobs = JobService(JobSettings(), store)
     work = StepWork(steps=5, step_s=0.15)
     jobs.register(JobKind("edit", JobKindSettings(max_running=1), work.start, {"denoise": 1.0}))

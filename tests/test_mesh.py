@@ -18,9 +18,10 @@ import torch
 import trimesh
 from PIL import Image
 
+from atelier3d.config import MeshSettings
 from atelier3d.errors import BadRequest, Unprocessable
-from atelier3d.meshing import FORMATS, GLB, MeshRequest, MeshSettings, alpha_box, convert_mesh
-from atelier3d.models import hunyuan3d as H
+from atelier3d.models.mesh import hunyuan3d as H
+from atelier3d.stages.mesh import FORMATS, GLB, MeshRequest, alpha_box, convert_mesh
 from tests.conftest import GENERATED
 
 STEPS, OCTREE = 3, 64
@@ -56,7 +57,7 @@ def tiny() -> str:
 @pytest.fixture(scope="module")
 def shape3d(tiny):
     """The Shape3D deployment's class in-process, with the tiny weights."""
-    from atelier3d.deployments.shape3d import Shape3D
+    from atelier3d.deployments.mesh import Shape3D
 
     return Shape3D.func_or_class({"models": "tiny", "cache_dir": str(GENERATED)})
 

@@ -12,8 +12,8 @@ import torch
 import trimesh
 from PIL import Image
 
-from atelier3d.meshing import MeshSettings
-from atelier3d.models import hunyuan3d as H
+from atelier3d.config import MeshSettings
+from atelier3d.models.mesh import hunyuan3d as H
 from atelier3d.samples import drawn_character
 from tests.conftest import png_bytes, uploaded
 from tests.test_mesh import IMAGE, cutout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from atelier3d.models.sam_prompts import decoder_prompt
-from atelier3d.optimizations.sam_onnx import cached_decoder_onnx, export_options_key
+from atelier3d.optimizations.segment_onnx import cached_decoder_onnx, export_options_key
+from atelier3d.stages.segment import decoder_prompt
 
 
 def run(path, embedding, size, points):

@@ -15,9 +15,8 @@ import pytest
 from PIL import Image
 
 from atelier3d import rle
-from atelier3d.models.parsing import LABELS, PALETTE
-from atelier3d.models.pose import render_pose_map
 from atelier3d.samples import drawn_character, drawn_character_labels
+from atelier3d.stages.parse import LABELS, PALETTE, render_pose_map
 from tests.conftest import png_bytes, uploaded
 from tests.test_api import assert_error
 

@@ -12,17 +12,20 @@ import torch
 from PIL import Image
 
 from atelier3d import rle
-from atelier3d.checks import run_checks
+from atelier3d.api.parse import KEYPOINT_NAMES, Keypoint, Pose
 from atelier3d.errors import BadRequest
-from atelier3d.garments import (
+from atelier3d.models.parse import segformer as P
+from atelier3d.models.parse.checks import run_checks
+from atelier3d.models.parse.garments import (
     complete_occlusion,
     extract_parts,
     feathered_alpha,
     hidden_region,
 )
-from atelier3d.models import parsing as P
-from atelier3d.models.pose import KEYPOINT_NAMES, Keypoint, Pose, load_pose, render_pose_map
+from atelier3d.models.parse.pose import load_pose
 from atelier3d.samples import drawn_character, drawn_character_labels, photo
+from atelier3d.stages import parse as atr
+from atelier3d.stages.parse import render_pose_map
 
 IMAGE = drawn_character()
 LABELS = drawn_character_labels()
@@ -64,10 +67,11 @@ def synthetic_pose(points: dict[str, tuple[float, float]]) -> Pose:
 # --- SegFormer --------------------------------------------------------------------------------
 
 def test_labels_are_atr_18_in_model_card_order():
-    assert len(P.LABELS) == 18 and P.LABELS[0] == "Background" and P.LABELS[17] == "Scarf"
-    assert P.LABELS[P.UPPER_CLOTHES] == "Upper-clothes" and P.LABELS[P.RIGHT_ARM] == "Right-arm"
-    assert P.PALETTE.shape == (18, 3) and len({tuple(c) for c in P.PALETTE}) == 18
-    assert P.colorize(LABELS).shape == (*LABELS.shape, 3)
+    assert len(atr.LABELS) == 18 and atr.LABELS[0] == "Background" and atr.LABELS[17] == "Scarf"
+    assert atr.LABELS[atr.UPPER_CLOTHES] == "Upper-clothes"
+    assert atr.LABELS[atr.RIGHT_ARM] == "Right-arm"
+    assert atr.PALETTE.shape == (18, 3) and len({tuple(c) for c in atr.PALETTE}) == 18
+    assert atr.colorize(LABELS).shape == (*LABELS.shape, 3)
 
 
 def test_tiny_segformer_round_trips_offline(tmp_path, monkeypatch, caplog):
@@ -79,7 +83,7 @@ def test_tiny_segformer_round_trips_offline(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     parser = P.load_parser(str(out), mode="real")
     assert not parser.trained
-    assert parser.model.config.id2label == dict(enumerate(P.LABELS))
+    assert parser.model.config.id2label == dict(enumerate(atr.LABELS))
     assert parser.processor.size == {"height": 512, "width": 512}
     # Loaded weights are the saved ones: saving them again gives the same tensors (transformers 5
     # renames some modules on load, so the two state dicts are compared in the file layout).
@@ -137,16 +141,16 @@ def test_parts_of_the_drawn_character_match_its_regions(human_parser):
     result = human_parser.parse(IMAGE, MASK, labels=LABELS)
     np.testing.assert_array_equal(result.label_map, LABELS)
     present = sorted(set(np.unique(LABELS)) - {0})
-    assert result.labels == [P.LABELS[i] for i in present]
+    assert result.labels == [atr.LABELS[i] for i in present]
     for i in present:
-        np.testing.assert_array_equal(rle.decode(result.rles[P.LABELS[i]], LABELS.shape),
+        np.testing.assert_array_equal(rle.decode(result.rles[atr.LABELS[i]], LABELS.shape),
                                       LABELS == i)
 
     parts = {p.name: p for p in result.parts}
-    garments = [i for i in present if i in P.GARMENT_LABELS]
-    assert list(parts) == [P.LABELS[i] for i in garments] + ["clothing", "hair", "body-skin"]
-    expected = {P.LABELS[i]: LABELS == i for i in garments}
-    expected |= {g: np.isin(LABELS, ids) for g, ids in P.GROUPS.items()}
+    garments = [i for i in present if i in atr.GARMENT_LABELS]
+    assert list(parts) == [atr.LABELS[i] for i in garments] + ["clothing", "hair", "body-skin"]
+    expected = {atr.LABELS[i]: LABELS == i for i in garments}
+    expected |= {g: np.isin(LABELS, ids) for g, ids in atr.GROUPS.items()}
     feather = human_parser.settings.feather_px
     for name, region in expected.items():
         full = paste(parts[name], LABELS.shape)
@@ -171,10 +175,10 @@ def test_mask_limits_labels_and_parts(human_parser):
 def occluded_shirt() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The figure with its left forearm held across the shirt: image, labels, full shirt."""
     image, labels = IMAGE.copy(), LABELS.copy()
-    shirt = labels == P.UPPER_CLOTHES
+    shirt = labels == atr.UPPER_CLOTHES
     band = np.zeros_like(shirt)
     band[250:272, 150:300] = True
-    labels[band] = P.LEFT_ARM
+    labels[band] = atr.LEFT_ARM
     image[band] = (250, 222, 200)
     return image, labels, shirt
 
@@ -183,12 +187,12 @@ def occluded_shirt() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("method, min_iou", [("convex", 0.99), ("close", 0.95)])
 def test_complete_occlusion_fills_only_the_hidden_region(method, min_iou):
     image, labels, shirt = occluded_shirt()
-    (part,) = extract_parts(image, labels, labels=(P.UPPER_CLOTHES,), feather_px=2)
-    occluders = part.crop(labels == P.LEFT_ARM)
+    (part,) = extract_parts(image, labels, labels=(atr.UPPER_CLOTHES,), feather_px=2)
+    occluders = part.crop(labels == atr.LEFT_ARM)
     hidden = hidden_region(part.region, occluders, method, close_px=15)
     # What the arm hides of the shirt is what is filled (up to the hull's rasterised slanted edge).
     assert not (hidden & ~occluders).any()
-    assert iou(hidden, part.crop(shirt & (labels == P.LEFT_ARM))) > min_iou
+    assert iou(hidden, part.crop(shirt & (labels == atr.LEFT_ARM))) > min_iou
 
     completed = complete_occlusion(part.rgba, occluders, method=method, feather_px=2)
     changed = np.any(completed != part.rgba, axis=-1)
@@ -262,7 +266,7 @@ def test_pose_map_is_an_openpose_skeleton(pose_model):
 def test_pose_weights_from_a_local_wheel(tmp_path, pose_model):
     import zipfile
 
-    from atelier3d.models.pose import WHEEL_MEMBERS, resolve_pose_weights
+    from atelier3d.models.parse.pose import WHEEL_MEMBERS, resolve_pose_weights
 
     # A wheel laid down by hand (an offline machine): same layout as mediapipe's.
     wheel = tmp_path / "mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl"
@@ -352,9 +356,9 @@ def test_parse_maps_everything_back_to_the_full_image(human_parser):
     assert x0 < 60 + 97 and y0 < 80 + 40 and x1 > 60 + 288 and y1 > 80 + 610
     for name, encoded in result.rles.items():
         np.testing.assert_array_equal(rle.decode(encoded, (800, 560)),
-                                      result.label_map == P.LABEL_IDS[name])
+                                      result.label_map == atr.LABEL_IDS[name])
     assert len(result.keypoints) == 33
-    face = np.argwhere(labels == P.FACE)
+    face = np.argwhere(labels == atr.FACE)
     (fy0, fx0), (fy1, fx1) = face.min(0), face.max(0)
     nose = result.pose["nose"]
     assert fx0 <= nose.x <= fx1 and fy0 <= nose.y <= fy1
@@ -384,7 +388,8 @@ def test_bad_input_is_a_bad_request(human_parser, image, mask, labels, message):
 
 def test_make_tiny_writes_every_tiny_checkpoint(tmp_path):
     from atelier3d.cli import main
-    from atelier3d.models import hunyuan3d, qwen_edit
+    from atelier3d.models.edit import qwen_image_edit as qwen_edit
+    from atelier3d.models.mesh import hunyuan3d
 
     assert main(["models", "make-tiny", "--dir", str(tmp_path)]) == 0
     assert (tmp_path / "parsing" / P.TINY_DIR / "model.safetensors").is_file()

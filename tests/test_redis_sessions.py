@@ -14,10 +14,10 @@ import pytest
 
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import Conflict, NotFound, TooManyRequests
-from atelier3d.serve import records
-from atelier3d.serve.jobs import JobKind, JobService, job_state
-from atelier3d.serve.redis_store import RedisSessionStore
-from atelier3d.serve.sessions import Candidate, SegObject, Step
+from atelier3d.serve.jobs.service import JobKind, JobService, job_state
+from atelier3d.serve.sessions import records
+from atelier3d.serve.sessions.redis_store import RedisSessionStore
+from atelier3d.serve.sessions.session import Candidate, SegObject, Step
 from tests.conftest import png_bytes
 from tests.test_jobs import StepWork
 
@@ -143,13 +143,14 @@ async def test_quota_lru_expiry_and_delete_through_redis(redis_url):
 
 def test_parse_record_round_trip(human_parser):
     from atelier3d.samples import drawn_character
-    from atelier3d.serve.parsing import ParsingService, StoredParse
+    from atelier3d.serve.parse.service import ParseService
+    from atelier3d.serve.sessions.session import StoredParse
 
     image = drawn_character(160, 256)
     mask = np.zeros(image.shape[:2], bool)
     mask[20:240, 30:130] = True
     result = human_parser.parse(image, mask, None, None, True)
-    response = ParsingService._response("ses_x", "prs_x", None, result, 1.0)
+    response = ParseService._response("ses_x", "prs_x", None, result, 1.0)
     back = records.unpack_parse(records.pack_parse(StoredParse(response, result)))
     assert back.response == response
     assert np.array_equal(back.result.label_map, result.label_map)

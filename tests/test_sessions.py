@@ -10,7 +10,8 @@ import ray
 
 from atelier3d.errors import NotFound, TooManyRequests
 from atelier3d.samples import drawn_character
-from atelier3d.serve.sessions import SegObject, SessionStore, Step
+from atelier3d.serve.sessions.memory import MemorySessionStore
+from atelier3d.serve.sessions.session import SegObject, Step
 from tests.conftest import png_bytes
 
 
@@ -22,8 +23,9 @@ class Clock:
         return self.now
 
 
-def store(clock: Clock, **kw) -> SessionStore:
-    return SessionStore(**{"ttl_s": 60, "max_sessions": 3, "max_per_client": 2, "clock": clock,
+def store(clock: Clock, **kw) -> MemorySessionStore:
+    return MemorySessionStore(**{"ttl_s": 60, "max_sessions": 3, "max_per_client": 2,
+                                 "clock": clock,
                            **kw})
 
 
@@ -123,13 +125,13 @@ async def test_lost_embedding_object_is_recomputed(server):
     """A session whose embedding object died with its owner still segments, after a re-encode."""
     from ray import serve
 
+    from atelier3d.api.segment import SegmentRequest
     from atelier3d.config import AppConfig
-    from atelier3d.serve.schemas import SegmentRequest
-    from atelier3d.serve.segmentation import SegmentationService
+    from atelier3d.serve.segment.service import SegmentService
 
     encoder = serve.get_deployment_handle("SamEncoder", "atelier3d")
     decoder = serve.get_deployment_handle("SamDecoder", "atelier3d")
-    service = SegmentationService(AppConfig(models="tiny"), encoder, decoder)
+    service = SegmentService(AppConfig(models="tiny"), encoder, decoder)
     info = await service.create_session(png_bytes(drawn_character(160, 256)), "test")
     await service.wait_ready(info.session_id)
     request = SegmentRequest(points=[(80, 128)], labels=[1])

@@ -23,9 +23,9 @@ import trimesh
 from PIL import Image
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from atelier3d.models.parsing import GARMENT_LABELS, LABELS
 from atelier3d.samples import drawn_character
-from atelier3d.serve.ui_parse import FADE
+from atelier3d.serve.ui.parse import FADE
+from atelier3d.stages.parse import GARMENT_LABELS, LABELS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -10,7 +10,14 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from atelier3d.clients.client import API_KEY_ENV, DEFAULT_BASE_URL
+from atelier3d.clients.client import (
+    API_KEY_ENV,
+    DEFAULT_BASE_URL,
+    ApiError,
+    Client,
+    ProgressBar,
+    segment_call,
+)
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -66,8 +73,6 @@ def _prompt(args: argparse.Namespace) -> tuple[list[tuple[float, float]], list[i
     """The ``--point``/``--box`` prompt, checked before anything is sent (exit status 2)."""
     from pydantic import ValidationError
 
-    from atelier3d.clients.client import segment_call
-
     if not args.point and args.box is None:
         raise CliError("give at least one --point or a --box", 2)
     if not Path(args.image).is_file():
@@ -86,8 +91,6 @@ def _prompt(args: argparse.Namespace) -> tuple[list[tuple[float, float]], list[i
 def _session(client, image: Path) -> Iterator:
     """A session for ``image``, encoded, and deleted again at the end."""
     import httpx
-
-    from atelier3d.clients.client import ApiError
 
     info = client.create_session(image, wait=True)
     try:
@@ -123,8 +126,6 @@ def _run(args: argparse.Namespace, work: Callable[[], int]) -> int:
     """Runs ``work`` (which talks to the server), turning every failure into a message."""
     import httpx
 
-    from atelier3d.clients.client import ApiError
-
     try:
         return work()
     except CliError as exc:
@@ -146,8 +147,6 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from atelier3d.clients.client import Client
-
     def work() -> int:
         points, labels = _prompt(args)
         with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
@@ -164,8 +163,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_parse(args: argparse.Namespace) -> int:
-    from atelier3d.clients.client import Client
-
     def work() -> int:
         points, labels = _prompt(args)
         with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
@@ -209,8 +206,6 @@ def _optional_source(client, session_id: str, args: argparse.Namespace) -> dict:
 
 
 def _follow(client, submitted, label: str, quiet: bool) -> None:
-    from atelier3d.clients.client import ProgressBar
-
     print(f"job {submitted.job_id}")
     state = client.wait_job(submitted.job_id, None if quiet else ProgressBar(label))
     timings = ", ".join(f"{k} {v / 1000:.1f}s" for k, v in state.stage_ms.items())
@@ -218,8 +213,6 @@ def _follow(client, submitted, label: str, quiet: bool) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from atelier3d.clients.client import Client
-
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)
@@ -239,8 +232,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_mesh(args: argparse.Namespace) -> int:
-    from atelier3d.clients.client import Client
-
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)

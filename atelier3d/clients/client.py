@@ -40,21 +40,15 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
-from atelier3d.serve.schemas import (
-    RLE,
+from atelier3d.api.common import RLE, ImageSource, ReadyInfo
+from atelier3d.api.edit import EditJobRequest
+from atelier3d.api.jobs import JobState, JobSubmitted
+from atelier3d.api.mesh import MeshJobRequest, MeshPart
+from atelier3d.api.parse import ParseRequest, ParseResponse, PartGroup
+from atelier3d.api.segment import (
     CutoutRequest,
-    EditJobRequest,
-    ImageSource,
-    JobState,
-    JobSubmitted,
     MaskCandidate,
-    MeshJobRequest,
-    MeshPart,
     ObjectState,
-    ParseRequest,
-    ParseResponse,
-    PartGroup,
-    ReadyInfo,
     SegmentRequest,
     SegmentResponse,
     SelectRequest,

@@ -9,20 +9,28 @@ from __future__ import annotations
 from ray.serve import Application
 
 from atelier3d.config import AppConfig
-from atelier3d.deployments.human_parser import HumanParser
-from atelier3d.deployments.image_editor import ImageEditor
-from atelier3d.deployments.sam_decoder import SamDecoder
-from atelier3d.deployments.sam_encoder import SamEncoder
-from atelier3d.deployments.shape3d import Shape3D
+from atelier3d.deployments.edit import ImageEditor
+from atelier3d.deployments.mesh import Shape3D
+from atelier3d.deployments.parse import HumanParser
+from atelier3d.deployments.segment_decoder import SamDecoder
+from atelier3d.deployments.segment_encoder import SamEncoder
 from atelier3d.serve.gateway import Gateway
+
+WEIGHTS = ("models", "cache_dir")  # what every model deployment reads besides its own section
+
+
+def model_slice(config: AppConfig, section: str) -> dict:
+    """The part of the config one model deployment reads. Serve restarts a deployment's replicas
+    when its bound arguments change, so changing anything else (fair use, limits, the UI, another
+    model) leaves them running."""
+    return config.model_dump(mode="json", include={*WEIGHTS, section})
 
 
 def build_app(args: dict | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
-    raw = config.model_dump(mode="json")
-    encoder = SamEncoder.bind(raw)
-    decoder = SamDecoder.bind(raw)
-    parser = HumanParser.bind(raw)
-    editor = ImageEditor.bind(raw)
-    shape3d = Shape3D.bind(raw)
-    return Gateway.bind(raw, encoder, decoder, parser, editor, shape3d)
+    encoder = SamEncoder.bind(model_slice(config, "sam"))
+    decoder = SamDecoder.bind(model_slice(config, "sam"))
+    parser = HumanParser.bind(model_slice(config, "parsing"))
+    editor = ImageEditor.bind(model_slice(config, "edit"))
+    shape3d = Shape3D.bind(model_slice(config, "mesh"))
+    return Gateway.bind(config.model_dump(mode="json"), encoder, decoder, parser, editor, shape3d)

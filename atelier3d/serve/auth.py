@@ -22,15 +22,24 @@ import re
 from contextvars import ContextVar
 from pathlib import Path
 
+from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from atelier3d.config import AuthSettings
+from atelier3d.serve.http import error_response
 
 logger = logging.getLogger("ray.serve")
 
+
 MIN_KEY_LENGTH = 16
+
+
 SCOPE_KEY = "atelier3d.client"  # the request's client identity, in the ASGI scope
+
+
 _HEX_DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+
+
 # The identity of the /v1 request being served; None: nothing to check.
 current_client: ContextVar[str | None] = ContextVar("atelier3d_client", default=None)
 
@@ -122,8 +131,6 @@ class ApiKeyMiddleware:
         token = bearer_token(scope)
         client = self.keys.identify(token) if token is not None else None
         if client is None:
-            from atelier3d.serve.http import error_response
-
             why = "invalid API key" if token is not None else "missing API key"
             response = error_response(
                 401, "unauthorized", f"{why}: send the header 'Authorization: Bearer <key>'")
@@ -157,3 +164,12 @@ def ui_login(users: dict[str, str]):
         return ok and known is not None
 
     return check
+
+
+def client_key(request: Request) -> str:
+    """Who the client is: its API key's identity when keys are on, else its address as
+    ``FairUseMiddleware`` named it (the proxy's X-Forwarded-For where trusted)."""
+    identity = request.scope.get(SCOPE_KEY) or getattr(request.state, "client", None)
+    if identity:
+        return identity
+    return request.client.host if request.client else "unknown"

@@ -14,14 +14,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier3d.config import AppConfig
-from atelier3d.serve.api import build_api
-from atelier3d.serve.editing import EditService
-from atelier3d.serve.fairuse import FairUse
-from atelier3d.serve.jobs import JobService
-from atelier3d.serve.meshing import MeshService
-from atelier3d.serve.parsing import ParsingService
-from atelier3d.serve.segmentation import SegmentationService
-from atelier3d.serve.sources import SourceResolver
+from atelier3d.serve.edit.service import EditService
+from atelier3d.serve.fair_use import FairUse
+from atelier3d.serve.health import Health
+from atelier3d.serve.jobs.service import JobService
+from atelier3d.serve.jobs.sources import SourceResolver
+from atelier3d.serve.mesh.service import MeshService
+from atelier3d.serve.parse.service import ParseService
+from atelier3d.serve.routes import build_api
+from atelier3d.serve.segment.service import SegmentService
+from atelier3d.serve.ui.app import mount_ui
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,22 +71,22 @@ class Gateway:
     def __init__(self, config: dict, encoder: DeploymentHandle, decoder: DeploymentHandle,
                  parser: DeploymentHandle, editor: DeploymentHandle, shape3d: DeploymentHandle):
         self.config = AppConfig.model_validate(config)
-        self.service = SegmentationService(self.config, encoder, decoder)
-        self.parsing = ParsingService(self.service, parser)
+        self.service = SegmentService(self.config, encoder, decoder)
+        self.parsing = ParseService(self.service, parser)
         self.fair_use = FairUse(self.config.fair_use)
         self.jobs = JobService(self.config.jobs, self.service.store, self.fair_use)
         sources = SourceResolver(self.service, self.jobs)
         self.editing = EditService(self.service, self.jobs, sources, editor)
         self.meshing = MeshService(self.service, self.jobs, sources, shape3d)
+        self.health = Health({"sam_encoder": encoder, "sam_decoder": decoder,
+                              "human_parser": parser, "image_editor": editor,
+                              "shape3d": shape3d})
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.service, self.config, self.parsing,
-                        (self.jobs, self.editing, self.meshing), self.fair_use)
+        jobs = (self.jobs, self.editing, self.meshing)
+        app = build_api(self.config, self.health, self.service, self.parsing, jobs, self.fair_use)
         if self.config.ui:
-            from atelier3d.serve.ui import mount_ui
-
-            app = mount_ui(app, self.service, self.parsing,
-                           (self.jobs, self.editing, self.meshing))
+            app = mount_ui(app, self.health, self.service, self.parsing, jobs)
         replica, node = replica_identity()
         app.add_middleware(ReplicaHeaders, replica=replica, node=node)
         return app

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atelier3d.errors import Unavailable, UnsupportedMediaType
+from atelier3d.api.common import ErrorResponse
+from atelier3d.config import AppConfig
+from atelier3d.errors import ApiError, Unavailable, UnsupportedMediaType
 from atelier3d.serve.faults import REPLICA_LOST, RETRY_AFTER_S, describe
-from atelier3d.serve.schemas import ErrorResponse
+
+logger = logging.getLogger("ray.serve")
 
 ERRORS = {
     status: {"model": ErrorResponse}
     for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
+
+
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
 
@@ -77,12 +86,87 @@ class ApiRoute(APIRoute):
         return route
 
 
-def client_key(request: Request) -> str:
-    """Who the client is: its API key's identity when keys are on, else its address as
-    ``FairUseMiddleware`` named it (the proxy's X-Forwarded-For where trusted)."""
-    from atelier3d.serve.auth import SCOPE_KEY
+UPLOAD_PATHS = ("/v1/sessions", "/v1/jobs/mesh")  # image uploads; every other body is JSON
 
-    identity = request.scope.get(SCOPE_KEY) or getattr(request.state, "client", None)
-    if identity:
-        return identity
-    return request.client.host if request.client else "unknown"
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over the limit with 413 while they stream in, before parsing.
+
+    Uploads get ``max_upload_bytes`` (plus multipart overhead); every other body gets
+    ``max_json_bytes``. Chunked bodies without a Content-Length are counted too.
+    """
+
+    def __init__(self, app: ASGIApp, config: AppConfig) -> None:
+        self.app = app
+        self.upload_limit = config.limits.max_upload_bytes + 64 * 1024
+        self.json_limit = config.limits.max_json_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in UPLOAD_PATHS
+        limit = self.upload_limit if is_upload else self.json_limit
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send, limit)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error_response(413, "payload_too_large", f"request body over {limit} bytes")
+        await response(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # A bug, never bad input (that is a 4xx above): logged with its traceback, and answered
+        # in the API's error shape rather than Starlette's plain-text 500.
+        logger.error("unhandled error on %s %s", request.method, request.url.path,
+                     exc_info=exc)
+        return error_response(500, "internal", f"internal server error ({type(exc).__name__})")

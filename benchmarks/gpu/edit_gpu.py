@@ -70,8 +70,9 @@ class Reporter:
 
 
 def tiny_pipeline_edits(quantizations: list[str], device: str, cache: Path) -> list[dict]:
-    from atelier3d.editing import EditRequest, EditSettings
-    from atelier3d.models.qwen_edit import load_edit_pipeline, run_edit
+    from atelier3d.config import EditSettings
+    from atelier3d.models.edit.qwen_image_edit import load_edit_pipeline, run_edit
+    from atelier3d.stages.edit import EditRequest
 
     image = np.random.default_rng(0).integers(0, 256, (96, 64, 3), dtype=np.uint8)
     out = []
@@ -139,7 +140,7 @@ def to_nf4(model: Any, config: Any) -> int:
 
 
 def full_transformer(args: argparse.Namespace, device: str) -> dict:
-    from atelier3d.models.qwen_edit import component_quantization
+    from atelier3d.models.edit.qwen_image_edit import component_quantization
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = FULL_CONFIG if device == "cuda" else model_configs()["tiny"]

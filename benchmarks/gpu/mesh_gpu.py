@@ -3,7 +3,7 @@
 For a lent GPU with no network: the Hunyuan3D-2mini (0.6 B DiT) and Hunyuan3D-2 v2-0 (1.1 B DiT)
 architectures are built from their published ``config.yaml`` (written out below) with hy3dgen's
 own ``instantiate_from_config``, directly on the GPU in fp16, with random weights, and run through
-``atelier3d.models.hunyuan3d.generate`` (the Shape3D deployment's code) at octree 256, with the
+``atelier3d.models.mesh.hunyuan3d.generate`` (the Shape3D deployment's code) at octree 256, with the
 dense volume decoder and with FlashVDM's. Stage clocks wait for the GPU at each stage's end.
 
 Random weights decode a noisy field, not a shape; so that marching cubes, post-processing and
@@ -31,8 +31,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from atelier3d.meshing import MeshRequest, MeshSettings  # noqa: E402
-from atelier3d.models import hunyuan3d as H  # noqa: E402
+from atelier3d.config import MeshSettings  # noqa: E402
+from atelier3d.models.mesh import hunyuan3d as H  # noqa: E402
+from atelier3d.stages.mesh import MeshRequest  # noqa: E402
 
 # DINOv2-giant, the image encoder of both (facebook/dinov2-giant's config).
 DINO_GIANT = dict(model_type="dinov2", hidden_size=1536, num_hidden_layers=40,

@@ -27,8 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from atelier3d.models.sam_prompts import decoder_prompt, preprocess_shape  # noqa: E402
-from atelier3d.optimizations.sam_onnx import export_decoder, quantize_int8  # noqa: E402
+from atelier3d.optimizations.segment_onnx import export_decoder, quantize_int8  # noqa: E402
+from atelier3d.stages.segment import decoder_prompt, preprocess_shape  # noqa: E402
 
 
 def timed(fn, runs: int, warmup: int, device: str) -> list[float]:

@@ -1,0 +1,578 @@
+"""Hunyuan3D-2 image-to-3D with hy3dgen: loading, the tiny profile, and one job's run.
+
+Loading is hy3dgen's own: ``Hunyuan3DDiTFlowMatchingPipeline.from_pretrained`` of a hub id or a
+local directory in the official layout (``<dir>/<subfolder>/config.yaml`` next to
+``model.fp16.safetensors``, keys prefixed ``model.``, ``vae.``, ``conditioner.``). The tiny
+profile is written in that layout and loaded through the same call; its ``config.yaml`` carries
+``atelier3d_random_init``, which is how a loaded model is known to be untrained.
+
+A job runs the pipeline's own steps in its own order: ``__call__`` up to the latents (the
+conditioner, then the diffusion loop, whose callback reports each step), then the VAE, its volume
+decoder and its surface extractor as ``_export`` chains them. The result is what one
+``pipeline(image)`` call returns, with a progress report between the stages.
+
+Frames: hy3dgen's meshes are y-up, the input view looking at the +z side (its texture renderer
+puts the azimuth-0 camera there), x to the right, and the mesh's x/y extent is the cut-out's box
+(the image processor crops to it). Vertex colours are projected and parts aligned in that frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from atelier3d.config import MeshSettings, ModelsMode, default_cache_dir
+from atelier3d.errors import Unprocessable
+from atelier3d.stages.mesh import GLB, MeshRequest, alpha_box
+
+if TYPE_CHECKING:
+    import torch
+    import trimesh
+
+logger = logging.getLogger(__name__)
+
+TINY_DIR = "hunyuan3d-tiny-random"
+TINY_SUBFOLDER = "hunyuan3d-dit-tiny"
+CKPT_NAME = "model.fp16.safetensors"  # what from_pretrained reads (safetensors, variant fp16)
+RANDOM_INIT_KEY = "atelier3d_random_init"
+BOX_V = 1.01  # the pipeline's default bounds of the decoded volume
+STAGES = ("conditioning", "denoise", "volume_decode", "mesh_extraction", "postprocess", "texture")
+
+# ARCHITECTURE.md section 7: every part built by hy3dgen's own instantiate_from_config; the DINOv2
+# config is inline, so nothing is downloaded. num_freqs=0 keeps the decoded field smooth, so
+# marching cubes finds a surface; writing centres that field on the iso-level 0.
+_TINY_DINO = dict(model_type="dinov2", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=128, patch_size=14, image_size=224)
+TINY_CONFIG: dict[str, Any] = {
+    "model": {"target": "hy3dgen.shapegen.models.Hunyuan3DDiT", "params": dict(
+        in_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1,
+        depth_single_blocks=1, axes_dim=[32], theta=10000, qkv_bias=True, guidance_embed=False)},
+    "vae": {"target": "hy3dgen.shapegen.models.ShapeVAE", "params": dict(
+        num_latents=64, embed_dim=64, width=64, heads=2, num_decoder_layers=1, num_freqs=0,
+        include_pi=False, qkv_bias=False, qk_norm=True, scale_factor=1.0)},
+    "conditioner": {"target": "hy3dgen.shapegen.models.SingleImageEncoder", "params": {
+        "main_image_encoder": {"type": "DinoImageEncoder", "kwargs": {
+            "config": _TINY_DINO, "image_size": 224, "use_cls_token": True}}}},
+    "scheduler": {"target": "hy3dgen.shapegen.schedulers.FlowMatchEulerDiscreteScheduler",
+                  "params": {"num_train_timesteps": 1000}},
+    "image_processor": {"target": "hy3dgen.shapegen.preprocessors.ImageProcessorV2",
+                        "params": {"size": 224, "border_ratio": 0.15}},
+}
+# The distilled VAE FlashVDM swaps in, per shape-model family (as hy3dgen's enable_flashvdm maps
+# them), looked up in the same hub repo or local directory.
+TURBO_VAES = {"hunyuan3d-dit-v2-mini": "hunyuan3d-vae-v2-mini-turbo",
+              "hunyuan3d-dit-v2-0": "hunyuan3d-vae-v2-0-turbo"}
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError)  # hub/offline errors are OSError/ValueError
+
+
+class Reporter(Protocol):
+    """What :func:`generate` reports to (``streaming.ProgressReporter`` in the deployment)."""
+
+    def report(self, stage: str, step: int, total: int) -> None: ...
+
+    def artifact(self, name: str, media_type: str, data: bytes,
+                 meta: dict | None = None) -> None: ...
+
+    def check_cancelled(self) -> None: ...
+
+
+# ---- the tiny profile ---------------------------------------------------------------------------
+
+def _build_tiny_pipeline(seed: int) -> Any:
+    import torch
+    from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
+    from hy3dgen.shapegen.pipelines import instantiate_from_config
+
+    torch.manual_seed(seed)
+    parts = {name: instantiate_from_config(TINY_CONFIG[name])
+             for name in ("model", "vae", "conditioner", "scheduler", "image_processor")}
+    for name in ("model", "vae", "conditioner"):
+        parts[name].half().float()  # as saved: the calibration below sees the weights loaded
+    return Hunyuan3DDiTFlowMatchingPipeline(**parts, device="cpu", dtype=torch.float32)
+
+
+def _centre_field_on_zero(pipeline: Any, seed: int) -> None:
+    """Shifts the geometry decoder's output so the decoded field's median over a few random
+    inputs is 0, the real models' iso-level: a surface exists for (nearly) any input and seed."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    medians = []
+    for i in range(4):
+        rgba = np.zeros((96, 96, 4), np.uint8)
+        rgba[16:80, 24:72, :3] = rng.integers(0, 256, (64, 48, 3))
+        rgba[16:80, 24:72, 3] = 255
+        latents = pipeline(image=Image.fromarray(rgba), num_inference_steps=4, octree_resolution=32,
+                           generator=torch.Generator().manual_seed(i), output_type="latent",
+                           enable_pbar=False)
+        medians.append(float(decode_volume(pipeline, latents, 32, 8000, 0.0).median()))
+    with torch.no_grad():
+        pipeline.vae.geo_decoder.output_proj.bias -= float(np.median(medians))
+
+
+def write_tiny_shape3d(out_dir: Path, seed: int = 0) -> Path:
+    """Writes the tiny random Hunyuan3D (DiT, ShapeVAE, DINOv2 conditioner) in the official
+    layout, ``<out_dir>/hunyuan3d-dit-tiny/{config.yaml, model.fp16.safetensors}``."""
+    import safetensors.torch
+    import yaml
+
+    out_dir = Path(out_dir)
+    pipeline = _build_tiny_pipeline(seed)
+    _centre_field_on_zero(pipeline, seed)
+    state = {f"{name}.{key}": value.half().contiguous()
+             for name in ("model", "vae", "conditioner")
+             for key, value in getattr(pipeline, name).state_dict().items()}
+    folder = out_dir / TINY_SUBFOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(folder / CKPT_NAME))
+    # config.yaml last: its presence marks a complete checkpoint
+    (folder / "config.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, RANDOM_INIT_KEY: True}))
+    return out_dir
+
+
+def tiny_shape3d_dir(cache_dir: Path | None = None) -> Path:
+    """The tiny checkpoint's directory (written once under the cache); load it with
+    ``subfolder=TINY_SUBFOLDER``."""
+    path = (cache_dir or default_cache_dir()) / "hunyuan3d" / TINY_DIR
+    if not (path / TINY_SUBFOLDER / "config.yaml").exists():
+        write_tiny_shape3d(path)
+    return path
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+@dataclass
+class ShapePipeline:
+    """A loaded shape pipeline, its texturing, and where it came from."""
+
+    pipeline: Any  # hy3dgen Hunyuan3DDiTFlowMatchingPipeline
+    source: str  # hub id or absolute directory
+    subfolder: str
+    checkpoint: Path
+    trained: bool
+    device: str
+    flashvdm: bool
+    texture: Literal["paint", "project", "none"]
+    texture_note: str = ""  # why painting is not used, where it is not
+    painter: Any = None  # hy3dgen Hunyuan3DPaintPipeline when texture == "paint"
+    _digest: str = field(default="", repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.subfolder if self.trained else TINY_DIR
+
+    def weights_sha256(self) -> str:
+        if not self._digest:
+            digest = hashlib.sha256()
+            with open(self.checkpoint, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def paint_unavailable(device: str) -> str | None:
+    """Why Hunyuan3D-Paint cannot run here, or ``None`` when it can."""
+    if device != "cuda":
+        return "Hunyuan3D-Paint needs CUDA"
+    try:
+        import custom_rasterizer  # noqa: F401  (hy3dgen's compiled CUDA rasterizer)
+        import xatlas  # noqa: F401
+    except ImportError as exc:
+        return f"hy3dgen's compiled rasterizer is not installed ({exc})"
+    return None
+
+
+def _source(model: str) -> str:
+    # hy3dgen joins the path under $HY3DGEN_MODELS: an absolute path is used as it is.
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.is_dir() else model
+
+
+def _load(source: str, subfolder: str, device: str, dtype: torch.dtype) -> tuple[Any, Path, bool]:
+    import yaml
+    from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
+    from hy3dgen.shapegen.models.autoencoders import MCSurfaceExtractor
+    from hy3dgen.shapegen.utils import smart_load_model
+
+    pipeline = Hunyuan3DDiTFlowMatchingPipeline.from_pretrained(
+        source, device=device, dtype=dtype, subfolder=subfolder, use_safetensors=True,
+        variant="fp16")
+    # 'dmc' needs diso and returns no mesh without it, silently: always marching cubes.
+    pipeline.vae.surface_extractor = MCSurfaceExtractor()
+    config_path, ckpt_path = smart_load_model(source, subfolder=subfolder, use_safetensors=True,
+                                              variant="fp16")
+    config = yaml.safe_load(Path(config_path).read_text())
+    return pipeline, Path(ckpt_path), not config.get(RANDOM_INIT_KEY, False)
+
+
+def _enable_flashvdm(pipeline: Any, source: str, subfolder: str, device: str,
+                     dtype: torch.dtype) -> None:
+    """hy3dgen's ``enable_flashvdm`` with what it gets wrong here: it reloads the turbo VAE by hub
+    name only (never from a local directory) and in its default dtype (fp16, even on CPU)."""
+    from hy3dgen.shapegen.models.autoencoders import ShapeVAE
+
+    turbo = next((vae for dit, vae in TURBO_VAES.items() if subfolder.startswith(dit)), None)
+    is_local = Path(source).is_dir()
+    if turbo is not None and (not is_local or (Path(source) / turbo).is_dir()):
+        try:
+            pipeline.vae = ShapeVAE.from_pretrained(source, subfolder=turbo, device=device,
+                                                    dtype=dtype, use_safetensors=True,
+                                                    variant="fp16")
+        except _LOAD_ERRORS as exc:
+            logger.warning("FlashVDM: turbo VAE %s/%s unavailable (%s); the model's own VAE "
+                           "decodes", source, turbo, str(exc).splitlines()[0])
+    pipeline.vae.enable_flashvdm_decoder(enabled=True, adaptive_kv_selection=True,
+                                         topk_mode="mean", mc_algo="mc")
+
+
+def _load_painter(settings: MeshSettings, mode: ModelsMode,
+                  device: str) -> tuple[Any, Literal["paint", "project", "none"], str]:
+    if settings.texture in ("project", "none"):
+        return None, settings.texture, ""
+    reason = "the tiny profile has no paint model" if mode == "tiny" else paint_unavailable(device)
+    if reason is None:
+        try:
+            from hy3dgen.texgen import Hunyuan3DPaintPipeline
+
+            painter = Hunyuan3DPaintPipeline.from_pretrained(_source(settings.paint_model))
+            return painter, "paint", ""
+        except _LOAD_ERRORS as exc:
+            reason = f"paint weights {settings.paint_model!r} unavailable ({exc})"
+    if settings.texture == "paint":
+        raise RuntimeError(f"texture: paint was configured, but {reason}")
+    logger.warning("Shape3D texture: %s; vertex colours are projected from the input view",
+                   reason)
+    return None, "project", reason
+
+
+def load_shape_pipeline(settings: MeshSettings, mode: ModelsMode = "auto",
+                        cache_dir: Path | None = None) -> ShapePipeline:
+    """Loads the shape pipeline (and the paint pipeline, where texturing paints).
+
+    ``mode="tiny"`` loads the tiny random model; ``"real"`` fails when the named weights cannot
+    be had; ``"auto"`` falls back to tiny with a loud warning. Device and dtype are passed
+    explicitly (hy3dgen's defaults are cuda and fp16).
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    source, subfolder = _source(settings.model), settings.subfolder
+    if mode == "tiny":
+        source, subfolder = str(tiny_shape3d_dir(cache_dir)), TINY_SUBFOLDER
+    try:
+        pipeline, checkpoint, trained = _load(source, subfolder, device, dtype)
+    except _LOAD_ERRORS as exc:
+        if mode != "auto":
+            raise
+        logger.warning(
+            "Hunyuan3D weights %r/%s unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
+            "meshes will be meaningless (HF_HUB_OFFLINE=%s)", settings.model, subfolder,
+            str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""))
+        source, subfolder = str(tiny_shape3d_dir(cache_dir)), TINY_SUBFOLDER
+        pipeline, checkpoint, trained = _load(source, subfolder, device, dtype)
+    if settings.flashvdm:
+        _enable_flashvdm(pipeline, source, subfolder, device, dtype)
+    painter, texture, note = _load_painter(settings, mode if trained else "tiny", device)
+    return ShapePipeline(pipeline=pipeline, source=source, subfolder=subfolder,
+                         checkpoint=checkpoint, trained=trained, device=device,
+                         flashvdm=settings.flashvdm, texture=texture, texture_note=note,
+                         painter=painter)
+
+
+# ---- the pipeline's stages ----------------------------------------------------------------------
+
+def diffuse(pipeline: Any, rgba: np.ndarray, seed: int, steps: int, guidance_scale: float,
+            on_conditioned: Callable[[], None] = lambda: None,
+            on_step: Callable[[int], None] = lambda step: None) -> torch.Tensor:
+    """Conditioning and the diffusion loop: ``pipeline.__call__`` up to the latents.
+    ``on_conditioned()`` runs when the conditioner has run, ``on_step(i)`` after step ``i``
+    (from 1); either may raise to stop the call."""
+    import torch
+    from PIL import Image
+
+    hook = pipeline.conditioner.register_forward_hook(lambda *_: on_conditioned())
+    try:
+        return pipeline(image=Image.fromarray(np.ascontiguousarray(rgba)),
+                        num_inference_steps=steps, guidance_scale=guidance_scale,
+                        generator=torch.Generator().manual_seed(seed), output_type="latent",
+                        enable_pbar=False, callback=lambda i, _t, _out: on_step(i + 1),
+                        callback_steps=1)
+    finally:
+        hook.remove()
+
+
+def decode_volume(pipeline: Any, latents: torch.Tensor, octree_resolution: int, num_chunks: int,
+                  mc_level: float, before_chunk: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """The VAE and its volume decoder, as ``_export`` and ``latents2mesh`` chain them.
+    ``before_chunk()`` runs before each batch of query points (a chance to stop)."""
+    import torch
+
+    vae = pipeline.vae
+    hook = vae.geo_decoder.register_forward_pre_hook(lambda *_: before_chunk())
+    try:
+        with torch.inference_mode():
+            decoded = vae(1.0 / vae.scale_factor * latents)
+            return vae.volume_decoder(decoded, vae.geo_decoder, bounds=BOX_V, mc_level=mc_level,
+                                      num_chunks=num_chunks, octree_resolution=octree_resolution,
+                                      enable_pbar=False)
+    finally:
+        hook.remove()
+
+
+def extract_surface(pipeline: Any, grid: torch.Tensor, octree_resolution: int,
+                    mc_level: float) -> trimesh.Trimesh:
+    """Marching cubes on the decoded volume, then hy3dgen's export to trimesh."""
+    import torch
+    from hy3dgen.shapegen.pipelines import export_to_trimesh
+
+    finite = grid[torch.isfinite(grid)]  # FlashVDM leaves cells it skipped as NaN
+    low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
+    if not low <= mc_level <= high:
+        raise Unprocessable(f"no surface: the decoded field spans [{low:.3g}, {high:.3g}], "
+                            f"the iso-level is {mc_level}; try another seed or image")
+    outputs = pipeline.vae.surface_extractor(grid, bounds=BOX_V, mc_level=mc_level,
+                                             octree_resolution=octree_resolution)
+    mesh = export_to_trimesh(outputs)[0]
+    if mesh is None or len(mesh.faces) == 0:
+        raise Unprocessable("marching cubes found no surface; try another seed or image")
+    return mesh
+
+
+def postprocess(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+    """hy3dgen's FloaterRemover, DegenerateFaceRemover and FaceReducer, as its API server chains
+    them, without their temporary files: those classes convert through ``.ply`` files they never
+    delete. Here the same pymeshlab filters (hy3dgen's ``remove_floater`` and ``reduce_face``) run
+    on an in-memory MeshSet, and each trimesh is built with trimesh's processing, which is what
+    the ``.ply`` round trips (the whole of the degenerate-face step) amount to."""
+    import pymeshlab
+    import trimesh
+    from hy3dgen.shapegen.postprocessors import reduce_face, remove_floater
+
+    def meshset(m: trimesh.Trimesh) -> pymeshlab.MeshSet:
+        ms = pymeshlab.MeshSet()
+        ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(m.vertices, np.float64),
+                                   face_matrix=np.asarray(m.faces, np.int32)))
+        return ms
+
+    def back(ms: pymeshlab.MeshSet) -> trimesh.Trimesh:
+        return trimesh.Trimesh(ms.current_mesh().vertex_matrix(), ms.current_mesh().face_matrix())
+
+    return back(reduce_face(meshset(back(remove_floater(meshset(mesh)))), max_faces))
+
+
+# ---- colours, frames, GLB -----------------------------------------------------------------------
+
+def project_colors(vertices: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` uint8 vertex colours from the input view: an orthographic projection along z,
+    the mesh's x/y extent mapped onto the cut-out's box. Vertices facing the camera take the
+    colour they are seen with; the back takes the mirror image of the front (the same
+    projection), and what falls outside the silhouette the nearest cut-out colour."""
+    from scipy import ndimage
+
+    x0, y0, x1, y1 = alpha_box(rgba)
+    crop = rgba[y0:y1, x0:x1]
+    nearest = ndimage.distance_transform_edt(crop[..., 3] == 0, return_distances=False,
+                                             return_indices=True)
+    filled = crop[..., :3][nearest[0], nearest[1]]
+    low, high = vertices[:, :2].min(axis=0), vertices[:, :2].max(axis=0)
+    span = np.maximum(high - low, 1e-9)
+    cols = np.rint((vertices[:, 0] - low[0]) / span[0] * (x1 - x0 - 1)).astype(np.intp)
+    rows = np.rint((high[1] - vertices[:, 1]) / span[1] * (y1 - y0 - 1)).astype(np.intp)
+    colors = filled[rows, cols]
+    return np.concatenate([colors, np.full((len(colors), 1), 255, np.uint8)], axis=1)
+
+
+def image_frame(mesh: trimesh.Trimesh, box: tuple[int, int, int, int],
+                frame: tuple[int, int, int, int]) -> np.ndarray:
+    """4x4 transform putting a part's normalised mesh where its cut-out ``box`` lies in the image:
+    ``frame`` (the union of all parts' boxes) spans [-1, 1] on its longer side, y up; the mesh's
+    x/y extent is scaled onto its box, its depth by the mean of both scales, centred on z=0."""
+    fx0, fy0, fx1, fy1 = frame
+    scale = 2.0 / max(fx1 - fx0, fy1 - fy0)
+    cx, cy = (fx0 + fx1) / 2, (fy0 + fy1) / 2
+    x0, y0, x1, y1 = box
+    low, high = mesh.bounds
+    size = np.maximum(high - low, 1e-9)
+    sx, sy = (x1 - x0) * scale / size[0], (y1 - y0) * scale / size[1]
+    sz = (sx + sy) / 2
+    matrix = np.diag([sx, sy, sz, 1.0])
+    matrix[:3, 3] = [(x0 - cx) * scale - low[0] * sx, (cy - y1) * scale - low[1] * sy,
+                     -(low[2] + high[2]) / 2 * sz]
+    return matrix
+
+
+def to_glb(meshes: list[tuple[str, trimesh.Trimesh]]) -> bytes:
+    """One GLB, one scene node (and geometry) per named mesh."""
+    import trimesh
+
+    scene = trimesh.Scene()
+    for name, mesh in meshes:
+        scene.add_geometry(mesh, node_name=name, geom_name=name)
+    return scene.export(file_type="glb")
+
+
+# ---- one job ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    steps: int
+    guidance_scale: float
+    octree_resolution: int
+    num_chunks: int
+    target_face_count: int
+    mc_level: float
+
+
+def resolve_params(request: MeshRequest, settings: MeshSettings) -> Params:
+    """The request's parameters, the server's defaults where it gives none."""
+    def pick(name: str) -> Any:
+        value = getattr(request, name)
+        return getattr(settings, name) if value is None else value
+
+    params = Params(seed=request.seed, mc_level=settings.mc_level,
+                    **{name: pick(name) for name in ("steps", "guidance_scale",
+                                                     "octree_resolution", "num_chunks",
+                                                     "target_face_count")})
+    if params.octree_resolution > settings.max_octree_resolution:
+        raise Unprocessable(f"octree_resolution {params.octree_resolution} is above this "
+                            f"server's limit, {settings.max_octree_resolution}")
+    return params
+
+
+class _Stages:
+    """Reports each stage's progress over all parts (step k of n parts; denoise counts steps over
+    all parts) and adds up each stage's time. On CUDA the clock waits for the GPU at each stage's
+    end, so queued kernels count for the stage that queued them."""
+
+    def __init__(self, reporter: Reporter, parts: int, steps: int, device: str) -> None:
+        import torch
+
+        self.reporter, self.parts, self.steps = reporter, parts, steps
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.timings_ms = dict.fromkeys(STAGES, 0.0)
+        self._since = perf_counter()
+
+    def done(self, stage: str, part: int) -> None:
+        self.sync()
+        now = perf_counter()
+        self.timings_ms[stage] += (now - self._since) * 1000
+        self._since = now
+        self.reporter.report(stage, part + 1, self.parts)
+
+    def denoised(self, part: int, step: int) -> None:
+        if step == self.steps:  # the stage's time is its last step's report
+            self.sync()
+            now = perf_counter()
+            self.timings_ms["denoise"] += (now - self._since) * 1000
+            self._since = now
+        self.reporter.report("denoise", part * self.steps + step, self.parts * self.steps)
+
+
+def _shape(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stages,
+           part: int) -> trimesh.Trimesh:
+    pipeline = model.pipeline
+    latents = diffuse(pipeline, rgba, params.seed, params.steps, params.guidance_scale,
+                      on_conditioned=lambda: stages.done("conditioning", part),
+                      on_step=lambda step: stages.denoised(part, step))
+    grid = decode_volume(pipeline, latents, params.octree_resolution, params.num_chunks,
+                         params.mc_level, before_chunk=stages.reporter.check_cancelled)
+    stages.done("volume_decode", part)
+    mesh = extract_surface(pipeline, grid, params.octree_resolution, params.mc_level)
+    del grid  # up to (octree + 1)^3 floats
+    stages.done("mesh_extraction", part)
+    mesh = postprocess(mesh, params.target_face_count)
+    stages.done("postprocess", part)
+    return mesh
+
+
+def _texture(model: ShapePipeline, mesh: trimesh.Trimesh, rgba: np.ndarray) -> trimesh.Trimesh:
+    import trimesh
+    from PIL import Image
+
+    if model.texture == "paint":
+        x0, y0, x1, y1 = alpha_box(rgba)
+        return model.painter(mesh, image=Image.fromarray(np.ascontiguousarray(
+            rgba[y0:y1, x0:x1])))
+    colored = mesh.copy()
+    colored.visual = trimesh.visual.ColorVisuals(
+        colored, vertex_colors=project_colors(colored.vertices, rgba))
+    return colored
+
+
+def generate(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
+             settings: MeshSettings) -> dict:
+    """One job: a mesh per part (the image is one part named ``mesh``), post-processed; the
+    untextured GLB as the ``shape`` artifact as soon as it exists; then textured (vertex colours
+    projected from the view, or painted) unless the request or the server says none.
+
+    Progress: ``conditioning``, ``denoise`` (every step), ``volume_decode``, ``mesh_extraction``,
+    ``postprocess`` per part, then ``texture`` per part. Returns the result event's fields. Calls
+    on one pipeline must not overlap (hy3dgen keeps the scheduler's state on it).
+    """
+    params = resolve_params(request, settings)
+    named = request.named_images()
+    stages = _Stages(reporter, len(named), params.steps, model.device)
+    shapes = [_shape(model, rgba, params, stages, k) for k, (_, rgba) in enumerate(named)]
+
+    layered = request.parts is not None
+    if layered:  # one frame for all parts, as they lie in the image
+        boxes = [alpha_box(rgba) for _, rgba in named]
+        frame = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                 max(b[2] for b in boxes), max(b[3] for b in boxes))
+        placements = [image_frame(mesh, box, frame) for mesh, box in zip(shapes, boxes,
+                                                                         strict=True)]
+    else:
+        placements = [np.eye(4)]
+
+    def placed(meshes: list[trimesh.Trimesh]) -> list[tuple[str, trimesh.Trimesh]]:
+        return [(name, mesh.copy().apply_transform(matrix))
+                for (name, _), mesh, matrix in zip(named, meshes, placements, strict=True)]
+
+    counts = [{"name": name, "vertices": len(m.vertices), "faces": len(m.faces)}
+              for (name, _), m in zip(named, shapes, strict=True)]
+    meta: dict[str, Any] = {
+        "vertices": sum(c["vertices"] for c in counts), "faces": sum(c["faces"] for c in counts),
+        "seed": params.seed, "steps": params.steps, "octree_resolution": params.octree_resolution,
+        "weights": "trained" if model.trained else "untrained",
+    }
+    if layered:
+        meta["parts"] = counts
+    reporter.artifact("shape", GLB, to_glb(placed(shapes)),
+                      {**meta, "texture": "none", "timings_ms": dict(stages.timings_ms)})
+
+    texture = model.texture if request.texture else "none"
+    final = shapes
+    if texture != "none":
+        final = []
+        for k, ((_, rgba), mesh) in enumerate(zip(named, shapes, strict=True)):
+            final.append(_texture(model, mesh, rgba))
+            stages.done("texture", k)
+    timings = {stage: round(ms, 1) for stage, ms in stages.timings_ms.items()}
+    return {"media_type": GLB, "data": to_glb(placed(final)),
+            "meta": {**meta, "texture": texture, "timings_ms": timings}}

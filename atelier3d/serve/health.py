@@ -1,0 +1,74 @@
+"""``/healthz`` and ``/readyz``: the Gateway answers for itself and for every model deployment."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from atelier3d.api.common import ModelInfo, ReadyInfo
+from atelier3d.errors import Unavailable
+
+
+class Health:
+    """Readiness of the model deployments behind the Gateway: ``handles`` maps the name
+    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = handles
+
+    async def ready(self) -> ReadyInfo:
+        async def info(handle) -> ModelInfo:
+            return await asyncio.wait_for(handle.info.remote(), timeout=10)
+
+        def without_replicas() -> list[str]:
+            """One line per model deployment with no running replica, from Serve's status. Once
+            a replica has waited RAY_SERVE_SLOW_STARTUP_WARNING_S (30 s by default) to be
+            scheduled, Serve's message names the resources it asks for and those available."""
+            applications = serve.status().applications
+            lines = []
+            for handle in self.handles.values():
+                app = applications.get(handle.app_name)
+                status = app.deployments.get(handle.deployment_name) if app else None
+                if status is None:
+                    lines.append(f"{handle.deployment_name} (not deployed)")
+                    continue
+                states = {getattr(s, "value", s): n for s, n in status.replica_states.items()}
+                if states.get("RUNNING"):
+                    continue
+                replicas = ", ".join(f"{n} {s}" for s, n in states.items()) or "no replicas"
+                why = status.message or "waiting for resources, or loading its weights"
+                state = getattr(status.status, "value", status.status)
+                lines.append(f"{handle.deployment_name} ({state}, {replicas}): {why}")
+            return lines
+
+        # A replica Ray cannot place (a GPU fraction no node has left, num_gpus on a node without
+        # GPUs) waits forever and silently: name those deployments and what Serve says they wait
+        # for, rather than let their info() below time out anonymously.
+        waiting = await asyncio.to_thread(without_replicas)
+        if waiting:
+            raise Unavailable("model deployments without a running replica: " + "; ".join(waiting),
+                              retry_after_s=5)
+        try:
+            infos = await asyncio.gather(*(info(handle) for handle in self.handles.values()))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            raise Unavailable(f"model deployments are not ready: {exc!r}", retry_after_s=5) from exc
+        models = dict(zip(self.handles, infos, strict=True))
+        untrained = any(m.weights == "untrained" for m in models.values())
+        return ReadyInfo(ready=True, weights="untrained" if untrained else "trained", models=models)
+
+
+def build_health_router(health: Health) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @router.get("/readyz", response_model=ReadyInfo)
+    async def readyz() -> ReadyInfo:
+        return await health.ready()
+
+    return router

@@ -1,0 +1,128 @@
+"""The Gradio UI: a "Segment" tab that calls the SegmentService in-process, then the
+"Body & garments" tab (:mod:`atelier3d.serve.ui.parse`), and the "Edit" and "3D" tabs
+(:mod:`atelier3d.serve.ui.edit`, :mod:`atelier3d.serve.ui.mesh`), all on the same session.
+
+Sessions, objects and their undo history live on the server (the same state the /v1 API uses), so
+every view is re-rendered from the ``ObjectState`` the service returns. The per-tab ``gr.State``
+only holds what the server does not: the ids, the image (to draw overlays), and the first corner
+of a box that is being drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+from fastapi import FastAPI
+from starlette.routing import Match, Mount
+from starlette.types import Scope
+
+from atelier3d.serve.auth import ui_login
+from atelier3d.serve.health import Health
+from atelier3d.serve.parse.service import ParseService
+from atelier3d.serve.routes import JobServices
+from atelier3d.serve.segment.service import SegmentService
+from atelier3d.serve.ui.common import ExportDir, UiState, guarded
+from atelier3d.serve.ui.edit import edit_tab
+from atelier3d.serve.ui.mesh import mesh_tab
+from atelier3d.serve.ui.parse import ParseTab, parse_tab
+from atelier3d.serve.ui.segment import segment_tab
+from atelier3d.serve.ui.studio import EditUi, Studio, edit_source
+
+logger = logging.getLogger("ray.serve")
+
+
+UNTRAINED_BANNER = "⚠️ **Running with untrained (random) weights – masks are meaningless**"
+
+
+CSS = "#overlay img { cursor: crosshair; }"
+
+
+def build_ui(health: Health, service: SegmentService, parsing: ParseService | None = None,
+             jobs: JobServices | None = None) -> gr.Blocks:
+    """The Segment tab, then Body & garments (with ``parsing``), then Edit and 3D (with
+    ``jobs``, which need ``parsing`` too: their sources include the parse's parts)."""
+    if jobs is not None and parsing is None:
+        raise ValueError("the Edit and 3D tabs need the parsing service")
+    exports = ExportDir()
+    weights: dict[str, str] = {}  # cached answer of health.ready(): weights never change
+
+    with gr.Blocks(title="atelier3d", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        banner = gr.Markdown(visible=False, elem_id="weights-banner")
+        state = gr.State(UiState())
+        if jobs is not None:
+            # Here, not in the Edit tab: both job tabs use it, and a gr.Tabs takes only tabs.
+            edit_state = gr.State(EditUi())
+        with gr.Tabs() as tabs:
+            with gr.Tab("Segment", id="segment"):
+                segment_tab(service, state, exports)
+            if parsing is not None:
+                parse = parse_tab(parsing, state, exports, sends=jobs is not None)
+            if jobs is not None:
+                _job_tabs(service, parsing, jobs, exports, tabs, [state, parse.state, edit_state],
+                          parse)
+
+        @guarded()
+        async def on_load() -> dict:
+            if "weights" not in weights:
+                weights["weights"] = (await health.ready()).weights
+            untrained = weights["weights"] == "untrained"
+            return gr.update(visible=untrained, value=UNTRAINED_BANNER if untrained else "")
+
+        demo.load(on_load, None, [banner], concurrency_limit=None, show_progress="hidden",
+                  api_visibility="private")
+    return demo
+
+
+def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
+              exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab) -> None:
+    """The Edit and 3D tabs, and the buttons that send images to them from the tabs before;
+    ``states``: the Segment, Body & garments and Edit tabs' states."""
+    job_service, editing, meshing = jobs
+    studio = Studio(service, parsing, job_service, editing.resolver, exports, tabs, *states)
+    edit = edit_tab(studio, editing)
+    mesh = mesh_tab(studio, meshing)
+    unparsed = "Parse the character and click a part first."
+    studio.link_send(parse.send_edit, edit.picker, studio.shown_part, unparsed)
+    studio.link_send(parse.send_3d, mesh.picker, studio.shown_part, unparsed)
+    studio.link_send(edit.to_3d, mesh.picker,
+                     lambda ui, pui, eui: edit_source(eui.shown) if eui.shown else None,
+                     "Run an edit (or pick one from the history) first.")
+
+
+class _UiMount(Mount):
+    """The UI's mount at ``/``, except under ``/v1/``.
+
+    A mount at ``/`` matches every path, so an unknown ``/v1`` path would get Gradio's 404 and a
+    wrong method on a ``/v1`` route a 404 instead of a 405, both outside the API's error format.
+    Not matching there lets FastAPI's router answer as it did before the UI was mounted.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+def mount_ui(app: FastAPI, health: Health, service: SegmentService,
+             parsing: ParseService | None = None, jobs: JobServices | None = None) -> FastAPI:
+    """Mounts the UI at ``/``; routes already on ``app`` (/v1, /docs, /healthz) match first."""
+    config = service.config
+    demo = build_ui(health, service, parsing, jobs)
+    # Gradio serves only the files its events returned (copied into its cache, deleted after
+    # an hour by delete_cache): no allowed_paths (tests/test_auth.py checks that the weights
+    # cache, the tree and system files are not served). Not blocked_paths on the cache folder
+    # too: with it, two quick undos in the Segment tab never rendered (test_ui_browser, every
+    # run; cause inside Gradio not pinned down), without it they do.
+    # With auth.ui_users, those files, the queue and the config all need the login.
+    app = gr.mount_gradio_app(
+        app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS,
+        max_file_size=config.limits.max_upload_bytes, allowed_paths=[],
+        auth=ui_login(config.auth.ui_users),
+        auth_message="atelier3d: sign in" if config.auth.ui_users else None,
+    )
+    mount = app.router.routes[-1]  # mount_gradio_app appends its Mount last
+    if not isinstance(mount, Mount) or mount.path != "":
+        raise RuntimeError(f"expected Gradio's mount at / as the last route, found {mount!r}")
+    app.router.routes[-1] = _UiMount("/", app=mount.app, name=mount.name)
+    return app

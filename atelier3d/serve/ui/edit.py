@@ -1,0 +1,181 @@
+"""The "Edit" tab: text-driven edits (Qwen-Image-Edit) of the session's images.
+
+Each run is an edit job on the server (:class:`atelier3d.serve.edit.service.EditService`), followed
+here through its events, so the progress bar shows the pipeline's real steps. Results stay in the
+session as its jobs: the history lists this tab's edits, and picking one makes it the source of
+the next edit, so any earlier result can be branched from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+
+from atelier3d.api.edit import EditJobRequest
+from atelier3d.config import SIZE_MULTIPLE
+from atelier3d.errors import NotFound
+from atelier3d.imaging import decode_png
+from atelier3d.serve.edit.service import EditService
+from atelier3d.serve.ui.common import EVENTS, UiState, client_key, guarded
+from atelier3d.serve.ui.parse import ParseUi
+from atelier3d.serve.ui.studio import (
+    Edit,
+    EditUi,
+    Picker,
+    Studio,
+    edit_source,
+    optional,
+    outcome,
+    seed_and_steps,
+    source_key,
+    source_of,
+    track,
+)
+from atelier3d.stages.edit import PRESETS
+
+PROMPT_LEN = 40  # of the prompt, in an edit's label
+
+
+@dataclass
+class EditTab:
+    picker: Picker
+    to_3d: gr.Button  # "Use this for 3D": the 3D tab links it to its picker
+
+
+def _edit(job_id: str, history: list[Edit], body: EditJobRequest, source_label: str) -> Edit:
+    """The history's next edit, labelled "Edit N · preset “prompt” ← source"; an earlier edit
+    is named by its number only, so labels stay short however long a chain of edits grows."""
+    prompt = body.prompt.strip()
+    if len(prompt) > PROMPT_LEN:
+        prompt = prompt[:PROMPT_LEN - 1] + "…"
+    quoted = f" “{prompt}”" if prompt else ""
+    parent = next((edit for edit in history if edit.job_id == body.source.job_id), None)
+    source = f"Edit {parent.number}" if parent else source_label
+    number = history[-1].number + 1 if history else 1
+    return Edit(job_id, number, f"Edit {number} · {body.preset}{quoted} ← {source}", body.source)
+
+
+def edit_tab(studio: Studio, editing: EditService) -> EditTab:
+    """Builds the tab (inside the caller's ``gr.Tabs``) and its events."""
+    jobs = studio.jobs
+    with gr.Tab("Edit", id="edit") as tab:
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                source = gr.Dropdown(label="Source", choices=[], elem_id="edit-source")
+                preview = gr.Image(label="Source image", interactive=False, format="png",
+                                   height=200, elem_id="edit-preview")
+                preset = gr.Dropdown(list(PRESETS), value="full_body", label="Preset",
+                                     elem_id="edit-preset")
+                prompt = gr.Textbox(label="Prompt (added to the preset's; needed for free)",
+                                    lines=2, elem_id="edit-prompt")
+                with gr.Accordion("Parameters", open=False, elem_id="edit-parameters"):
+                    seed, steps = seed_and_steps("edit")
+                    cfg = gr.Number(0, label="True CFG scale (0: the server's)",
+                                    minimum=0, maximum=20, elem_id="edit-cfg")
+                    negative = gr.Textbox(label="Negative prompt (empty: the preset's)",
+                                          elem_id="edit-negative")
+                    with gr.Row():
+                        width = gr.Number(0, label="Width (0: the model's)", precision=0,
+                                          minimum=0, step=SIZE_MULTIPLE, elem_id="edit-width")
+                        height = gr.Number(0, label="Height (0: the model's)", precision=0,
+                                           minimum=0, step=SIZE_MULTIPLE,
+                                           elem_id="edit-height")
+                with gr.Row():
+                    run = gr.Button("Run the edit", variant="primary", elem_id="edit-run")
+                    cancel = gr.Button("Cancel", elem_id="edit-cancel")
+                status = gr.Markdown("Pick a source, a preset and a prompt, then run.",
+                                     elem_id="edit-status")
+            with gr.Column(scale=2):
+                compare = gr.ImageSlider(label="Before / after", type="numpy", format="png",
+                                         interactive=False, height=520, elem_id="edit-compare")
+                history = gr.Gallery(label="Edits of this image (click one to edit it further)",
+                                     columns=5, height=200, allow_preview=False,
+                                     object_fit="contain", format="png", elem_id="edit-history")
+                to_3d = gr.Button("Use this for 3D", interactive=False, elem_id="edit-to-3d")
+    picker = Picker("edit", source)
+    studio.link(picker, tab, preview)
+    studio.link_cancel(cancel, studio.edit_state, "edit")
+
+    async def result(edit: Edit) -> np.ndarray:
+        return await asyncio.to_thread(decode_png, jobs.result(edit.job_id).data)
+
+    async def gallery(eui: EditUi) -> list[tuple[np.ndarray, str]]:
+        """The history's results; edits the session no longer keeps leave it."""
+        shown = []
+        for edit in list(eui.edits):
+            try:
+                shown.append((await result(edit), edit.label))
+            except NotFound:
+                eui.edits.remove(edit)
+        return shown
+
+    async def before_after(ui: UiState, edit: Edit) -> tuple[np.ndarray | None, np.ndarray]:
+        before = None
+        with contextlib.suppress(NotFound):  # its source may be gone (an evicted parse)
+            before = await asyncio.to_thread(studio.image, ui, source_key(edit.source))
+        return before, await result(edit)
+
+    async def view(ui: UiState, pui: ParseUi, eui: EditUi, edit: Edit, note: str,
+                   source_wanted: str | None) -> tuple:
+        """Every output but the progress, for ``edit`` shown in the before/after view."""
+        eui.shown = edit
+        pictures = await gallery(eui)
+        return (
+            note,
+            await before_after(ui, edit),
+            gr.update(value=pictures, selected_index=eui.edits.index(edit)),
+            await studio.picker_update(picker, ui, pui, eui, source_wanted),
+            gr.update(interactive=True),
+        )
+
+    @guarded(lock=False)  # an edit takes a while: the tab's other events must not wait
+    async def on_run(ui: UiState, pui: ParseUi, eui: EditUi, key: str | None, preset_name: str,
+                     prompt_text: str, negative_text: str, seed_value: float | None,
+                     steps_value: float | None, cfg_value: float | None,
+                     width_value: float | None, height_value: float | None,
+                     request: gr.Request,
+                     progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        if ui.session_id is None or key is None:
+            gr.Info("Upload an image in the Segment tab first.")
+            return gr.skip()
+        body = EditJobRequest(
+            session_id=ui.session_id, source=source_of(key), preset=preset_name,
+            prompt=prompt_text or "", negative_prompt=(negative_text or "").strip() or None,
+            seed=int(seed_value or 0), steps=optional(steps_value),
+            true_cfg_scale=optional(cfg_value), width=optional(width_value),
+            height=optional(height_value),
+        )
+        source_label = await studio.label(ui, pui, eui, key)
+        job = await editing.submit(body, client=client_key(request))
+        eui.job_id = job.job_id
+        async for _ in track(jobs, job, progress):
+            pass
+        failed = outcome(job, "edit")
+        if failed is not None:
+            return failed, *[gr.skip()] * 4
+        history = eui.history(body.session_id)
+        edit = _edit(job.job_id, history, body, source_label)
+        history.append(edit)
+        seconds = job.finished_at - job.started_at
+        note = f"**{edit.label}** · done in {seconds:.1f} s"
+        return await view(ui, pui, eui, edit, note, key)
+
+    @guarded()
+    async def on_history(ui: UiState, pui: ParseUi, eui: EditUi, evt: gr.SelectData) -> tuple:
+        edits = eui.history(ui.session_id)
+        if int(evt.index) >= len(edits):
+            return gr.skip()
+        edit = edits[int(evt.index)]
+        note = f"**{edit.label}** · the source of the next edit"
+        return await view(ui, pui, eui, edit, note, source_key(edit_source(edit)))
+
+    outputs = [status, compare, history, source, to_3d]
+    events = {**EVENTS, "show_progress_on": [compare]}
+    run.click(on_run, [*studio.states, source, preset, prompt, negative, seed, steps, cfg, width,
+                       height], outputs, **events)
+    history.select(on_history, studio.states, outputs, **events)
+    return EditTab(picker, to_3d)

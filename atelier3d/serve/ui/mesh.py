@@ -1,0 +1,186 @@
+"""The "3D" tab: image-to-3D (Hunyuan3D-2) of a cut-out, an edit, a parse part or an uploaded RGBA
+image, as mesh jobs on the server (:class:`atelier3d.serve.mesh.service.MeshService`).
+
+The viewer shows the untextured shape as soon as the job has it (its ``shape`` artifact), then
+the finished asset, offered in every format the API converts to, with the time of each stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from atelier3d.api.common import ImageSource
+from atelier3d.api.mesh import MeshJobRequest, MeshPart
+from atelier3d.serve.jobs.service import Job
+from atelier3d.serve.mesh.service import MeshService
+from atelier3d.serve.sessions.session import StoredParse
+from atelier3d.serve.ui.common import EVENTS, UiState, client_key, guarded
+from atelier3d.serve.ui.parse import ParseUi
+from atelier3d.serve.ui.studio import (
+    STAGES,
+    UPLOAD,
+    EditUi,
+    Picker,
+    Running,
+    Studio,
+    optional,
+    outcome,
+    seed_and_steps,
+    source_of,
+    track,
+)
+from atelier3d.stages.mesh import FORMATS, MIN_BOX_PX, convert_mesh
+
+
+@dataclass
+class MeshTab:
+    picker: Picker
+
+
+def layered_parts(stored: StoredParse, parse_id: str) -> tuple[list[MeshPart], list[str]]:
+    """One mesh per region of the character: the parse's parts that share no label with an
+    earlier one (the garments, then hair and skin, but not the group merging all garments),
+    completed where something hid part of them. Also the names of the parts left out for being
+    too small to mesh (a few stray pixels of a label)."""
+    taken: set[int] = set()
+    parts, small = [], []
+    for part in stored.result.parts:
+        if not taken.isdisjoint(part.labels):
+            continue
+        x0, y0, x1, y1 = part.box
+        if max(x1 - x0, y1 - y0) < MIN_BOX_PX:
+            small.append(part.name)
+            continue
+        taken.update(part.labels)
+        source = ImageSource(kind="part", parse_id=parse_id, part=part.name,
+                             completed=part.name in stored.result.completed)
+        parts.append(MeshPart(name=part.name, source=source))
+    return parts, small
+
+
+def timings(job: Job) -> str:
+    rows = [f"| {STAGES.get(stage, stage)} | {ms / 1000:.2f} s |"
+            for stage, ms in job.stage_ms.items()]
+    total = f"| **Total** | **{job.finished_at - job.started_at:.2f} s** |"
+    return "\n".join(["| Stage | Time |", "|---|---:|", *rows, total])
+
+
+def all_formats(glb: bytes) -> dict[str, bytes]:
+    return {f"mesh.{fmt}": convert_mesh(glb, fmt) for fmt in FORMATS}
+
+
+def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
+    """Builds the tab (inside the caller's ``gr.Tabs``) and its events."""
+    jobs, exports = studio.jobs, studio.exports
+    with gr.Tab("3D", id="mesh") as tab:
+        running = gr.State(Running())
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                source = gr.Dropdown(label="Source (a cut-out: its alpha is the object)",
+                                     choices=[], elem_id="mesh-source")
+                preview = gr.Image(label="Source image", interactive=False, format="png",
+                                   height=200, elem_id="mesh-preview")
+                upload = gr.Image(label="…or upload an RGBA cut-out", type="filepath",
+                                  image_mode=None, format="png", sources=["upload", "clipboard"],
+                                  height=200, elem_id="mesh-upload")
+                layered = gr.Checkbox(False, label="Layered asset: one mesh (and GLB node) per "
+                                      "part of the Body & garments parse", elem_id="mesh-layered")
+                with gr.Accordion("Parameters", open=False, elem_id="mesh-parameters"):
+                    seed, steps = seed_and_steps("mesh")
+                    octree = gr.Number(0, label="Octree resolution (0: the server's)",
+                                       precision=0, minimum=0, elem_id="mesh-octree")
+                    faces = gr.Number(0, label="Target faces (0: the server's)",
+                                      precision=0, minimum=0, elem_id="mesh-faces")
+                    texture = gr.Checkbox(True, label="Texture", elem_id="mesh-texture")
+                with gr.Row():
+                    run = gr.Button("Make the 3D asset", variant="primary", elem_id="mesh-run")
+                    cancel = gr.Button("Cancel", elem_id="mesh-cancel")
+                status = gr.Markdown("Pick a cut-out (or upload one), then run.",
+                                     elem_id="mesh-status")
+                stage_times = gr.Markdown(elem_id="mesh-timings")
+            with gr.Column(scale=2):
+                viewer = gr.Model3D(label="3D asset", height=520, elem_id="mesh-viewer")
+                downloads = gr.File(label="Downloads", file_count="multiple", interactive=False,
+                                    visible=False, elem_id="mesh-download")
+    picker = Picker("mesh", source, extra=(("Uploaded image (below)", UPLOAD),))
+    studio.link(picker, tab, preview)
+    studio.link_cancel(cancel, running, "3D job")
+
+    async def job_request(ui: UiState, pui: ParseUi, eui: EditUi, key: str | None,
+                          upload_path: str | None, as_layers: bool, params: dict
+                          ) -> tuple[MeshJobRequest, bytes | None, str] | None:
+        """The request, the uploaded image and what the asset is made of, for what the tab
+        shows; None, after saying what is missing, when there is nothing to make a mesh of."""
+        if as_layers:
+            stored = studio.shown_parse(ui, pui)
+            if stored is None:
+                gr.Info("Parse the character in the Body & garments tab first: a layered asset "
+                        "has one mesh per part.")
+                return None
+            parts, small = layered_parts(stored, pui.parse_id)
+            if small:
+                gr.Info(f"Left out, too small to mesh: {', '.join(small)}.")
+            if not parts:
+                return None
+            body = MeshJobRequest(session_id=ui.session_id, parts=parts, **params)
+            return body, None, f"{len(parts)} parts, layered"
+        if key == UPLOAD:
+            if upload_path is None:
+                gr.Info("Upload an RGBA image (a cut-out) first.")
+                return None
+            return MeshJobRequest(**params), Path(upload_path).read_bytes(), "the uploaded image"
+        if ui.session_id is None or key is None:
+            gr.Info("Segment something in the Segment tab first, or upload a cut-out here.")
+            return None
+        body = MeshJobRequest(session_id=ui.session_id, source=source_of(key), **params)
+        return body, None, await studio.label(ui, pui, eui, key)
+
+    @guarded(lock=False)  # a mesh takes a while: the tab's other events must not wait
+    async def on_run(ui: UiState, pui: ParseUi, eui: EditUi, run: Running, key: str | None,
+                     upload_path: str | None, as_layers: bool, seed_value: float | None,
+                     steps_value: float | None, octree_value: float | None,
+                     faces_value: float | None, with_texture: bool, request: gr.Request,
+                     progress: gr.Progress = gr.Progress(),  # noqa: B008
+                     ) -> AsyncIterator[tuple]:
+        params = {"seed": int(seed_value or 0), "steps": optional(steps_value),
+                  "octree_resolution": optional(octree_value),
+                  "target_face_count": optional(faces_value), "texture": with_texture}
+        found = await job_request(ui, pui, eui, key, upload_path, as_layers, params)
+        if found is None:
+            yield gr.skip()
+            return
+        body, image, what = found
+        job = await meshing.submit(body, client_key(request), upload=image)
+        run.job_id = job.job_id
+        yield gr.skip(), gr.skip(), gr.skip(), f"Making a 3D asset of {what}…"
+        async for event in track(jobs, job, progress):
+            if event["type"] == "artifact" and event["name"] == "shape":
+                (shape,) = await asyncio.to_thread(
+                    exports.write, {"shape.glb": job.artifacts["shape"].data})
+                yield shape, gr.skip(), gr.skip(), "The shape is ready; finishing the asset…"
+        failed = outcome(job, "3D job")
+        if failed is not None:
+            yield gr.skip(), gr.skip(), gr.skip(), failed
+            return
+        files = await asyncio.to_thread(all_formats, job.result.data)
+        paths = await asyncio.to_thread(exports.write, files)
+        glb = next(path for path in paths if path.endswith(".glb"))
+        note = f"**3D asset of {what}** · done in {job.finished_at - job.started_at:.1f} s"
+        yield glb, gr.update(value=paths, visible=True), timings(job), note
+
+    @guarded()
+    async def on_upload(ui: UiState, pui: ParseUi, eui: EditUi, path: str | None) -> dict:
+        if path is None:
+            return gr.skip()
+        return await studio.picker_update(picker, ui, pui, eui, UPLOAD)
+
+    run.click(on_run, [*studio.states, running, source, upload, layered, seed, steps, octree,
+                       faces, texture], [viewer, downloads, stage_times, status],
+              **EVENTS, show_progress_on=[viewer])
+    upload.upload(on_upload, [*studio.states, upload], [source], **EVENTS)
+    return MeshTab(picker)

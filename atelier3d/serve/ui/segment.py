@@ -1,0 +1,332 @@
+"""The Segment tab: clicks, boxes, candidates, objects, undo/redo, cut-outs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image, ImageDraw
+
+from atelier3d import rle
+from atelier3d.api.segment import CutoutRequest, MaskCandidate, ObjectState, SegmentRequest
+from atelier3d.errors import ApiError
+from atelier3d.imaging import encode_png
+from atelier3d.serve.segment.service import SegmentService
+from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, client_key, guarded, with_progress
+
+if TYPE_CHECKING:
+    pass
+
+
+ADD, REMOVE, BOX = "add (+)", "remove (−)", "box corner"
+
+
+POSITIVE, NEGATIVE, CORNER = (0, 200, 0), (230, 0, 0), (255, 220, 0)
+
+
+THUMB_PX = 256  # candidate thumbnails: small, they only need to tell the three apart
+
+
+def _mask(candidate: MaskCandidate, size: tuple[int, int]) -> np.ndarray:
+    return rle.decode(candidate.rle.model_dump(), size)
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """The mask's one-pixel outline (pixels with a 4-neighbour outside the mask)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def _tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
+          alpha: float) -> np.ndarray:
+    """Blends ``colour`` over the masked pixels and draws their outline opaque."""
+    out = image.copy()
+    tint = np.array(colour, np.float32)
+    out[mask] = (out[mask] * (1 - alpha) + tint * alpha).astype(np.uint8)
+    out[_edges(mask)] = colour
+    return out
+
+
+def _marker_radius(image: np.ndarray) -> int:
+    return max(5, round(min(image.shape[:2]) / 64))
+
+
+def _draw_prompts(image: np.ndarray, obj: ObjectState, colour: tuple[int, int, int],
+                  corner: tuple[float, float] | None) -> np.ndarray:
+    """Point markers (green +, red −), the box, and a pending box corner, drawn with PIL."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    r = _marker_radius(image)
+    if obj.box is not None:
+        draw.rectangle(obj.box, outline=colour, width=max(2, r // 2))
+    for (x, y), label in zip(obj.points, obj.labels, strict=True):
+        fill = POSITIVE if label == 1 else NEGATIVE
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255), width=2)
+    if corner is not None:
+        x, y = corner
+        draw.line([x - 2 * r, y, x + 2 * r, y], fill=CORNER, width=3)
+        draw.line([x, y - 2 * r, x, y + 2 * r], fill=CORNER, width=3)
+    return np.asarray(pil)
+
+
+def render(ui: UiState, obj: ObjectState, others: list[ObjectState]
+           ) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
+    """The overlay (every object's selected mask, the current one brighter, with its prompts)
+    and the current object's candidate thumbnails with their scores as captions."""
+    image = ui.image
+    size = image.shape[:2]
+    overlay = image
+    for other in others:  # other objects stay visible, faintly, so objects can be told apart
+        if other.selected is not None:
+            mask = _mask(other.masks[other.selected], size)
+            overlay = _tint(overlay, mask, ui.colour(other.object_id), 0.25)
+    colour = ui.colour(obj.object_id)
+    masks = [_mask(candidate, size) for candidate in obj.masks]
+    if obj.selected is not None:
+        overlay = _tint(overlay, masks[obj.selected], colour, 0.5)
+    overlay = _draw_prompts(overlay, obj, colour, ui.corner)
+
+    # Thumbnails: shrink the image once, then each mask (nearest, so it stays binary).
+    thumb = Image.fromarray(image)
+    thumb.thumbnail((THUMB_PX, THUMB_PX))
+    small = np.asarray(thumb)
+    gallery = []
+    for i, (candidate, mask) in enumerate(zip(obj.masks, masks, strict=True)):
+        small_mask = np.asarray(Image.fromarray(mask).resize(thumb.size, Image.NEAREST))
+        mark = " ✓" if i == obj.selected else ""
+        gallery.append((_tint(small, small_mask, colour, 0.55),
+                        f"#{i + 1} score {candidate.score:.3f}{mark}"))
+    return overlay, gallery
+
+
+def _describe(ui: UiState, obj: ObjectState) -> str:
+    name = ui.label(obj.object_id)
+    if obj.selected is None:
+        return f"**{name}**: click on the image to segment it."
+    plus = sum(1 for label in obj.labels if label == 1)
+    parts = [f"**{name}**", f"{plus} + / {len(obj.labels) - plus} − points"]
+    if obj.box is not None:
+        parts.append("box")
+    score = obj.masks[obj.selected].score
+    parts.append(f"mask {obj.selected + 1}/{len(obj.masks)} (score {score:.3f})")
+    return " · ".join(parts)
+
+
+def _empty_view(ui: UiState | None = None) -> tuple:
+    """The view without an image; also what a failed upload leaves behind."""
+    message = "Upload an image or pick an example to start."
+    return (ui or UiState(), None, [], message, gr.update(choices=[], value=None),
+            gr.update(interactive=False), gr.update(interactive=False),
+            gr.update(interactive=False))
+
+
+async def _view(service: SegmentService, ui: UiState, obj: ObjectState | None = None,
+                note: str = "") -> tuple:
+    """Every output that depends on the session, in the order of ``view_outputs``."""
+    if ui.session_id is None or ui.object_id is None:
+        return _empty_view(ui)
+    if obj is None:
+        obj = await service.get_object(ui.session_id, ui.object_id)
+    others = [await service.get_object(ui.session_id, other)
+              for other in ui.objects if other != ui.object_id]
+    overlay, thumbs = await asyncio.to_thread(render, ui, obj, others)
+    status = _describe(ui, obj)
+    if ui.corner is not None:
+        status += " · click the opposite corner of the box"
+    if note:
+        status += f" · {note}"
+    choices = [(ui.label(object_id), object_id) for object_id in ui.objects]
+    return (
+        ui,
+        overlay,
+        gr.update(value=thumbs, selected_index=obj.selected),
+        status,
+        gr.update(choices=choices, value=ui.object_id),
+        gr.update(interactive=obj.can_undo),
+        gr.update(interactive=obj.can_redo),
+        gr.update(interactive=obj.selected is not None),  # reset: only when there is a mask
+    )
+
+
+async def _wait_encoded(service: SegmentService, session_id: str,
+                        progress: gr.Progress) -> None:
+    """Shows the encode's (time-based) progress until the embedding is ready, or raises its
+    error. ``wait_ready`` shields the encode, so a tab closed meanwhile does not cancel it."""
+    await with_progress(service.wait_ready(session_id),
+                        lambda: service.encode_progress(session_id), progress,
+                        "Encoding the image")
+
+
+def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) -> None:
+    """The Segment tab's components and events; call inside its ``gr.Tab``."""
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            upload = gr.Image(label="Image", type="numpy", image_mode="RGB",
+                              sources=["upload", "clipboard"], height=260,
+                              elem_id="upload")
+            example_files = exports.examples()
+            gr.Examples(
+                examples=[[path] for _, path in example_files],
+                inputs=[upload], label="Examples", elem_id="examples",
+            )
+            mode = gr.Radio([ADD, REMOVE, BOX], value=ADD, label="Click mode",
+                            elem_id="click-mode")
+            with gr.Row():
+                objects = gr.Dropdown(label="Object", choices=[],
+                                      interactive=True, elem_id="object-select")
+                new_object = gr.Button("New object", elem_id="new-object")
+            with gr.Row():
+                undo = gr.Button("Undo", interactive=False, elem_id="undo")
+                redo = gr.Button("Redo", interactive=False, elem_id="redo")
+                reset = gr.Button("Reset", interactive=False, elem_id="reset")
+            export = gr.Button("Export cut-out + RLE", variant="primary",
+                               elem_id="export")
+            # Hidden until the first export: empty file boxes take a lot of room.
+            cutout_file = gr.File(label="Cut-out (PNG)", interactive=False,
+                                  visible=False, elem_id="cutout-download")
+            rle_file = gr.File(label="Mask (RLE JSON)", interactive=False,
+                               visible=False, elem_id="rle-download")
+        with gr.Column(scale=2):
+            status = gr.Markdown("Upload an image or pick an example to start.",
+                                 elem_id="status")
+            overlay = gr.Image(label="Click on the image to segment",
+                               interactive=False, buttons=["fullscreen"],
+                               height=560, elem_id="overlay")
+            candidates = gr.Gallery(label="Candidates (click to choose)",
+                                    columns=3, height=220, allow_preview=False,
+                                    object_fit="contain", elem_id="candidates")
+    view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset]
+
+    @guarded(fallback=_empty_view)
+    async def on_image(image: np.ndarray | None, ui: UiState, request: gr.Request,
+                       progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        # A new image replaces this tab's session: free the old one now, not at its TTL.
+        if ui.session_id is not None:
+            with contextlib.suppress(ApiError):  # NotFound: it expired already
+                await service.delete_session(ui.session_id)
+        ui.start(None, None, None)
+        if image is None:
+            return _empty_view(ui)
+        png = await asyncio.to_thread(encode_png, np.ascontiguousarray(image))
+        info = await service.create_session(png, client=client_key(request))
+        # Owned from here on, so the next upload deletes it even if this one fails below.
+        ui.session_id = info.session_id
+        start = time.monotonic()
+        await _wait_encoded(service, info.session_id, progress)
+        obj = await service.create_object(info.session_id)
+        ui.start(info.session_id, image, obj.object_id)
+        note = f"image {info.width}×{info.height} ready in {time.monotonic() - start:.1f} s"
+        return await _view(service, ui, obj, note)
+
+    @guarded()
+    async def on_click(ui: UiState, click_mode: str, evt: gr.SelectData) -> tuple:
+        if ui.session_id is None or ui.object_id is None:
+            gr.Info("Upload an image first.")
+            return gr.skip()
+        x, y = (float(v) for v in evt.index)
+        obj = await service.get_object(ui.session_id, ui.object_id)
+        points, labels, box = list(obj.points), list(obj.labels), obj.box
+        if click_mode == BOX:
+            if ui.corner is None:  # first corner: only remembered, nothing to segment yet
+                ui.corner = (x, y)
+                return await _view(service, ui, obj)
+            (x0, y0), ui.corner = ui.corner, None
+            box = (min(x0, x), min(y0, y), max(x0, x), max(y0, y))
+            if box[2] <= box[0] or box[3] <= box[1]:
+                gr.Warning("The box's corners must differ in x and y; start again.")
+                return await _view(service, ui, obj)
+        else:
+            points.append((x, y))
+            labels.append(0 if click_mode == REMOVE else 1)
+        request = SegmentRequest(
+            points=points, labels=labels, box=box, multimask=True, object_id=ui.object_id,
+            # Refine the mask the object has (its logits), as SAM's own demo does.
+            refine=obj.selected is not None,
+        )
+        result = await service.segment(ui.session_id, request)
+        note = f"{result.timings_ms.total_ms:.0f} ms"
+        return await _view(service, ui, note=note)
+
+    @guarded()
+    async def on_pick(ui: UiState, evt: gr.SelectData) -> tuple:
+        if ui.session_id is None or ui.object_id is None:
+            return gr.skip()
+        obj = await service.select(ui.session_id, ui.object_id, int(evt.index))
+        return await _view(service, ui, obj)
+
+    @guarded()
+    async def on_new_object(ui: UiState) -> tuple:
+        if ui.session_id is None:
+            gr.Info("Upload an image first.")
+            return gr.skip()
+        obj = await service.create_object(ui.session_id)
+        ui.objects.append(obj.object_id)
+        ui.object_id, ui.corner = obj.object_id, None
+        return await _view(service, ui, obj)
+
+    @guarded()
+    async def on_switch(ui: UiState, object_id: str | None) -> tuple:
+        if ui.session_id is None or object_id not in ui.objects:
+            return gr.skip()
+        ui.object_id, ui.corner = object_id, None
+        return await _view(service, ui)
+
+    def make_edit(action: str) -> Callable[[UiState], Awaitable[tuple]]:
+        @guarded()
+        async def on_edit(ui: UiState) -> tuple:
+            if ui.session_id is None or ui.object_id is None:
+                return gr.skip()
+            ui.corner = None
+            obj = await service.edit_object(ui.session_id, ui.object_id, action)
+            return await _view(service, ui, obj)
+
+        on_edit.__name__ = f"on_{action}"
+        return on_edit
+
+    @guarded()
+    async def on_export(ui: UiState) -> tuple:
+        if ui.session_id is None or ui.object_id is None:
+            gr.Info("Upload an image and segment something first.")
+            return gr.skip()
+        obj = await service.get_object(ui.session_id, ui.object_id)
+        if obj.selected is None:
+            gr.Info("This object has no mask yet: click on the image first.")
+            return gr.skip()
+        png = await service.cutout(
+            ui.session_id, CutoutRequest(object_id=ui.object_id, background="transparent")
+        )
+        chosen = obj.masks[obj.selected]
+        mask_json = {"object_id": ui.object_id, **chosen.model_dump(mode="json")}
+        stem = ui.label(ui.object_id).lower().replace(" ", "-")
+        paths = await asyncio.to_thread(exports.write, {
+            f"cutout-{stem}.png": png,
+            f"mask-{stem}.rle.json": json.dumps(mask_json, indent=1).encode(),
+        })
+        return tuple(gr.update(value=path, visible=True) for path in paths)
+
+    # Every handler only awaits the service (the models run in other deployments), so none
+    # needs the queue's default limit of one at a time: one tab's encode must not hold up
+    # another tab's clicks. Back-pressure lives in the deployments' max_ongoing_requests.
+    # Clicks are "multiple" (none is dropped while one is pending); the tab's lock orders them.
+    # Progress shows on the overlay only, so the status line stays readable.
+    # They are also kept out of Gradio's API ("private"): the programmatic API is /v1.
+    events: dict[str, Any] = {**EVENTS, "show_progress_on": [overlay]}
+    clicks: dict[str, Any] = {**events, "trigger_mode": "multiple", "show_progress": "minimal"}
+    upload.change(on_image, [upload, state], view_outputs, **events)
+    overlay.select(on_click, [state, mode], view_outputs, **clicks)
+    candidates.select(on_pick, [state], view_outputs, **clicks)
+    new_object.click(on_new_object, [state], view_outputs, **events)
+    objects.input(on_switch, [state, objects], view_outputs, **events)
+    for button, action in ((undo, "undo"), (redo, "redo"), (reset, "reset")):
+        button.click(make_edit(action), [state], view_outputs, **clicks)
+    export.click(on_export, [state], [cutout_file, rle_file], **events)
