@@ -42,7 +42,7 @@ from hypothesis.errors import HypothesisException  # noqa: E402
 EXAMPLES = int(os.environ.get("ATELIER3D_FUZZ_EXAMPLES", "70"))
 SEED = int(os.environ.get("ATELIER3D_FUZZ_SEED", "7"))
 MIN_REQUESTS = 2000 if EXAMPLES >= 70 else 0
-# The contract's error statuses (ARCHITECTURE.md §4, http.ERRORS), plus 405 for a wrong method.
+# The contract's error statuses (docs/architecture.md, http.ERRORS), plus 405 for a wrong method.
 DOCUMENTED_4XX = {400, 401, 404, 405, 409, 413, 415, 422, 429}
 # Operations that run a model per valid request: fewer examples keep the run in minutes.
 HEAVY = {("POST", "/v1/sessions/{session_id}/parse"): 0.5, ("POST", "/v1/jobs/edit"): 0.5,

@@ -49,7 +49,7 @@ SCHEDULER_CONFIG = dict(
 LIGHTNING_SCHEDULER_CONFIG = SCHEDULER_CONFIG | dict(
     base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None,
 )
-# The tiny profile (ARCHITECTURE.md section 7), with a 2-channel VAE: the pipelines encode every
+# The tiny profile (docs/architecture.md), with a 2-channel VAE: the pipelines encode every
 # input at ~1 MP, which dominates a tiny edit's time (64 px, 2 steps: ~1.5 s here; ~12 s with 96).
 TINY_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

@@ -46,9 +46,10 @@ RANDOM_INIT_KEY = "atelier3d_random_init"
 BOX_V = 1.01  # the pipeline's default bounds of the decoded volume
 STAGES = ("conditioning", "denoise", "volume_decode", "mesh_extraction", "postprocess", "texture")
 
-# ARCHITECTURE.md section 7: every part built by hy3dgen's own instantiate_from_config; the DINOv2
-# config is inline, so nothing is downloaded. num_freqs=0 keeps the decoded field smooth, so
-# marching cubes finds a surface; writing centres that field on the iso-level 0.
+# Tiny profile (docs/architecture.md): every part built by hy3dgen's own
+# instantiate_from_config; the DINOv2 config is inline, so nothing is downloaded. num_freqs=0
+# keeps the decoded field smooth, so marching cubes finds a surface; writing centres that field on
+# the iso-level 0.
 _TINY_DINO = dict(model_type="dinov2", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=128, patch_size=14, image_size=224)
 TINY_CONFIG: dict[str, Any] = {

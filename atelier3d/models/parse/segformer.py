@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 HUB_ID = "mattmdjaga/segformer_b2_clothes"
 
 
-# ARCHITECTURE.md section 7: ~0.5 M parameters, round-trips through save_pretrained.
+# Tiny profile (docs/architecture.md): ~0.5 M parameters, round-trips through save_pretrained.
 TINY_CONFIG = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
                    num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=64)
 
