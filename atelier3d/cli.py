@@ -9,11 +9,28 @@ import sys
 import threading
 from pathlib import Path
 
+import yaml
+
+from atelier3d import hardware
+from atelier3d.serve import runner
+
+
+def serve_config_path(explicit: str | None) -> tuple[Path, str]:
+    """The Serve YAML ``serve`` runs, and why: ``--config`` when given, else the packaged
+    profile that fits this machine's GPUs."""
+    if explicit:
+        return Path(explicit), f"config {explicit}: given by --config"
+    choice = hardware.choose_profile(hardware.detect_gpus())
+    return runner.packaged_config_path(choice.file), choice.reason
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from atelier3d.serve import runner
-
-    config = runner.load_serve_config(args.config, models=args.models, port=args.port)
+    path, reason = serve_config_path(args.config)
+    print(reason, flush=True)
+    config = runner.load_serve_config(path, models=args.models, port=args.port)
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
     port = config.get("http_options", {}).get("port", 8000)
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     stop_event = threading.Event()
@@ -66,13 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start a local Ray and serve the UI + API")
-    serve.add_argument("--config", help="Serve YAML (default: the packaged local.yaml)")
+    serve.add_argument("--config", help="Serve YAML (default: the packaged profile for this "
+                       "machine's GPUs: local.yaml without one, gpu-24g.yaml or gpu-80g.yaml)")
     serve.add_argument("--models", choices=["auto", "tiny", "real"], default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--num-cpus", type=float, default=None, help="logical CPUs for Ray")
     serve.add_argument("--num-gpus", type=float, default=None, help="logical GPUs for Ray")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="Prometheus metrics port (Ray's metrics agent; default: Ray's choice)")
+    serve.add_argument("--print-config", action="store_true",
+                       help="print the profile chosen and the resolved Serve config, start nothing")
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="model weights")

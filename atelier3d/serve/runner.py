@@ -15,8 +15,13 @@ logger = logging.getLogger(__name__)
 APP_NAME = "atelier3d"
 
 
+def packaged_config_path(name: str) -> Path:
+    """A config shipped in the package (atelier3d/serve/configs), e.g. ``gpu-80g.yaml``."""
+    return Path(str(resources.files("atelier3d.serve") / "configs" / name))
+
+
 def default_config_path() -> Path:
-    return Path(str(resources.files("atelier3d.serve") / "configs" / "local.yaml"))
+    return packaged_config_path("local.yaml")
 
 
 def load_serve_config(
