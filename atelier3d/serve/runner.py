@@ -142,5 +142,5 @@ async def _drain_serve(drain_s: float) -> None:
     try:
         await asyncio.wait_for(serve.shutdown_async(), drain_s)
     except asyncio.TimeoutError:
-        logger.info("Serve did not drain within %.0f s: ending Ray with requests in flight",
-                    drain_s)
+        logger.info("Serve did not finish shutting down within %.0f s: ending Ray, and any "
+                    "request still in flight", drain_s)
