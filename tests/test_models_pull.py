@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+import httpx
 import pytest
 import yaml
 
@@ -384,3 +385,66 @@ def test_an_interrupted_pull_resumes_to_the_same_bytes(hub, pulled, tmp_path):
     assert resumed.keys() == whole.keys()
     assert all(resumed[k] == whole[k] for k in whole)
     assert not list((tmp_path / "hf").rglob("*.incomplete"))
+
+    # A blob damaged on disk (same size): a pull trusts sizes, a pull --verify re-checks the
+    # digests and fetches it again.
+    blob = cuts["segformer"][2]
+    blob.write_bytes(bytes(len(weights)))
+    before = len(hub.log)
+    assert _pull(config_path, tmp_path, hub).returncode == 0
+    assert not [t for t in hub.log[before:] if t.method == "GET" and t.path == lfs]
+    done = _pull(config_path, tmp_path, hub, "--verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "does not match" in done.stderr and "fetching it again" in done.stderr
+    assert [t.range_start for t in hub.log[before:] if t.path == lfs] == [0]
+    assert blob.read_bytes() == weights
+
+
+def test_serve_real_starts_offline_on_the_pulled_cache(hub, pulled):
+    """``atelier3d serve --models real`` on what was pulled, with HF_HUB_OFFLINE=1 and the hub
+    unreachable: every replica loads its weights from the cache and /readyz is green."""
+    tmp = pulled.tmp
+    raw = yaml.safe_load(pulled.config.read_text())
+    args = raw["applications"][0]["args"]
+    args["edit"]["lightning_lora"] = None  # the served LoRA is placeholder bytes (see above)
+    args["ui"] = False
+    config = tmp / "serve-offline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    port = free_port()
+    env = _env(tmp, f"http://127.0.0.1:{free_port()}", offline=True) | {
+        "ATELIER3D_RAY_LOGS": "0"}
+    env["PIP_INDEX_URL"] = env["HF_ENDPOINT"] + "/simple"
+    before = len(hub.log)
+    log = tmp / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "atelier3d", "serve", "--config", str(config),
+             "--models", "real", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+    try:
+        ready = None
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=15)
+                if ready.status_code == 200 and ready.json()["ready"]:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        assert ready is not None and ready.status_code == 200, log.read_text()[-4000:]
+        info = ready.json()
+        assert info["ready"] is True and info["weights"] == "untrained", info
+        sam = next(iter(hub.files.values()))
+        assert info["models"]["sam_encoder"]["checkpoint_sha256"] == hashlib.sha256(
+            sam).hexdigest()
+        # Printed once every deployment (parser, editor, shape too) runs, its weights loaded.
+        assert "atelier3d is serving the UI and API" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert len(hub.log) == before, "a replica reached the hub"

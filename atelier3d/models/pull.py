@@ -437,12 +437,15 @@ def fetch_file(file: PlannedFile, client: httpx.Client, out: TextIO,
     headers = build_hf_headers() if file.link is not None else {}
     received = 0
     with WeakFileLock(file.lock):
-        if file.is_complete():
-            if verify_present:
-                digest = _Digest(file)
-                digest.update_from(file.path)
+        if file.is_complete() and verify_present:
+            digest = _Digest(file)
+            digest.update_from(file.path)
+            try:
                 digest.check(file.path.stat().st_size)
-        else:
+            except PullError as exc:
+                print(f"{exc}: fetching it again", file=out, flush=True)
+                file.path.unlink()
+        if not file.is_complete():
             for attempt in range(_ATTEMPTS):
                 try:
                     got, digest = _transfer(file, client, headers, out)
