@@ -86,7 +86,9 @@ def hub(tiny_dir) -> HubServer:
             f"{MESH_FOLDER}/model.fp16.ckpt": _junk(500_000, 3),
             f"{MESH_FOLDER}-turbo/config.yaml": b"model: {}\n",
             f"{MESH_FOLDER}-turbo/model.fp16.safetensors": _junk(200_000, 4),
-            "hunyuan3d-vae-v2-mini-turbo/model.fp16.safetensors": _junk(200_000, 5)}),
+            "hunyuan3d-vae-v2-mini-turbo/config.yaml": b"vae: {}\n",
+            "hunyuan3d-vae-v2-mini-turbo/model.fp16.safetensors": _junk(200_000, 5),
+            "hunyuan3d-vae-v2-mini-turbo/model.fp16.ckpt": _junk(200_000, 8)}),
         LORA: Repo(CARD | {LORA_FILE: _junk(100_000, 6),
                            "Qwen-Image-Lightning-4steps-V1.0.safetensors": _junk(100_000, 7)}),
     }
@@ -228,6 +230,21 @@ def test_dry_run_prints_the_files_and_sizes_and_fetches_nothing(hub, tmp_path):
     seen = hub.log[before:]
     assert {t.method for t in seen if not t.path.startswith("/api/")} == {"HEAD"}
     assert not (tmp_path / "hf").exists() and not (tmp_path / "atelier3d").exists()
+
+
+def test_flashvdm_adds_the_turbo_vae_its_loader_reads(hub, tmp_path):
+    config = _config(hub, tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["applications"][0]["args"]["mesh"]["flashvdm"] = True
+    config.write_text(yaml.safe_dump(raw))
+    done = _pull(config, tmp_path, hub, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0] for line in done.stdout.splitlines()
+              if line.startswith(f"    {MESH}/")}
+    assert listed == {f"{MESH}/{name}" for name in (
+        f"{MESH_FOLDER}/config.yaml", f"{MESH_FOLDER}/model.fp16.safetensors",
+        "hunyuan3d-vae-v2-mini-turbo/config.yaml",
+        "hunyuan3d-vae-v2-mini-turbo/model.fp16.safetensors")}
 
 
 def test_a_missing_file_is_a_clear_error(hub, tmp_path):
@@ -456,3 +473,12 @@ def test_serve_real_starts_offline_on_the_pulled_cache(hub, pulled):
             proc.wait()
     assert proc.returncode == 0, log.read_text()[-4000:]
     assert len(hub.log) == before, "a replica reached the hub"
+
+
+def test_the_progress_api_loads_without_torch():
+    """The Gateway may ask download_status: importing it must not import torch."""
+    check = ("import sys, atelier3d.models.pull; "
+             "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", check], env=os.environ | {
+        "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

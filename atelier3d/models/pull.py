@@ -72,7 +72,7 @@ class Wanted(BaseModel):
     source: str  # hub id, URL or pip requirement
     revision: str = "main"
     files: list[str] | None = None  # hub: exactly these ...
-    optional_files: list[str] = []  # ... and these where the repo has them
+    optional_files: list[str] = []  # ... and these where the repo has them all
     scope: Literal["root", "all"] | list[str] = "all"  # else: files here, less what isn't loaded
 
 
@@ -261,7 +261,8 @@ def _hub_plan(want: Wanted, api: HfApi) -> ModelPlan:
         if missing:
             raise PullError(f"{want.label}: {want.source}@{want.revision} has no "
                             f"{', '.join(missing)}")
-        names = want.files + [f for f in want.optional_files if f in siblings]
+        optional = all(f in siblings for f in want.optional_files)
+        names = want.files + (want.optional_files if optional else [])
     else:
         names = loaded_files(sorted(siblings), want.scope)
         if not names:
