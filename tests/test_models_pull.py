@@ -286,6 +286,20 @@ def test_pull_fetches_only_what_the_loaders_read(hub, pulled):
     weights = storage / "snapshots" / commit / MESH_FOLDER / "model.fp16.safetensors"
     assert weights.is_symlink()
     assert weights.read_bytes() == hub.repos[MESH].files[f"{MESH_FOLDER}/model.fp16.safetensors"]
+    # huggingface_hub itself, online, finds the pulled blobs where it would have put them: it
+    # asks for the etag (HEAD) and fetches nothing.
+    before = len(hub.log)
+    code = ("from huggingface_hub import hf_hub_download as get; "
+            f"print(get({SEGFORMER!r}, 'model.safetensors')); "
+            f"print(get({EDIT!r}, 'vae/config.json'))")
+    online = subprocess.run([sys.executable, "-c", code], env=_env(tmp, hub.url),
+                            capture_output=True, text=True, timeout=120)
+    assert online.returncode == 0, online.stderr
+    assert online.stdout.split() == [
+        str(hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+            / hub.repos[repo].commit / name)
+        for repo, name in ((SEGFORMER, "model.safetensors"), (EDIT, "vae/config.json"))]
+    assert {t.method for t in hub.log[before:]} == {"HEAD"}
     # What the Gateway can ask, without network: every configured model is complete.
     status = {s.key: s for s in download_status(_app_config(pulled.config))}
     assert set(status) == {"sam", "segformer", "pose", "edit", "lightning_lora", "mesh"}
