@@ -247,15 +247,28 @@ def test_flashvdm_adds_the_turbo_vae_its_loader_reads(hub, tmp_path):
         "hunyuan3d-vae-v2-mini-turbo/model.fp16.safetensors")}
 
 
-def test_a_missing_file_is_a_clear_error(hub, tmp_path):
+def test_what_cannot_be_fetched_is_a_clear_error(hub, tmp_path):
     config = _config(hub, tmp_path)
     raw = yaml.safe_load(config.read_text())
-    raw["applications"][0]["args"]["mesh"]["subfolder"] = "hunyuan3d-dit-v9"
+    args = raw["applications"][0]["args"]
+    args["mesh"]["subfolder"] = "hunyuan3d-dit-v9"
     config.write_text(yaml.safe_dump(raw))
     done = _pull(config, tmp_path, hub, "--dry-run")
     assert done.returncode == 1
     assert (f"Hunyuan3D shape: {MESH}@main has no hunyuan3d-dit-v9/config.yaml, "
             "hunyuan3d-dit-v9/model.fp16.safetensors") in done.stderr
+    assert "Traceback" not in done.stderr
+    args["edit"]["model"] = "Qwen/Qwen-Image-Edit-2599"
+    config.write_text(yaml.safe_dump(raw))
+    done = _pull(config, tmp_path, hub, "--dry-run")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"Qwen-Image-Edit: Qwen/Qwen-Image-Edit-2599@main on {hub.url}: " in done.stderr
+    hub_gone = subprocess.run(
+        [sys.executable, "-m", "atelier3d", "models", "pull", "--config", str(config)],
+        env=_env(tmp_path, f"http://127.0.0.1:{free_port()}"), capture_output=True, text=True,
+        timeout=120, cwd=tmp_path)
+    assert hub_gone.returncode == 1 and "Traceback" not in hub_gone.stderr, hub_gone.stderr
+    assert "atelier3d models pull: " in hub_gone.stderr
 
 
 def test_pull_fetches_only_what_the_loaders_read(hub, pulled):

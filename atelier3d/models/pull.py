@@ -179,13 +179,19 @@ def _local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
+def _sam_url(config: AppConfig) -> str | None:
+    """Where the SAM checkpoint comes from (Meta's release for vit_b/l/h); None: a local file."""
+    name = OFFICIAL_CHECKPOINTS.get(config.sam.checkpoint, config.sam.checkpoint)
+    return name if name.startswith(("http://", "https://")) else None
+
+
 def wanted_models(config: AppConfig) -> list[Wanted]:
     """The downloadable models ``config`` names (local paths need no fetching). The tiny
     profile writes its own weights; BlazePose is real in every profile."""
     wanted: list[Wanted] = []
     if config.models != "tiny":
-        sam = OFFICIAL_CHECKPOINTS.get(config.sam.checkpoint, config.sam.checkpoint)
-        if sam.startswith(("http://", "https://")):
+        sam = _sam_url(config)
+        if sam is not None:
             wanted.append(Wanted(key="sam", label="SAM checkpoint", kind="url", source=sam))
         if not _local(config.parsing.segformer):
             wanted.append(Wanted(key="segformer", label="SegFormer (human parsing)", kind="hub",
@@ -254,7 +260,12 @@ def loaded_files(paths: list[str], scope: Literal["root", "all"] | list[str]) ->
 # ---- the plan -----------------------------------------------------------------------------------
 
 def _hub_plan(want: Wanted, api: HfApi) -> ModelPlan:
-    info = api.model_info(want.source, revision=want.revision, files_metadata=True)
+    try:
+        info = api.model_info(want.source, revision=want.revision, files_metadata=True)
+    except Exception as exc:  # noqa: BLE001 - the hub client's errors (not all OSError)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PullError(f"{want.label}: {want.source}@{want.revision} on {api.endpoint}: "
+                        f"{reason}") from exc
     siblings = {s.rfilename: s for s in info.siblings or []}
     if want.files is not None:
         missing = [f for f in want.files if f not in siblings]
@@ -287,7 +298,10 @@ def _hub_plan(want: Wanted, api: HfApi) -> ModelPlan:
 
 
 def _url_plan(want: Wanted, cache: Path, http: httpx.Client) -> ModelPlan:
-    response = http.head(want.source)
+    try:
+        response = http.head(want.source)
+    except httpx.HTTPError as exc:
+        raise PullError(f"{want.label}: {want.source}: {exc}") from exc
     if response.is_error:
         raise PullError(f"{want.label}: HEAD {want.source} answered {response.status_code}")
     length = response.headers.get("Content-Length")
@@ -309,6 +323,10 @@ def plan_pull(configs: list[AppConfig], api: HfApi | None = None,
     models: dict[tuple[str, str, str], ModelPlan] = {}
     with http or _client() as client:
         for config in configs:
+            sam = Path(config.sam.checkpoint).expanduser()
+            if config.models != "tiny" and _sam_url(config) is None and not sam.is_file():
+                raise PullError(f"sam.checkpoint {sam} does not exist, and a local path cannot "
+                                "be fetched: give a URL or vit_b / vit_l / vit_h")
             for want in wanted_models(config):
                 key = (want.key, want.source, str(config.cache_path))
                 if key in models:
