@@ -68,6 +68,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from atelier3d.models import pull
     from atelier3d.serve import runner
 
+    if args.jobs < 1:
+        print("atelier3d models pull: --jobs must be at least 1", file=sys.stderr)
+        return 2
     if not args.verbose:  # a line per request would drown the progress bars
         logging.getLogger("httpx").setLevel(logging.WARNING)
     config = runner.load_serve_config(args.config)
@@ -78,7 +81,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
         started = time.perf_counter()
-        received = pull.pull(plan, apps[0].cache_path, sys.stderr, verify_present=args.verify)
+        received = pull.pull(plan, apps[0].cache_path, sys.stderr, verify_present=args.verify,
+                             jobs=args.jobs)
     except (pull.PullError, OSError, httpx.HTTPError) as exc:
         print(f"atelier3d models pull: {exc}", file=sys.stderr)
         return 1
@@ -119,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print what would be fetched, and the sizes; fetch nothing")
     fetch.add_argument("--verify", action="store_true",
                        help="also re-check the digests of files already on disk")
+    fetch.add_argument("--jobs", type=int, default=4, help="files fetched at once (default 4)")
     fetch.set_defaults(func=cmd_pull)
 
     from atelier3d.clients.cli import add_client_commands

@@ -155,8 +155,10 @@ def _pull(config: Path, tmp: Path, hub: HubServer, *extra: str,
 
 
 def _start_pull(config: Path, tmp: Path, hub: HubServer) -> subprocess.Popen:
+    # One file at a time: the files before the stalled one are whole, those after untouched.
     return subprocess.Popen(
-        [sys.executable, "-m", "atelier3d", "models", "pull", "--config", str(config)],
+        [sys.executable, "-m", "atelier3d", "models", "pull", "--config", str(config),
+         "--jobs", "1"],
         env=_env(tmp, hub.url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp)
 
 

@@ -28,6 +28,7 @@ import importlib.util
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Literal, TextIO
 
@@ -516,25 +517,38 @@ def _read_manifest(cache: Path) -> list[ModelPlan]:
     return PullPlan.model_validate_json(path.read_text()).models if path.is_file() else []
 
 
-def pull(plan: PullPlan, cache: Path, out: TextIO, verify_present: bool = False) -> int:
-    """Fetches everything ``plan`` names that is not on disk yet; returns the bytes received.
-    A model's ``refs/<revision>`` is written once all its files are there."""
+def _fetch_blob(files: list[PlannedFile], client: httpx.Client, out: TextIO,
+                verify_present: bool) -> int:
+    """Fetches one blob and links every snapshot entry with its bytes."""
+    received = fetch_file(files[0], client, out, verify_present)
+    for file in files[1:]:
+        _link(file)
+    return received
+
+
+def pull(plan: PullPlan, cache: Path, out: TextIO, verify_present: bool = False,
+         jobs: int = 4) -> int:
+    """Fetches everything ``plan`` names that is not on disk yet, ``jobs`` files at a time;
+    returns the bytes received. A model's ``refs/<revision>`` is written once all its files
+    are there."""
     write_manifest(plan, cache)
-    received = 0
-    with _client() as client:
-        for model in plan.models:
-            if model.kind == "pip":
-                if not model.is_complete():
-                    print(f"{model.label}: pip download {model.source}", file=out, flush=True)
-                    pose.resolve_pose_weights(model.source, model.cache_dir)
-                continue
-            for file in model.files:
-                received += fetch_file(file, client, out, verify_present)
-            if model.ref is not None:
-                model.ref.parent.mkdir(parents=True, exist_ok=True)
-                tmp = model.ref.with_name(f"{model.ref.name}.{os.getpid()}")
-                tmp.write_text(model.commit)
-                os.replace(tmp, model.ref)
+    for model in plan.models:
+        if model.kind == "pip" and not model.is_complete():
+            print(f"{model.label}: pip download {model.source}", file=out, flush=True)
+            pose.resolve_pose_weights(model.source, model.cache_dir)
+    by_blob: dict[Path, list[PlannedFile]] = {}
+    for file in plan.files:  # files with the same bytes share a blob: one download
+        by_blob.setdefault(file.path, []).append(file)
+    with _client() as client, ThreadPoolExecutor(max_workers=jobs) as pool:
+        fetches = [pool.submit(_fetch_blob, files, client, out, verify_present)
+                   for files in by_blob.values()]
+        received = sum(fetch.result() for fetch in fetches)
+    for model in plan.models:
+        if model.ref is not None:
+            model.ref.parent.mkdir(parents=True, exist_ok=True)
+            tmp = model.ref.with_name(f"{model.ref.name}.{os.getpid()}")
+            tmp.write_text(model.commit)
+            os.replace(tmp, model.ref)
     return received
 
 
