@@ -8,12 +8,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
+import httpx
 import yaml
 
 from atelier3d import hardware
 from atelier3d.clients.cli import add_client_commands
+from atelier3d.config import AppConfig
+from atelier3d.models import pull
 from atelier3d.serve import runner
 
 
@@ -91,6 +95,33 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        print("atelier3d models pull: --jobs must be at least 1", file=sys.stderr)
+        return 2
+    if not args.verbose:  # a line per request would drown the progress bars
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    path, reason = serve_config_path(args.config)
+    print(reason, flush=True)
+    config = runner.load_serve_config(path)
+    apps = [AppConfig.model_validate(app.get("args") or {}) for app in config["applications"]]
+    try:
+        plan = pull.plan_pull(apps)
+        print(pull.describe(plan), flush=True)
+        if args.dry_run:
+            return 0
+        started = time.perf_counter()
+        received = pull.pull(plan, apps[0].cache_path, sys.stderr, verify_present=args.verify,
+                             jobs=args.jobs)
+    except (pull.PullError, OSError, httpx.HTTPError) as exc:
+        print(f"atelier3d models pull: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - started
+    print(f"pulled: {pull.human_bytes(received)} received in {seconds:.1f} s; every model the "
+          "config names is on disk", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier3d", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -117,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write full-size vit_b and SegFormer-B2 with random weights "
                            "(benchmarks)")
     tiny.set_defaults(func=cmd_make_tiny)
+    fetch = models_sub.add_parser(
+        "pull", help="fetch every model the Serve config names (resumable, checked), before "
+        "serving")
+    fetch.add_argument("--config", help="Serve YAML (default: the profile serve would pick)")
+    fetch.add_argument("--dry-run", action="store_true",
+                       help="print what would be fetched, and the sizes; fetch nothing")
+    fetch.add_argument("--verify", action="store_true",
+                       help="also re-check the digests of files already on disk")
+    fetch.add_argument("--jobs", type=int, default=4, help="files fetched at once (default 4)")
+    fetch.set_defaults(func=cmd_pull)
 
     add_client_commands(sub)
     return parser

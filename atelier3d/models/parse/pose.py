@@ -171,6 +171,11 @@ def download_wheel(spec: str, dest: Path, timeout_s: float = 300.0) -> Path:
     return wheels[-1]
 
 
+def extracted_dir(source: str, cache_dir: Path | None = None) -> Path:
+    """Where the models of a ``mediapipe==X.Y.Z`` wheel are kept once extracted."""
+    return (cache_dir or default_cache_dir()) / "pose" / source.replace("==", "-")
+
+
 def resolve_pose_weights(source: str = POSE_SOURCE, cache_dir: Path | None = None) -> PoseWeights:
     """Finds the pose models named by ``source``.
 
@@ -188,7 +193,7 @@ def resolve_pose_weights(source: str = POSE_SOURCE, cache_dir: Path | None = Non
         return extract_from_wheel(path, cache / path.name.split("-py")[0].split("-cp")[0])
     if not source.startswith("mediapipe=="):
         raise ValueError(f"pose source {source!r}: give a directory, a .whl or mediapipe==X.Y.Z")
-    dest = cache / source.replace("==", "-")
+    dest = extracted_dir(source, cache_dir)
     try:
         return _from_dir(dest, source)
     except FileNotFoundError:
