@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from atelier3d.models import hunyuan3d, parsing
-    from atelier3d.models.qwen_edit import tiny_edit_dir
+    from atelier3d.models.qwen_edit import tiny_edit_dir, tiny_lightning_dir
     from atelier3d.models.sam import RANDOM_VIT_B_NAME, tiny_checkpoint, write_random_checkpoint
 
     out = Path(args.dir)
@@ -50,6 +50,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     print(f"SAM tiny ({tiny.model_type}): {tiny.path}")
     print(f"SegFormer tiny (ATR 18): {parsing.tiny_segformer_dir(out)}")
     print(f"Qwen-Image-Edit tiny (diffusers layout): {tiny_edit_dir(out)}")
+    print(f"Qwen-Image-Edit-2509 tiny (diffusers layout): {tiny_edit_dir(out, plus=True)}")
+    print(f"Qwen-Image-Lightning tiny (its edit LoRA files): {tiny_lightning_dir(out)}")
     shape = hunyuan3d.tiny_shape3d_dir(out) / hunyuan3d.TINY_SUBFOLDER
     print(f"Hunyuan3D tiny (hy3dgen layout): {shape}")
     if args.full_size:

@@ -92,12 +92,14 @@ def tiny_dir() -> Path:
     from atelier3d.models.hunyuan3d import tiny_shape3d_dir
     from atelier3d.models.parsing import tiny_segformer_dir
     from atelier3d.models.pose import resolve_pose_weights
-    from atelier3d.models.qwen_edit import tiny_edit_dir
+    from atelier3d.models.qwen_edit import tiny_edit_dir, tiny_lightning_dir
     from atelier3d.models.sam import tiny_checkpoint
 
     tiny_checkpoint(GENERATED)
     tiny_segformer_dir(GENERATED)
     tiny_edit_dir(GENERATED)
+    tiny_edit_dir(GENERATED, plus=True)
+    tiny_lightning_dir(GENERATED)
     tiny_shape3d_dir(GENERATED)
     resolve_pose_weights(cache_dir=GENERATED)
     return GENERATED
