@@ -128,8 +128,8 @@ def metrics_url() -> str:
 
 @pytest.fixture(scope="session")
 def server(tiny_dir, metrics_url) -> str:
-    """The whole app (Gateway + UI, SamEncoder, SamDecoder, HumanParser) on a local Ray, tiny
-    weights."""
+    """The whole app (Gateway + UI, SamEncoder, SamDecoder, HumanParser, ImageEditor with the
+    Lightning LoRA, Shape3D) on a local Ray, tiny weights."""
     from atelier3d.serve import runner
 
     os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")
@@ -150,6 +150,8 @@ def server(tiny_dir, metrics_url) -> str:
             # The config's fair-use limits, with the tests' own address exempt: the fair-use
             # tests name other clients through X-Forwarded-For.
             "fair_use": {"trust_forwarded_for": True, "exempt": ["127.0.0.1"]},
+            # The 8-step Lightning LoRA, as the GPU runs use it (its tiny stand-in here).
+            "edit": {"lightning_lora": {}},
         },
     )
     for deployment in config["applications"][0]["deployments"]:

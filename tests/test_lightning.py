@@ -63,8 +63,10 @@ def editor_with(**edit):
 
 
 def direct(pipe_dir, lora_dir, weight_name: str, images: list[np.ndarray], steps: int,
-           lora: bool = True) -> np.ndarray:
-    """The edit with diffusers alone: the pipeline, the published scheduler, load_lora_weights."""
+           lora: bool = True, prompt: str = PROMPT, size: int = SIZE, seed: int = 5
+           ) -> np.ndarray:
+    """The edit with diffusers alone: the pipeline, the published scheduler, load_lora_weights,
+    no CFG (as Lightning runs)."""
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     pipe = DiffusionPipeline.from_pretrained(pipe_dir)
@@ -72,9 +74,9 @@ def direct(pipe_dir, lora_dir, weight_name: str, images: list[np.ndarray], steps
     if lora:
         pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
     pil = [Image.fromarray(i) for i in images]
-    out = pipe(image=pil if len(pil) > 1 else pil[0], prompt=PROMPT, negative_prompt=" ",
-               true_cfg_scale=1.0, num_inference_steps=steps, width=SIZE, height=SIZE,
-               generator=torch.Generator("cpu").manual_seed(5))
+    out = pipe(image=pil if len(pil) > 1 else pil[0], prompt=prompt, negative_prompt=" ",
+               true_cfg_scale=1.0, num_inference_steps=steps, width=size, height=size,
+               generator=torch.Generator("cpu").manual_seed(seed))
     return np.asarray(out.images[0])
 
 
