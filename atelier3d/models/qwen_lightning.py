@@ -101,10 +101,11 @@ def load_lightning(pipe: Any, source: str, weight_name: str) -> str:
             "no-CFG schedule without the LoRA makes bad edits)") from exc
     wrapped = {f"transformer.{name}" for name, module in pipe.transformer.named_modules()
                if isinstance(module, BaseTunerLayer)}
-    if not targets or targets - wrapped:
-        missing = sorted(targets - wrapped)[:3] or ["(the file adapts no module)"]
+    missing = sorted(targets - wrapped)
+    if not targets or missing:
+        what = (f"{len(missing)} of {len(targets)} modules not adapted, e.g. "
+                f"{', '.join(missing[:3])}" if targets else "it adapts no module")
         raise LightningLoraError(
-            f"Lightning LoRA {where} does not fit this transformer: {len(targets - wrapped)} of "
-            f"{len(targets)} modules not adapted, e.g. {', '.join(missing)}. Use the file made "
-            "for edit.model, or set edit.lightning_lora to null")
+            f"Lightning LoRA {where} does not fit this transformer: {what}. Use the file made "
+            "for the model, or set edit.lightning_lora to null")
     return where
