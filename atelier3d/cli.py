@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     # torch and the model libraries load here, not for every command of the CLI
-    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
     from atelier3d.models.mesh import hunyuan3d
     from atelier3d.models.parse import segformer as parsing
     from atelier3d.models.segment.sam import (
@@ -85,6 +85,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     print(f"SAM tiny ({tiny.model_type}): {tiny.path}")
     print(f"SegFormer tiny (ATR 18): {parsing.tiny_segformer_dir(out)}")
     print(f"Qwen-Image-Edit tiny (diffusers layout): {tiny_edit_dir(out)}")
+    print(f"Qwen-Image-Edit-2509 tiny (diffusers layout): {tiny_edit_dir(out, plus=True)}")
+    print(f"Qwen-Image-Lightning tiny (its edit LoRA files): {tiny_lightning_dir(out)}")
     shape = hunyuan3d.tiny_shape3d_dir(out) / hunyuan3d.TINY_SUBFOLDER
     print(f"Hunyuan3D tiny (hy3dgen layout): {shape}")
     if args.full_size:

@@ -27,6 +27,11 @@ Quantization = Literal["auto", "bitsandbytes_4bit", "bitsandbytes_8bit", "torcha
 SIZE_MULTIPLE = 16
 
 
+# Qwen-Image-Edit releases trained for several input images (the Plus pipeline); the first one,
+# Qwen/Qwen-Image-Edit, was trained on one.
+MULTI_IMAGE_RELEASES = ("2509", "2511")
+
+
 class LightningLora(BaseModel):
     """Qwen-Image-Lightning: a step-distillation LoRA (4 or 8 steps, no CFG)."""
 
@@ -37,7 +42,12 @@ class LightningLora(BaseModel):
     )
     weight_name: str = Field(
         "Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors",
-        description="file in it; match the base model (Qwen-Image-Edit-2509/... for 2509)",
+        description="file in it for edit.model; match the base model (Qwen-Image-Edit-2509/... "
+        "when edit.model is Qwen-Image-Edit-2509)",
+    )
+    plus_weight_name: str = Field(
+        "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors",
+        description="file in it for edit.plus_model's transformer (when that is set)",
     )
     steps: Literal[4, 8] = Field(8, description="the step count the LoRA was distilled for")
 
@@ -61,9 +71,16 @@ class EditSettings(BaseModel):
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    plus_model: str | None = Field(
+        None, description="weights trained for multi-image edits (extra_sources), hub id "
+        "(Qwen/Qwen-Image-Edit-2509) or local directory: its transformer runs the Plus pipeline "
+        "beside edit.model's text encoder and VAE (the same in both releases). Unset: multi-image "
+        "edits run on edit.model when that was trained for them (2509/2511), else are refused "
+        "(422)"
+    )
     plus: bool | None = Field(
         None, description="run single-image edits with the Plus pipeline too, as "
-        "Qwen-Image-Edit-2509 expects; default: when the model's name contains 2509"
+        "Qwen-Image-Edit-2509 expects; default: when the model's name contains 2509 or 2511"
     )
     lightning_lora: LightningLora | None = None
     steps: int | None = Field(
@@ -89,8 +106,20 @@ class EditSettings(BaseModel):
         return 1.0 if self.lightning_lora else 4.0
 
     @property
+    def model_is_multi_image(self) -> bool:
+        return any(release in self.model for release in MULTI_IMAGE_RELEASES)
+
+    @property
     def plus_for_single_image(self) -> bool:
-        return self.plus if self.plus is not None else "2509" in self.model
+        return self.plus if self.plus is not None else self.model_is_multi_image
+
+    @property
+    def multi_image_model(self) -> str | None:
+        """The weights the Plus pipeline runs on: ``plus_model``, else ``model`` when it was
+        trained for multi-image edits; None: multi-image edits are refused."""
+        if self.plus_model is not None:
+            return self.plus_model
+        return self.model if self.model_is_multi_image else None
 
     @model_validator(mode="after")
     def _check(self) -> EditSettings:
@@ -98,12 +127,13 @@ class EditSettings(BaseModel):
             raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
         if self.steps is not None and self.steps > self.max_steps:
             raise ValueError(f"steps {self.steps} > max_steps {self.max_steps}")
+        if self.plus and self.multi_image_model is None:
+            raise ValueError(f"plus: true runs every edit with the Plus pipeline, and {self.model}"
+                             " was not trained for it: set plus_model (Qwen/Qwen-Image-Edit-2509)")
         return self
 
 
 OCTREE_RANGE = (16, 1024)
-
-
 FACE_RANGE = (500, 2_000_000)
 
 

@@ -89,7 +89,7 @@ def tiny_dir() -> Path:
     """Tiny SAM, SegFormer, Qwen-Image-Edit and Hunyuan3D checkpoints, and BlazePose's real
     models (no tiny ones exist; fetched once from the mediapipe wheel), so no server replica
     writes or downloads any."""
-    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
     from atelier3d.models.mesh.hunyuan3d import tiny_shape3d_dir
     from atelier3d.models.parse.pose import resolve_pose_weights
     from atelier3d.models.parse.segformer import tiny_segformer_dir
@@ -98,6 +98,8 @@ def tiny_dir() -> Path:
     tiny_checkpoint(GENERATED)
     tiny_segformer_dir(GENERATED)
     tiny_edit_dir(GENERATED)
+    tiny_edit_dir(GENERATED, plus=True)
+    tiny_lightning_dir(GENERATED)
     tiny_shape3d_dir(GENERATED)
     resolve_pose_weights(cache_dir=GENERATED)
     return GENERATED
@@ -126,8 +128,8 @@ def metrics_url() -> str:
 
 @pytest.fixture(scope="session")
 def server(tiny_dir, metrics_url) -> str:
-    """The whole app (Gateway + UI, SamEncoder, SamDecoder, HumanParser) on a local Ray, tiny
-    weights."""
+    """The whole app (Gateway + UI, SamEncoder, SamDecoder, HumanParser, ImageEditor with the
+    Lightning LoRA, Shape3D) on a local Ray, tiny weights."""
     from atelier3d.serve import runner
 
     os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")
@@ -148,6 +150,8 @@ def server(tiny_dir, metrics_url) -> str:
             # The config's fair-use limits, with the tests' own address exempt: the fair-use
             # tests name other clients through X-Forwarded-For.
             "fair_use": {"trust_forwarded_for": True, "exempt": ["127.0.0.1"]},
+            # The 8-step Lightning LoRA, as the GPU runs use it (its tiny stand-in here).
+            "edit": {"lightning_lora": {}},
         },
     )
     for deployment in config["applications"][0]["deployments"]:

@@ -23,6 +23,8 @@ from tests.conftest import GENERATED
 STEPS = 2
 SIZE = 64
 PROMPT = "make the shirt red"
+# Multi-image edits need a model trained for them; in tiny mode, its tiny stand-in.
+PLUS_MODEL = "Qwen/Qwen-Image-Edit-2509"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,8 @@ def make_editor(**edit):
 
 @pytest.fixture(scope="module")
 def editor(tiny_edit):
-    return make_editor(quantization="none", text_encoder_quantization="none")
+    return make_editor(quantization="none", text_encoder_quantization="none",
+                       plus_model=PLUS_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def image() -> np.ndarray:
 def request(image: np.ndarray, **fields) -> EditRequest:
     fields = dict(images=[image], prompt=PROMPT, steps=STEPS, seed=3, width=SIZE, height=SIZE,
                   ) | fields
-    return EditRequest.build(EditSettings(min_side=32), **fields)
+    return EditRequest.build(EditSettings(min_side=32, plus_model=PLUS_MODEL), **fields)
 
 
 async def events_of(editor, req: EditRequest) -> list[dict]:
@@ -230,19 +233,37 @@ def test_missing_weights_fail_in_real_mode_and_fall_back_loudly_in_auto(tiny_edi
     assert not pipes.trained and "FALLING BACK TO TINY" in caplog.text
 
 
-def test_lightning_lora_brings_its_schedule_and_defaults(tiny_edit, caplog):
+def test_lightning_lora_brings_its_schedule_and_defaults(tiny_edit):
     from atelier3d.models.edit.qwen_image_edit import load_edit_pipeline
 
-    lora = {"weights": str(GENERATED / "no-such-lora"), "steps": 4}
-    pipes = load_edit_pipeline(EditSettings(lightning_lora=lora), "tiny", GENERATED)
-    assert pipes.lora is None and "running without it" in caplog.text  # tiny: not strict
+    settings = EditSettings(lightning_lora={"steps": 4}, plus_model=PLUS_MODEL)
+    pipes = load_edit_pipeline(settings, "tiny", GENERATED)  # the hub LoRA's tiny stand-in
+    assert pipes.lora.endswith("/Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors")
+    assert pipes.plus_lora.endswith(
+        "/Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors")
     schedule = pipes.edit.scheduler.config
     assert schedule.base_shift == schedule.max_shift == pytest.approx(math.log(3))
     assert schedule.shift_terminal is None and schedule.use_dynamic_shifting
     assert pipes.inpaint.scheduler is pipes.plus.scheduler is pipes.edit.scheduler
     assert (pipes.settings.default_steps, pipes.settings.default_true_cfg_scale) == (4, 1.0)
-    with pytest.raises((OSError, ValueError)):
-        load_edit_pipeline(EditSettings(model=str(tiny_edit), lightning_lora=lora), "real")
+
+
+def test_multi_image_edits_need_a_model_trained_for_them(tiny_edit, image):
+    from atelier3d.models.edit.qwen_image_edit import load_edit_pipeline
+
+    plain = EditSettings(min_side=32)
+    with pytest.raises(Unprocessable, match="extra_sources") as refused:
+        EditRequest.build(plain, images=[image, image], prompt=PROMPT)
+    assert "edit.plus_model" in refused.value.message
+    pipes = load_edit_pipeline(plain, "tiny", GENERATED)
+    assert pipes.plus is None and pipes.plus_source is None
+    # A release trained for several images runs them itself, with no second transformer.
+    assert EditSettings(model="Qwen/Qwen-Image-Edit-2509").multi_image_model.endswith("2509")
+    pipes = load_edit_pipeline(EditSettings(plus_model=PLUS_MODEL), "tiny", GENERATED)
+    assert pipes.plus.transformer is not pipes.edit.transformer
+    assert pipes.plus.text_encoder is pipes.edit.text_encoder and pipes.plus.vae is pipes.edit.vae
+    with pytest.raises(ValueError, match="not trained for it"):
+        EditSettings(plus=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only start-up error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 
@@ -138,23 +139,41 @@ def test_unknown_job_and_format(http, session):
     assert r.status_code == 400 and "png" in r.json()["error"]["message"]
 
 
-def test_served_edit_is_pixel_identical_to_diffusers_direct(http, session, tiny_dir):
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir
-
-    job_id = submit(http, edit_body(session, steps=2, width=256, height=256)).json()["job_id"]
+def served_edit(http, body: dict) -> np.ndarray:
+    job_id = submit(http, body).json()["job_id"]
     assert wait(http, job_id)[-1]["type"] == "succeeded"
-    served = np.asarray(Image.open(io.BytesIO(http.get(f"/v1/jobs/{job_id}/result").content)))
+    return np.asarray(Image.open(io.BytesIO(http.get(f"/v1/jobs/{job_id}/result").content)))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The replica's torch threads: the same sums in the same order."""
+    import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the replica's: the same sums in the same order
+    torch.set_num_threads(1)
     try:
-        pipe = DiffusionPipeline.from_pretrained(tiny_edit_dir(tiny_dir))
-        direct = pipe(image=Image.fromarray(drawn_character()), prompt="make the shirt red",
-                      negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2,
-                      width=256, height=256, generator=torch.Generator("cpu").manual_seed(7))
+        yield
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(served, np.asarray(direct.images[0]))
+
+
+@pytest.mark.parametrize("images", [1, 2], ids=["one image", "with a reference image"])
+def test_served_edit_equals_diffusers_with_the_lightning_lora_loaded_directly(
+        http, session, tiny_dir, images):
+    """The server runs the Lightning LoRA (its tiny stand-in in lightx2v's layout): a served edit
+    is pixel-identical to diffusers' pipeline with that file given to load_lora_weights. With a
+    reference image, the Plus pipeline runs the Qwen-Image-Edit-2509 transformer and its LoRA."""
+    from atelier3d.models.edit.lightning import EDIT_2509_FILES, EDIT_FILES
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
+    from tests.test_lightning import direct
+
+    extra = [{"kind": "original"}] * (images - 1)
+    served = served_edit(http, edit_body(session, steps=None, width=256, height=256,
+                                         extra_sources=extra))
+    weights = EDIT_FILES[1] if images == 1 else EDIT_2509_FILES[1]  # the 8-step files
+    with one_thread():
+        expected = direct(tiny_edit_dir(tiny_dir, plus=images > 1), tiny_lightning_dir(tiny_dir),
+                          weights, [drawn_character()] * images, steps=8,
+                          prompt="make the shirt red", size=256, seed=7)
+    np.testing.assert_array_equal(served, expected)

@@ -41,9 +41,11 @@ class ImageEditor:
         self._lock = threading.Lock()
         self.reconfigure({})  # usable without a user_config (and in-process, without Serve)
         pipes = self.pipes
-        logger.info("ImageEditor ready: %s on %s (%s), quantization %s, Lightning LoRA %s",
-                    pipes.name, pipes.device, "trained" if pipes.trained else "UNTRAINED",
-                    pipes.quantization, pipes.lora or "none")
+        logger.info("ImageEditor ready: %s on %s (%s), quantization %s, Lightning LoRA %s, "
+                    "multi-image edits %s", pipes.name, pipes.device,
+                    "trained" if pipes.trained else "UNTRAINED", pipes.quantization,
+                    " + ".join(filter(None, (pipes.lora, pipes.plus_lora))) or "none",
+                    pipes.plus_source or "refused (no model trained for them)")
 
     def reconfigure(self, user_config: dict) -> None:
         import torch

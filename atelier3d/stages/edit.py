@@ -148,6 +148,12 @@ class EditRequest(BaseModel):
 
     def check(self, settings: EditSettings) -> EditRequest:
         """Raises ``Unprocessable`` where the request exceeds ``settings``' limits."""
+        if len(self.images) > 1 and settings.multi_image_model is None:
+            raise Unprocessable(
+                f"this server edits one image at a time: {settings.model} was not trained for "
+                "reference images (extra_sources) and no model that was is configured "
+                "(edit.plus_model, e.g. Qwen/Qwen-Image-Edit-2509); send the edit without "
+                "extra_sources")
         if self.steps is not None and self.steps > settings.max_steps:
             raise Unprocessable(f"steps {self.steps} > {settings.max_steps}, this server's limit")
         for name, side in (("width", self.width), ("height", self.height)):

@@ -28,11 +28,20 @@ import numpy as np
 
 from atelier3d.config import EditSettings, ModelsMode, Quantization, default_cache_dir
 from atelier3d.imaging import encode_png
+from atelier3d.models.edit.lightning import (
+    EDIT_2509_FILES,
+    EDIT_FILES,
+    TINY_LIGHTNING_DIR,
+    is_hub_id,
+    load_lightning,
+    write_tiny_lightning,
+)
 from atelier3d.stages.edit import PRESETS, EditRequest
 
 logger = logging.getLogger(__name__)
 
 TINY_DIR = "qwen-image-edit-tiny-random"
+TINY_PLUS_DIR = "qwen-image-edit-2509-tiny-random"
 SPECIAL_TOKENS = (  # in the order of Qwen2.5's vocabulary (151643...)
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -94,13 +103,18 @@ def _train_tokenizer(vocab_size: int) -> Any:
                           model_max_length=32768)
 
 
-def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0) -> Path:
-    """Writes a tiny random Qwen-Image-Edit pipeline in the ``save_pretrained`` layout."""
+def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0, plus: bool = False) -> Path:
+    """Writes a tiny random Qwen-Image-Edit pipeline in the ``save_pretrained`` layout.
+
+    ``plus``: the Qwen-Image-Edit-2509 stand-in, a ``QwenImageEditPlusPipeline`` with the same
+    text encoder, tokenizer and VAE (as the real releases share them) and its own transformer.
+    """
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
     from transformers import (
@@ -124,10 +138,14 @@ def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0) -> Path:
         atelier3d_random_init=True,
     )
     torch.manual_seed(seed)
-    pipe = QwenImageEditPipeline(
+    vae = AutoencoderKLQwenImage(**TINY_VAE)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    if plus:
+        torch.manual_seed(seed + 1)  # a transformer of its own after the shared modules
+    pipe = (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=AutoencoderKLQwenImage(**TINY_VAE),
-        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         processor=Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                    video_processor=Qwen2VLVideoProcessor()),
@@ -138,10 +156,24 @@ def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def tiny_edit_dir(cache_dir: Path | None = None) -> Path:
-    path = (cache_dir or default_cache_dir()) / "editing" / TINY_DIR
+def tiny_edit_dir(cache_dir: Path | None = None, plus: bool = False) -> Path:
+    """The tiny Qwen-Image-Edit (``plus``: Qwen-Image-Edit-2509) pipeline, written once."""
+    path = (cache_dir or default_cache_dir()) / "editing" / (TINY_PLUS_DIR if plus else TINY_DIR)
     if not (path / "model_index.json").exists():
-        write_tiny_edit_pipeline(path)
+        write_tiny_edit_pipeline(path, plus=plus)
+    return path
+
+
+def tiny_lightning_dir(cache_dir: Path | None = None) -> Path:
+    """The tiny stand-in of lightx2v/Qwen-Image-Lightning (its edit files, at their paths, for
+    the two tiny transformers), written once."""
+    from diffusers import QwenImageTransformer2DModel
+
+    path = (cache_dir or default_cache_dir()) / "editing" / TINY_LIGHTNING_DIR
+    if not all((path / name).exists() for name in (*EDIT_FILES, *EDIT_2509_FILES)):
+        transformers = [QwenImageTransformer2DModel.from_pretrained(
+            tiny_edit_dir(cache_dir, plus), subfolder="transformer") for plus in (False, True)]
+        write_tiny_lightning(path, *transformers)
     return path
 
 
@@ -151,13 +183,15 @@ class EditPipelines:
 
     edit: Any  # QwenImageEditPipeline
     inpaint: Any  # QwenImageEditInpaintPipeline
-    plus: Any  # QwenImageEditPlusPipeline
+    plus: Any  # QwenImageEditPlusPipeline; None where no multi-image model is configured
     settings: EditSettings
     source: str
+    plus_source: str | None  # where the Plus pipeline's transformer came from
     trained: bool
     device: str
     quantization: dict[str, str]  # component -> what was applied
     lora: str | None  # "weights/weight_name" of the Lightning LoRA, when loaded
+    plus_lora: str | None  # the same for the Plus transformer, when it is a separate one
     weights_sha256: str
 
     @property
@@ -218,35 +252,69 @@ def component_quantization(component: str, choice: str, dtype: Any) -> Any:
                               bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
 
 
-def _weights_digest(source: str) -> str:
-    """sha256 over the pipeline's weight files. A hub snapshot's files are links to blobs named
+def _weights_digest(*sources: str) -> str:
+    """sha256 over the pipelines' weight files. A hub snapshot's files are links to blobs named
     by their sha256, which is used as is; a local directory's files are read."""
-    root = Path(source)
-    if not root.is_dir():
-        from huggingface_hub import snapshot_download
-
-        root = Path(snapshot_download(source, local_files_only=True))
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.safetensors")):
-        blob = path.resolve().name
-        if not re.fullmatch(r"[0-9a-f]{64}", blob):
-            file_digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    file_digest.update(block)
-            blob = file_digest.hexdigest()
-        digest.update(f"{path.relative_to(root)}:{blob}\n".encode())
+    for source in sources:
+        root = Path(source)
+        if not root.is_dir():
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(source, local_files_only=True))
+        for path in sorted(root.rglob("*.safetensors")):
+            blob = path.resolve().name
+            if not re.fullmatch(r"[0-9a-f]{64}", blob):
+                file_digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        file_digest.update(block)
+                blob = file_digest.hexdigest()
+            digest.update(f"{path.relative_to(root)}:{blob}\n".encode())
     return digest.hexdigest()
 
 
-def _load(source: str, settings: EditSettings, device: str, quantization: dict[str, str],
-          strict: bool) -> EditPipelines:
+@dataclass(frozen=True)
+class EditSources:
+    """Where one replica's weights come from: local directories or hub ids."""
+
+    model: str
+    plus_model: str | None  # the Plus pipeline's transformer; == model: the same one
+    lightning: str | None  # the Lightning LoRA's repository
+
+
+def resolve_sources(settings: EditSettings, tiny: bool,
+                    cache_dir: Path | None = None) -> EditSources:
+    """``tiny``: the tiny stand-ins of the configured models and of a hub Lightning LoRA (a
+    local LoRA directory is used as is: a test or a user can name their own)."""
+    lora = settings.lightning_lora
+    lightning = None if lora is None else (
+        str(tiny_lightning_dir(cache_dir)) if tiny and is_hub_id(lora.weights) else lora.weights)
+    if tiny:
+        model = str(tiny_edit_dir(cache_dir))
+        plus = None if settings.multi_image_model is None else (
+            str(tiny_edit_dir(cache_dir, plus=True)) if settings.plus_model else model)
+        return EditSources(model, plus, lightning)
+
+    def local_or_hub(name: str) -> str:
+        local = Path(name).expanduser()
+        return str(local) if local.is_dir() else name
+
+    model = local_or_hub(settings.model)
+    plus = None if settings.multi_image_model is None else (
+        local_or_hub(settings.plus_model) if settings.plus_model else model)
+    return EditSources(model, plus, lightning)
+
+
+def _load(sources: EditSources, settings: EditSettings, device: str,
+          quantization: dict[str, str]) -> EditPipelines:
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         PipelineQuantizationConfig,
         QwenImageEditInpaintPipeline,
         QwenImageEditPipeline,
         QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
     )
 
     dtype = _dtype(settings, device)
@@ -254,48 +322,62 @@ def _load(source: str, settings: EditSettings, device: str, quantization: dict[s
                for component, choice in quantization.items() if choice != "none"}
     # dtype at load time: loading in float32 and casting needs > 150 GB for the real model.
     edit = QwenImageEditPipeline.from_pretrained(
-        source, dtype=dtype,
+        sources.model, dtype=dtype,
         quantization_config=PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None,
     )
     if device != "cpu":  # quantized modules are placed at load; this moves the rest
         edit.to(device)
-    lora = settings.lightning_lora
-    loaded_lora = None
-    if lora is not None:
-        try:
-            edit.load_lora_weights(lora.weights, weight_name=lora.weight_name)
-            loaded_lora = f"{lora.weights}/{lora.weight_name}"
-        except (OSError, ValueError, RuntimeError) as exc:
-            if strict:
-                raise
-            logger.warning("Lightning LoRA %s unavailable for %s (%s): running without it",
-                           lora.weight_name, source, str(exc).splitlines()[0])
-        # Its schedule with or without the weights, so step counts mean the same everywhere.
-        edit.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    plus_components = None
+    if sources.plus_model == sources.model:
+        plus_components = edit.components
+    elif sources.plus_model is not None:
+        # Only the transformer differs between the releases: the rest is shared, not loaded twice.
+        transformer = QwenImageTransformer2DModel.from_pretrained(
+            sources.plus_model, subfolder="transformer", dtype=dtype,
+            quantization_config=mapping.get("transformer"))
+        if device != "cpu" and "transformer" not in mapping:
+            transformer.to(device)
+        plus_components = edit.components | {"transformer": transformer}
     # The same modules under the other pipelines' classes. Not ``from_pipe``: it casts every
     # module to its dtype argument (float32 by default), which fails for quantized modules.
     inpaint = QwenImageEditInpaintPipeline(**edit.components)
-    plus = QwenImageEditPlusPipeline(**edit.components)
+    plus = None if plus_components is None else QwenImageEditPlusPipeline(**plus_components)
+    lora = settings.lightning_lora
+    loaded_lora = plus_lora = None
+    if lora is not None:
+        # Every failure raises (LightningLoraError): the schedule below without the LoRA's
+        # weights makes bad edits, so there is no running without it.
+        loaded_lora = load_lightning(edit, sources.lightning, lora.weight_name)
+        if plus is not None and plus.transformer is not edit.transformer:
+            plus_lora = load_lightning(plus, sources.lightning, lora.plus_weight_name)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+        for pipe in (edit, inpaint, plus):
+            if pipe is not None:
+                pipe.scheduler = scheduler
     for pipe in (edit, inpaint, plus):
-        pipe.set_progress_bar_config(disable=True)  # progress goes through the reporter
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)  # progress goes through the reporter
     return EditPipelines(
-        edit=edit, inpaint=inpaint, plus=plus, settings=settings, source=source,
+        edit=edit, inpaint=inpaint, plus=plus, settings=settings, source=sources.model,
+        plus_source=sources.plus_model,
         trained=not getattr(edit.text_encoder.config, "atelier3d_random_init", False),
-        device=device,
-        quantization=quantization, lora=loaded_lora,
-        weights_sha256=_weights_digest(source),
+        device=device, quantization=quantization, lora=loaded_lora, plus_lora=plus_lora,
+        weights_sha256=_weights_digest(
+            *dict.fromkeys(s for s in (sources.model, sources.plus_model) if s)),
     )
 
 
 def load_edit_pipeline(
     settings: EditSettings, mode: ModelsMode = "auto", cache_dir: Path | None = None
 ) -> EditPipelines:
-    """Loads Qwen-Image-Edit from ``settings.model`` (hub id or local ``save_pretrained`` dir).
+    """Loads Qwen-Image-Edit from ``settings.model`` (hub id or local ``save_pretrained`` dir),
+    and the multi-image model's transformer and the Lightning LoRA where configured.
 
     A local directory needs no network (it works with ``HF_HUB_OFFLINE=1``). ``mode="tiny"``
-    always loads the tiny random pipeline; ``"real"`` fails when the named weights cannot be had;
-    ``"auto"`` falls back to tiny with a loud warning. Settings that cannot work on this machine
-    (bitsandbytes without a GPU) raise ``ValueError`` first, in every mode.
+    always loads the tiny random pipelines; ``"real"`` fails when the named weights cannot be
+    had; ``"auto"`` falls back to tiny with a loud warning. Settings that cannot work on this
+    machine (bitsandbytes without a GPU) raise ``ValueError`` first, and a configured Lightning
+    LoRA that cannot be loaded raises ``LightningLoraError``, in every mode.
     """
     device = resolve_device(settings.device)
     quantization = {
@@ -303,20 +385,19 @@ def load_edit_pipeline(
         "text_encoder": resolve_quantization(settings.text_encoder_quantization, device),
     }
     if mode == "tiny":
-        return _load(str(tiny_edit_dir(cache_dir)), settings, device, quantization, strict=False)
-    local = Path(settings.model).expanduser()
-    source = str(local) if local.is_dir() else settings.model
+        return _load(resolve_sources(settings, True, cache_dir), settings, device, quantization)
     try:
-        return _load(source, settings, device, quantization, strict=mode == "real")
+        return _load(resolve_sources(settings, False), settings, device, quantization)
     except (OSError, ValueError) as exc:  # diffusers raises OSError for missing/offline repos
         if mode == "real":
             raise
         logger.warning(
-            "Qwen-Image-Edit weights %r unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
+            "Qwen-Image-Edit weights %s unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
             "edits will be noise (HF_HUB_OFFLINE=%s)",
-            settings.model, str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""),
+            " + ".join(repr(m) for m in (settings.model, settings.plus_model) if m),
+            str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""),
         )
-        return _load(str(tiny_edit_dir(cache_dir)), settings, device, quantization, strict=False)
+        return _load(resolve_sources(settings, True, cache_dir), settings, device, quantization)
 
 
 class _StageReporter:
