@@ -315,3 +315,29 @@ def test_multi_image_edits_run_on_weights_trained_for_them(name):
         assert any(r in edit.multi_image_model for r in MULTI_IMAGE_RELEASES), name
     if name == "local.yaml":
         assert edit.multi_image_model == "Qwen/Qwen-Image-Edit-2509"
+
+
+def bound_args(config: dict) -> dict[str, object]:
+    """Each deployment's bound constructor arguments in build_app's graph (its handles aside)."""
+    from ray.serve import Application
+
+    from atelier3d.serve.app import build_app
+
+    gateway = build_app(config)._bound_deployment
+    out = {"Gateway": gateway.init_args[0]}
+    for arg in gateway.init_args[1:]:
+        assert isinstance(arg, Application)
+        out[arg._bound_deployment.name] = arg._bound_deployment.init_args
+    return out
+
+
+def test_each_model_deployment_is_bound_to_its_own_config_section_only():
+    # Serve restarts a deployment whose bound arguments change: changing fair use, limits or the
+    # UI must leave every model replica running, and changing one model only that model's.
+    base = bound_args({"models": "tiny"})
+    other = bound_args({"models": "tiny", "ui": False, "fair_use": {"exempt": ["10.0.0.0/8"]},
+                        "limits": {"max_points": 8}, "mesh": {"steps": 12}})
+    changed = {name for name in base if base[name] != other[name]}
+    assert changed == {"Gateway", "Shape3D"}
+    assert set(base["SamEncoder"][0]) == {"models", "cache_dir", "sam"}
+    assert base["SamEncoder"] == base["SamDecoder"]
