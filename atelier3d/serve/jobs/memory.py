@@ -55,9 +55,8 @@ class MemoryJobStore:
     async def load(self, job_id: str) -> Job | None:
         return None
 
-    async def events(self, job_id: str, after: int) -> AsyncIterator[dict]:
+    def events(self, job_id: str, after: int) -> AsyncIterator[dict]:
         raise NotFound(JOB_GONE)
-        yield  # an async generator, like the Redis store's
 
     async def cancel(self, job: Job) -> Job:
         raise NotFound(JOB_GONE)
