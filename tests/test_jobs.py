@@ -17,7 +17,9 @@ import ray.exceptions
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.deployments.streaming import stream_blocking
 from atelier3d.errors import BadRequest, Conflict, NotFound, Unavailable
-from atelier3d.serve.jobs.service import JobKind, JobService, job_state
+from atelier3d.serve.jobs import routes as api_jobs
+from atelier3d.serve.jobs.service import JobService
+from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions.memory import MemorySessionStore
 
 
@@ -162,8 +164,6 @@ async def test_follow_replays_from_a_sequence_number():
 async def test_event_stream_outlives_quiet_spells(monkeypatch, sse):
     """Keep-alives while nothing happens, then every event to the end: a quiet spell (a job
     waiting for a replaced replica) must not end the stream."""
-    from atelier3d.serve.jobs import routes as api_jobs
-
     monkeypatch.setattr(api_jobs, "KEEPALIVE_S", 0.02)
     jobs, store, _ = service(work=StepWork(steps=3, step_s=0.15))
     job = await submit(jobs, store, "slow")

@@ -14,7 +14,8 @@ import pytest
 
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import Conflict, NotFound, TooManyRequests
-from atelier3d.serve.jobs.service import JobKind, JobService, job_state
+from atelier3d.serve.jobs.service import JobService
+from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.sessions.session import Candidate, SegObject, Step
@@ -237,5 +238,5 @@ async def test_jobs_are_readable_followable_and_cancellable_from_any_replica(red
     assert last.status == "cancelled"
     with pytest.raises(NotFound):
         await a.fetch(last.job_id)
-    await a.mirror.flush()
+    await a.records.flush()
     assert await stores[0].redis.keys(f"{stores[0].prefix}:job:*") == []

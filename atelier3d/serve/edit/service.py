@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from atelier3d.api.edit import EditJobRequest
-from atelier3d.serve.jobs.service import Job, JobService, streaming_kind
+from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.sources import SourceResolver, decode_mask, job_sources
+from atelier3d.serve.jobs.types import Job, streaming_kind
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
 from atelier3d.stages.edit import EditRequest

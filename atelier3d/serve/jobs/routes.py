@@ -17,7 +17,8 @@ from fastapi.responses import StreamingResponse
 from atelier3d.api.jobs import JobState, JobSubmitted
 from atelier3d.errors import BadRequest
 from atelier3d.serve.http import ERRORS, ApiRoute
-from atelier3d.serve.jobs.service import Job, JobService, job_state, job_url
+from atelier3d.serve.jobs.service import JobService
+from atelier3d.serve.jobs.types import Job, job_state, job_url
 from atelier3d.stages.mesh import FORMATS, convert_mesh
 
 IDEMPOTENCY = Header(None, alias="Idempotency-Key", max_length=128,

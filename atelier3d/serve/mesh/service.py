@@ -12,8 +12,9 @@ from atelier3d.api.mesh import MeshJobRequest
 from atelier3d.config import AppConfig
 from atelier3d.errors import BadRequest
 from atelier3d.imaging import decode_image
-from atelier3d.serve.jobs.service import Job, JobService, streaming_kind
+from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.sources import SourceResolver, job_sources
+from atelier3d.serve.jobs.types import Job, streaming_kind
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
 from atelier3d.stages.mesh import MeshRequest

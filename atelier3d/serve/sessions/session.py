@@ -81,7 +81,7 @@ class Session:
     embedding_failed: bool = False
     objects: dict[str, SegObject] = field(default_factory=dict)
     parses: OrderedDict[str, StoredParse] = field(default_factory=OrderedDict)  # oldest first
-    # Edit and mesh jobs (``serve.jobs.service.Job``) by id, oldest first; they go with it.
+    # Edit and mesh jobs (``serve.jobs.types.Job``) by id, oldest first; they go with it.
     jobs: OrderedDict[str, Any] = field(default_factory=OrderedDict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

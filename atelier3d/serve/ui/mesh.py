@@ -16,7 +16,7 @@ import gradio as gr
 
 from atelier3d.api.common import ImageSource
 from atelier3d.api.mesh import MeshJobRequest, MeshPart
-from atelier3d.serve.jobs.service import Job
+from atelier3d.serve.jobs.types import Job
 from atelier3d.serve.mesh.service import MeshService
 from atelier3d.serve.sessions.session import StoredParse
 from atelier3d.serve.ui.common import EVENTS, UiState, client_key, guarded

@@ -17,8 +17,9 @@ import numpy as np
 
 from atelier3d.api.common import ImageSource
 from atelier3d.errors import NotFound
-from atelier3d.serve.jobs.service import Job, JobService
+from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.sources import SourceResolver
+from atelier3d.serve.jobs.types import Job
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import StoredParse

@@ -1,4 +1,4 @@
-"""Job records in Redis (with ``sessions.backend: redis``): any Gateway replica answers a job's
+"""Jobs with Redis sessions (``sessions.backend: redis``): any Gateway replica answers a job's
 status, events and results; the replica that took the submission runs it.
 
 A job runs where it was submitted: its queue slot, its streaming call to the model and its
@@ -27,7 +27,15 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
+
+from atelier3d.config import JobSettings
+from atelier3d.errors import NotFound, TooManyRequests
+from atelier3d.serve.jobs.types import FINISHED, JOB_GONE, Artifact, Job, JobKind
+from atelier3d.serve.sessions.redis_store import RedisSessionStore
+from atelier3d.serve.sessions.session import Session
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,7 +69,7 @@ return 1
 RESULT = "result"
 
 
-def record(job: Any) -> dict:
+def record(job: Job) -> dict:
     """What another replica needs to show the job (``job_state``) and check a request on it."""
     eta = job.eta_s()
     return {
@@ -82,16 +90,26 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-class JobMirror:
-    def __init__(self, store: Any, settings: Any) -> None:
-        self.store = store
+class RedisJobStore:
+    """``JobStore`` in Redis. ``kinds`` and ``local`` (this replica's jobs) are the service's;
+    ``forget`` lets go of one of them."""
+
+    def __init__(self, settings: JobSettings, sessions: RedisSessionStore,
+                 kinds: Mapping[str, JobKind], local: Mapping[str, Job],
+                 forget: Callable[[Job], None]) -> None:
         self.settings = settings
-        self.redis = store.redis
-        self.prefix = store.prefix
+        self.sessions = sessions
+        self.kinds = kinds
+        self.local = local
+        self._forget = forget
+        self.redis = sessions.redis
+        self.prefix = sessions.prefix
         self._script = self.redis.register_script(_WRITE)
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self._written: dict[str, set[str]] = {}  # job id -> its records written (artifacts, result)
+        sessions.job_lookup = local.get  # a session's job ids map to the jobs running here
 
     # ---- keys ---------------------------------------------------------------------------------
 
@@ -103,14 +121,50 @@ class JobMirror:
         return f"{self.prefix}:idem:{digest}"
 
     def ttl_ms(self, session_id: str | None) -> int:
-        return self.store.ttl_ms if session_id else max(1, int(self.settings.ttl_s * 1000))
+        return self.sessions.ttl_ms if session_id else max(1, int(self.settings.ttl_s * 1000))
 
     def _session_keys(self, session_id: str | None) -> str:
-        return self.store.key(session_id, "keys") if session_id else ""
+        return self.sessions.key(session_id, "keys") if session_id else ""
 
     # ---- the running replica's side -----------------------------------------------------------
 
-    async def create(self, job: Any) -> None:
+    async def add(self, job: Job, session: Session | None, owner: str,
+                  key: str | None) -> str | None:
+        """Writes a new job's record, claims its idempotency key and lists it in its session's
+        record. Where another replica got the key first, leaves nothing of this job behind."""
+        await self._create(job)
+        if key:
+            found = await self._claim(owner, key, job)
+            if found is not None:
+                await self._delete(job.job_id, job.session_id)
+                return found
+        if session is not None:
+            try:
+                await self.sessions.update(session.session_id,
+                                           lambda s: s.jobs.__setitem__(job.job_id, job))
+            except BaseException:
+                await self._delete(job.job_id, job.session_id)
+                raise
+        return None
+
+    async def make_room(self, session: Session) -> None:
+        """The session's jobs may run in other replicas: their statuses come from Redis."""
+        while len(session.jobs) >= self.settings.max_jobs_per_session:
+            ids = list(session.jobs)
+            statuses = await self._statuses(ids)
+            oldest = next((j for j in ids if statuses[j] is None or statuses[j] in FINISHED),
+                          None)
+            if oldest is None:
+                raise TooManyRequests(
+                    f"this session has {len(session.jobs)} unfinished jobs; wait or cancel one")
+            local = self.local.get(oldest)
+            if local is not None:
+                self._forget(local)
+            await self._delete(oldest, session.session_id)
+            await self.sessions.update(session.session_id,
+                                       lambda s, gone=oldest: s.jobs.pop(gone, None))
+
+    async def _create(self, job: Job) -> None:
         ttl = self.ttl_ms(job.session_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(job.job_id), mapping={"state": _dumps(record(job))})
@@ -121,9 +175,8 @@ class JobMirror:
             await pipe.execute()
         self._written[job.job_id] = set()
 
-    async def claim(self, owner: str, key: str, job: Any) -> tuple[str, str] | None:
-        """Makes ``key`` name ``job``, unless it names a job already: then ``(its id, its
-        request's fingerprint)``."""
+    async def _claim(self, owner: str, key: str, job: Job) -> str | None:
+        """Makes ``key`` name ``job``, unless it names a job already: then that job's id."""
         name = self.idem_key(owner, key)
         ttl = self.ttl_ms(job.session_id)
         claimed = await self.redis.set(name, f"{job.job_id} {job.fingerprint}", nx=True, px=ttl)
@@ -131,17 +184,10 @@ class JobMirror:
             return await self.find(owner, key)
         await self.redis.hset(self.key(job.job_id), "idem", name)
         if job.session_id:
-            await self.store.add_keys(job.session_id, name)
+            await self.sessions.add_keys(job.session_id, name)
         return None
 
-    async def find(self, owner: str, key: str) -> tuple[str, str] | None:
-        value = await self.redis.get(self.idem_key(owner, key))
-        if value is None:
-            return None
-        job_id, fingerprint = value.decode().split(" ", 1)
-        return job_id, fingerprint
-
-    def publish(self, job: Any) -> None:
+    def publish(self, job: Job) -> None:
         """The job changed (an event was emitted): written to Redis soon, in order."""
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -165,7 +211,7 @@ class JobMirror:
             for _ in jobs:
                 queue.task_done()
 
-    async def _write(self, job: Any) -> None:
+    async def _write(self, job: Job) -> None:
         written = self._written.setdefault(job.job_id, set())
         sent = job.events_sent
         events = job.events[sent:]
@@ -186,11 +232,38 @@ class JobMirror:
         written.update(name for name, _ in blobs)
 
     async def flush(self) -> None:
-        """Waits until everything published so far is written."""
         if self._queue is not None:
             await self._queue.join()
 
-    async def watch(self, job_ids: list[str]) -> tuple[list[str], list[str]]:
+    def watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """While this replica runs jobs: cancels those another replica cancelled, and those
+        whose records went (their session was deleted elsewhere, or expired)."""
+        while True:
+            running = [job.job_id for job in self.local.values() if not job.finished]
+            if not running:
+                return
+            await asyncio.sleep(WATCH_S)
+            try:
+                cancel, gone = await self._check(running)
+            except Exception:  # noqa: BLE001 - Redis unreachable for a moment: try again
+                logger.exception("watching jobs in Redis failed")
+                continue
+            for job_id in cancel:
+                job = self.local.get(job_id)
+                if job is not None and not job.finished and job.task is not None:
+                    job.task.cancel()
+            for job_id in gone:
+                job = self.local.get(job_id)
+                if job is not None:
+                    logger.info("job %s: its record went (session ended): cancelled",
+                                job_id[:10])
+                    self._forget(job)
+
+    async def _check(self, job_ids: list[str]) -> tuple[list[str], list[str]]:
         """Of the jobs this replica runs: those another replica cancelled, those whose record
         went (deleted with their session, or expired)."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -201,13 +274,59 @@ class JobMirror:
         gone = [j for j, (_, state) in zip(job_ids, replies, strict=True) if state is None]
         return cancel, gone
 
+    def forget(self, job_id: str) -> None:
+        self._written.pop(job_id, None)
+
     # ---- any replica --------------------------------------------------------------------------
 
-    async def load(self, job_id: str) -> dict | None:
+    async def find(self, owner: str, key: str) -> str | None:
+        value = await self.redis.get(self.idem_key(owner, key))
+        if value is None:
+            return None
+        job_id, _fingerprint = value.decode().split(" ", 1)
+        return job_id
+
+    async def _state(self, job_id: str) -> dict | None:
         state = await self.redis.hget(self.key(job_id), "state")
         return json.loads(state) if state is not None else None
 
-    async def events(self, job_id: str, start: int) -> tuple[list[dict], bool]:
+    async def load(self, job_id: str) -> Job | None:
+        state = await self._state(job_id)
+        if state is None or state["kind"] not in self.kinds:
+            return None
+        return self._view(job_id, state)
+
+    def _view(self, job_id: str, state: dict) -> Job:
+        """A job another replica runs, as its record describes it (bytes not read)."""
+        job = Job(job_id, self.kinds[state["kind"]], state["session_id"], state["client"],
+                  state["fingerprint"], created_at=state["created_at"], status=state["status"],
+                  stage=state["stage"], step=state["step"], total=state["total"],
+                  progress=state["progress"], queue_position=state["queue_position"],
+                  started_at=state["started_at"], finished_at=state["finished_at"],
+                  error=state["error"], stage_ms=state["stage_ms"], remote=True,
+                  recorded_eta=state["eta_s"])
+        job.artifacts = {name: Artifact(a["media_type"], b"", a["meta"])
+                         for name, a in state["artifacts"].items()}
+        if state["result"] is not None:
+            job.result = Artifact(state["result"]["media_type"], b"", state["result"]["meta"])
+        return job
+
+    async def events(self, job_id: str, after: int) -> AsyncIterator[dict]:
+        """Polled from the job's event list until its last event."""
+        index = after + 1
+        while True:
+            events, exists = await self._events_from(job_id, index)
+            for event in events:
+                yield event
+                index += 1
+                if event["type"] in FINISHED:
+                    return
+            if not exists:
+                return
+            if not events:
+                await asyncio.sleep(POLL_S)
+
+    async def _events_from(self, job_id: str, start: int) -> tuple[list[dict], bool]:
         """Events from index ``start`` on, and whether the job's record still exists."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(self.key(job_id, "events"), start, -1)
@@ -215,14 +334,45 @@ class JobMirror:
             events, exists = await pipe.execute()
         return [json.loads(e) for e in events], bool(exists)
 
+    async def cancel(self, job: Job, timeout_s: float = 30.0) -> Job:
+        """Asks the running replica to cancel, and waits until it says it has."""
+        job_id = job.job_id
+        await self.redis.hset(self.key(job_id), "cancel", "1")
+        deadline = time.monotonic() + timeout_s
+        while not job.finished and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            state = await self._state(job_id)
+            if state is None:
+                raise NotFound(JOB_GONE)
+            job = self._view(job_id, state)
+        return job
+
     async def data(self, job_id: str, artifact: str | None) -> bytes | None:
         name = f"artifact:{artifact}" if artifact is not None else RESULT
         return await self.redis.get(self.key(job_id, name))
 
-    async def request_cancel(self, job_id: str) -> None:
-        await self.redis.hset(self.key(job_id), "cancel", "1")
+    async def prefetch(self, session: Session, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            if job_id not in session.jobs or session.jobs[job_id] is not None:
+                continue
+            view = await self.load(job_id)
+            if view is None:
+                continue
+            if view.result is not None:
+                view.result.data = await self.data(job_id, None) or b""
+            session.jobs[job_id] = view
 
-    async def statuses(self, job_ids: list[str]) -> dict[str, str | None]:
+    def use_session(self, job: Job) -> None:
+        pass  # the sticky UI's session copy is this replica's, as of its last load
+
+    async def load_session(self, job: Job) -> None:
+        if job.session_id is not None:
+            try:
+                await self.sessions.load(job.session_id)  # keeps the session alive
+            except NotFound:
+                raise NotFound(JOB_GONE) from None
+
+    async def _statuses(self, job_ids: list[str]) -> dict[str, str | None]:
         """Each job's status; None for one whose record is gone."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
@@ -231,7 +381,7 @@ class JobMirror:
         return {job_id: json.loads(s)["status"] if s is not None else None
                 for job_id, s in zip(job_ids, states, strict=True)}
 
-    async def delete(self, job_id: str, session_id: str | None) -> None:
+    async def _delete(self, job_id: str, session_id: str | None) -> None:
         """The job's records and its idempotency key."""
         state, idem = await self.redis.hmget(self.key(job_id), "state", "idem")
         keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, RESULT)]
@@ -245,7 +395,4 @@ class JobMirror:
             if session_id:
                 pipe.srem(self._session_keys(session_id), *keys)
             await pipe.execute()
-        self._written.pop(job_id, None)
-
-    def forget(self, job_id: str) -> None:
         self._written.pop(job_id, None)
