@@ -308,7 +308,7 @@ def test_the_committed_measurement_has_flashvdm_slower():
 def test_multi_image_edits_run_on_weights_trained_for_them(name):
     """The Plus pipeline runs a release trained for several images, or extra_sources are refused
     (EditRequest.check: 422); the default CPU profile (tiny models in the tests) serves them."""
-    from atelier3d.stages.edit import MULTI_IMAGE_RELEASES
+    from atelier3d.config import MULTI_IMAGE_RELEASES
 
     edit = app_config(name).edit
     if edit.multi_image_model is not None:
