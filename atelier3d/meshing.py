@@ -18,6 +18,7 @@ GLB = "model/gltf-binary"
 # What ``GET /v1/jobs/{id}/result?format=`` offers for a mesh; all are converted from the GLB.
 FORMATS = {"glb": GLB, "obj": "model/obj", "ply": "application/ply", "stl": "model/stl"}
 MeshFormat = Literal["glb", "obj", "ply", "stl"]
+PostprocessMethod = Literal["fast", "pymeshlab"]
 
 MIN_BOX_PX = 32  # a cut-out smaller than this has too few pixels for the image encoder
 MAX_PARTS = 16
@@ -66,6 +67,11 @@ class MeshSettings(BaseModel):
     num_chunks: int = Field(8000, ge=1000, description="query points per volume decoding batch")
     target_face_count: int = Field(40000, ge=FACE_RANGE[0], le=FACE_RANGE[1])
     mc_level: float = Field(0.0, allow_inf_nan=False, description="iso-level of the surface")
+    postprocess: PostprocessMethod = Field(
+        "fast", description="mesh clean-up (floaters, degenerate faces, decimation to "
+        "target_face_count): fast (numpy/scipy and fast-simplification) or pymeshlab (hy3dgen's "
+        "own filters, the reference; about 10x slower, benchmarks/README.md)"
+    )
 
 
 def alpha_box(rgba: np.ndarray) -> tuple[int, int, int, int] | None:
