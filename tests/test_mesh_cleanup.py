@@ -52,8 +52,8 @@ def test_floater_ratio_is_relative_to_the_largest_component():
 
 
 def test_fast_clean_up_meets_the_quality_bound(surface):
-    reference = H.postprocess_pymeshlab(surface.copy(), TARGET)
-    fast = C.clean_up(surface.copy(), TARGET)
+    reference = H.postprocess(surface.copy(), TARGET, "pymeshlab")
+    fast = H.postprocess(surface.copy(), TARGET, "fast")
     quality = compare(fast, reference)
     assert abs(quality.faces - TARGET) <= 0.02 * TARGET
     assert quality.chamfer_over_diagonal <= 0.005

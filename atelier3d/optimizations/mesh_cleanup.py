@@ -10,7 +10,10 @@ kept here with the same semantics:
   any selected face), and those vertices and every face touching one are deleted.
 - the degenerate-face step: faces that repeat a vertex or have no area are dropped.
 - ``reduce_face``: quadric edge-collapse decimation to the target face count, only when the mesh
-  has more faces than that.
+  has more faces than that. pymeshlab's keeps the topology; Fast-Quadric-Mesh-Simplification
+  does not check it and, on thin shells, now and then folds the two sides onto one another
+  (two faces on the same three vertices, opposite ways round: a non-manifold fin). Those pairs
+  are dropped after it, with the degenerate faces it leaves.
 
 The reference path stays in ``atelier3d.models.hunyuan3d.postprocess_pymeshlab``;
 ``benchmarks/mesh_postprocess.py`` measures both on the same surfaces.
@@ -27,9 +30,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 FLOATER_FACE_RATIO = 0.005  # hy3dgen's remove_floater: nbfaceratio
-# Fast-Quadric-Mesh-Simplification's aggressiveness: its own default; lower keeps the shape
-# marginally better and may stop short of the target.
-AGGRESSIVENESS = 7.0
+AGGRESSIVENESS = 7.0  # Fast-Quadric-Mesh-Simplification's default
 
 Decimator = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -49,7 +50,7 @@ def face_components(faces: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, np.int64)
     keys = _edges(faces)
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)
     same = keys[order[1:]] == keys[order[:-1]]
     # consecutive sorted entries with one key: their faces share that edge
     a, b = order[1:][same] // 3, order[:-1][same] // 3

@@ -1,10 +1,11 @@
 """Analytic test surfaces and the measures mesh clean-ups are compared by.
 
 ``character_surface(grid)`` is the marching-cubes surface of a character-like signed distance
-field (head, torso, arms, legs, a thin flared skirt, and small separate floaters) in hy3dgen's
-frame: y up, inside ``[-1.01, 1.01]^3``, iso-level 0. It stands in for a Hunyuan3D-2 surface: one
-large closed body, thin shells, and a few specks the floater removal must drop. The benchmark
-(``benchmarks/mesh_postprocess.py``) and the tests build their surfaces here.
+field (head, torso, arms, legs, a thin two-tier skirt, a thin cape apart from the body, and
+small floaters) in hy3dgen's frame: y up, inside ``[-1.01, 1.01]^3``, iso-level 0. It stands in
+for a Hunyuan3D-2 surface: a large closed body, thin shells, a second part large enough to keep,
+and specks the floater removal must drop. The benchmark (``benchmarks/mesh_postprocess.py``) and
+the tests (``tests/test_mesh_cleanup.py``) build their surfaces here.
 """
 
 from __future__ import annotations
