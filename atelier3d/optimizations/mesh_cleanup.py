@@ -12,8 +12,9 @@ kept here with the same semantics:
 - ``reduce_face``: quadric edge-collapse decimation to the target face count, only when the mesh
   has more faces than that. pymeshlab's keeps the topology; Fast-Quadric-Mesh-Simplification
   does not check it and, on thin shells, now and then folds the two sides onto one another
-  (two faces on the same three vertices, opposite ways round: a non-manifold fin). Those pairs
-  are dropped after it, with the degenerate faces it leaves.
+  (two faces on the same three vertices, opposite ways round: a non-manifold fin; or four faces
+  closing a tetrahedron on two non-manifold edges). Those pockets are dropped after it, with the
+  degenerate faces it leaves.
 
 The reference path stays in ``atelier3d.models.hunyuan3d.postprocess_pymeshlab``;
 ``benchmarks/mesh_postprocess.py`` measures both on the same surfaces.
@@ -81,10 +82,13 @@ def remove_degenerate_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarr
     """Faces that name three distinct vertices and have a non-zero area."""
     distinct = ((faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2])
                 & (faces[:, 2] != faces[:, 0]))
-    corners = vertices[faces]
-    doubled_area = np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0],
-                                           corners[:, 2] - corners[:, 0]), axis=1)
-    return faces[distinct & (doubled_area > 0)]
+    origin = vertices[faces[:, 0]]
+    u, v = vertices[faces[:, 1]] - origin, vertices[faces[:, 2]] - origin
+    # the cross product's components, spelled out (np.cross is several times slower)
+    has_area = ((u[:, 1] * v[:, 2] != u[:, 2] * v[:, 1])
+                | (u[:, 2] * v[:, 0] != u[:, 0] * v[:, 2])
+                | (u[:, 0] * v[:, 1] != u[:, 1] * v[:, 0]))
+    return faces[distinct & has_area]
 
 
 def remove_folded_pairs(faces: np.ndarray) -> np.ndarray:
@@ -107,12 +111,39 @@ def remove_folded_pairs(faces: np.ndarray) -> np.ndarray:
     return faces[keep]
 
 
+def remove_folded_tetrahedra(faces: np.ndarray, max_suspects: int = 512) -> np.ndarray:
+    """Drops closed tetrahedra of faces that sit on non-manifold edges: a thin shell's two sides
+    folded into a four-face pocket, glued to the rest at two opposite edges (each then has four
+    faces). Without them the surface around is closed and those edges have two faces again.
+    Only faces on a non-manifold edge are looked at (a handful after a decimation)."""
+    _, inverse, counts = np.unique(_edges(faces), return_inverse=True, return_counts=True)
+    suspects = np.flatnonzero((counts[inverse.reshape(-1)] > 2).reshape(-1, 3).any(axis=1))
+    if not 0 < len(suspects) <= max_suspects:
+        return faces
+    triples = {int(i): frozenset(faces[i].tolist()) for i in suspects}
+    drop: set[int] = set()
+    for i in suspects:
+        for j in suspects:
+            corners = triples[i] | triples[j]
+            if j <= i or len(corners) != 4:
+                continue
+            members = [k for k, triple in triples.items() if triple <= corners]
+            if len({triples[k] for k in members}) == len(members) == 4:
+                drop.update(members)
+    if not drop:
+        return faces
+    keep = np.ones(len(faces), bool)
+    keep[list(drop)] = False
+    return faces[keep]
+
+
 def decimate_quadric(vertices: np.ndarray, faces: np.ndarray,
                      target: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation (Fast-Quadric-Mesh-Simplification) to ``target``
     faces."""
-    return fast_simplification.simplify(vertices, faces, target_count=target,
-                                        agg=AGGRESSIVENESS)
+    points, triangles = fast_simplification.simplify(vertices, faces, target_count=target,
+                                                     agg=AGGRESSIVENESS)
+    return points, triangles.astype(np.int64)
 
 
 def remove_unreferenced_vertices(vertices: np.ndarray,
@@ -134,5 +165,6 @@ def clean_up(mesh: trimesh.Trimesh, max_faces: int,
     if len(faces) > max_faces:
         vertices, faces = decimate(vertices, faces, max_faces)
         faces = remove_folded_pairs(remove_degenerate_faces(vertices, faces))
+        faces = remove_folded_tetrahedra(faces)
         vertices, faces = remove_unreferenced_vertices(vertices, faces)
     return trimesh.Trimesh(vertices, faces, process=False)
