@@ -80,6 +80,17 @@ def test_folded_pairs_go_and_duplicates_keep_one():
     assert C.remove_folded_pairs(faces).tolist() == [[3, 4, 5], [6, 7, 8]]
 
 
+def test_folded_tetrahedra_go():
+    # as found after a decimation at grid 512: a closed tetrahedron (0, 1, 2, 3) glued to the
+    # surface at edges 0-2 and 1-3, each of which then has four faces
+    tetrahedron = [[0, 1, 2], [3, 2, 1], [1, 0, 3], [2, 3, 0]]
+    around = [[2, 0, 4], [2, 5, 0], [1, 3, 6], [1, 7, 3]]
+    faces = np.array(around[:2] + tetrahedron + around[2:])
+    assert C.non_manifold_edges(faces) == 2
+    out = C.remove_folded_tetrahedra(faces)
+    assert out.tolist() == around and C.non_manifold_edges(out) == 0
+
+
 def test_the_default_is_the_fast_path():
     assert MeshSettings().postprocess == "fast"
     image = np.zeros((64, 64, 4), np.uint8)
