@@ -20,7 +20,8 @@ Quality of each against the reference's output: face count vs the target, connec
 non-manifold edges (vs the input's), symmetric Chamfer distance over the reference's bounding-box
 diagonal. Prints a table and writes ``benchmarks/results/mesh_postprocess.json``. Not a test.
 
-Run: ``.venv/bin/python benchmarks/mesh_postprocess.py`` (5-10 minutes on a 2-core CPU).
+Run: ``.venv/bin/python benchmarks/mesh_postprocess.py`` (about 17 minutes on the shared 2-core VM,
+most of it pymeshlab at grid 512).
 """
 
 from __future__ import annotations
