@@ -26,6 +26,7 @@ from tests.conftest import GENERATED
 
 STEPS, OCTREE = 3, 64
 FAST = dict(steps=STEPS, octree_resolution=OCTREE)
+FACES = 1000  # below the tiny surface's face count at OCTREE: the clean-up decimates
 
 
 def cutout(h: int = 160, w: int = 128, box: tuple[int, int, int, int] = (30, 20, 100, 140),
@@ -95,7 +96,7 @@ def test_tiny_checkpoint_is_the_official_layout(tiny):
 
 
 def test_deployment_matches_hy3dgen_called_directly(loop, shape3d):
-    events = run(loop, shape3d, image=IMAGE, seed=7, **FAST)
+    events = run(loop, shape3d, image=IMAGE, seed=7, target_face_count=FACES, **FAST)
 
     stages = [(e["stage"], e["step"], e["total"]) for e in events if e["type"] == "progress"]
     assert stages == [("conditioning", 1, 1), *[("denoise", i, STEPS) for i in (1, 2, 3)],
@@ -114,7 +115,10 @@ def test_deployment_matches_hy3dgen_called_directly(loop, shape3d):
         guidance_scale=settings.guidance_scale, generator=torch.Generator().manual_seed(7),
         octree_resolution=OCTREE, num_chunks=settings.num_chunks, mc_level=settings.mc_level,
         output_type="trimesh", enable_pbar=False)[0]
-    expected = H.postprocess(direct, settings.target_face_count)
+    expected = H.postprocess(direct, FACES, settings.postprocess)
+    # the default clean-up is the fast path, not pymeshlab's (both decimate to FACES here)
+    assert settings.postprocess == "fast"
+    assert not np.array_equal(H.postprocess_pymeshlab(direct, FACES).faces, expected.faces)
 
     shape = only_mesh(shape_event["data"])
     assert np.array_equal(shape.faces, expected.faces)
@@ -140,7 +144,7 @@ def test_postprocess_is_hy3dgens_without_temp_files(shape3d, tmp_path, monkeypat
     raw = shape3d.model.pipeline(image=Image.fromarray(IMAGE), num_inference_steps=STEPS,
                                  generator=torch.Generator().manual_seed(1),
                                  octree_resolution=OCTREE, enable_pbar=False)[0]
-    ours = H.postprocess(raw.copy(), 2000)
+    ours = H.postprocess_pymeshlab(raw.copy(), 2000)
     assert list(tmp_path.iterdir()) == []
     theirs = FaceReducer()(DegenerateFaceRemover()(FloaterRemover()(raw.copy())), max_facenum=2000)
     assert list(tmp_path.glob("*.ply"))  # the leak this avoids

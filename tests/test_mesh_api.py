@@ -57,7 +57,7 @@ def direct_shape(tiny_dir) -> trimesh.Trimesh:
             guidance_scale=settings.guidance_scale, generator=torch.Generator().manual_seed(5),
             octree_resolution=OCTREE, num_chunks=settings.num_chunks,
             mc_level=settings.mc_level, output_type="trimesh", enable_pbar=False)[0]
-        return H.postprocess(mesh, settings.target_face_count)
+        return H.postprocess(mesh, settings.target_face_count, settings.postprocess)
     finally:
         torch.set_num_threads(threads)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from atelier3d.config import MeshSettings, ModelsMode, default_cache_dir
+from atelier3d.config import MeshSettings, ModelsMode, PostprocessMethod, default_cache_dir
 from atelier3d.errors import Unprocessable
 from atelier3d.stages.mesh import GLB, MeshRequest, alpha_box
 
@@ -364,7 +364,19 @@ def extract_surface(pipeline: Any, grid: torch.Tensor, octree_resolution: int,
     return mesh
 
 
-def postprocess(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+def postprocess(mesh: trimesh.Trimesh, max_faces: int,
+                method: PostprocessMethod) -> trimesh.Trimesh:
+    """Floaters and degenerate faces removed, reduced to ``max_faces``: by
+    ``atelier3d.optimizations.mesh_cleanup`` (``fast``) or by hy3dgen's pymeshlab filters
+    (``pymeshlab``, the reference; ``benchmarks/mesh_postprocess.py`` compares the two)."""
+    if method == "pymeshlab":
+        return postprocess_pymeshlab(mesh, max_faces)
+    from atelier3d.optimizations.mesh_cleanup import clean_up
+
+    return clean_up(mesh, max_faces)
+
+
+def postprocess_pymeshlab(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
     """hy3dgen's FloaterRemover, DegenerateFaceRemover and FaceReducer, as its API server chains
     them, without their temporary files: those classes convert through ``.ply`` files they never
     delete. Here the same pymeshlab filters (hy3dgen's ``remove_floater`` and ``reduce_face``) run
@@ -448,6 +460,7 @@ class Params:
     num_chunks: int
     target_face_count: int
     mc_level: float
+    postprocess: PostprocessMethod
 
 
 def resolve_params(request: MeshRequest, settings: MeshSettings) -> Params:
@@ -457,6 +470,7 @@ def resolve_params(request: MeshRequest, settings: MeshSettings) -> Params:
         return getattr(settings, name) if value is None else value
 
     params = Params(seed=request.seed, mc_level=settings.mc_level,
+                    postprocess=settings.postprocess,
                     **{name: pick(name) for name in ("steps", "guidance_scale",
                                                      "octree_resolution", "num_chunks",
                                                      "target_face_count")})
@@ -507,7 +521,7 @@ def _shape(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stag
     mesh = extract_surface(pipeline, grid, params.octree_resolution, params.mc_level)
     del grid  # up to (octree + 1)^3 floats
     stages.done("mesh_extraction", part)
-    mesh = postprocess(mesh, params.target_face_count)
+    mesh = postprocess(mesh, params.target_face_count, params.postprocess)
     stages.done("postprocess", part)
     return mesh
 
