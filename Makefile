@@ -33,7 +33,7 @@ test-deps: install
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 
 lint: install
-	$(VENV)/bin/ruff check atelier3d tests benchmarks
+	$(VENV)/bin/ruff check atelier3d tests benchmarks constraints
 
 test: test-deps lint
 	ATELIER3D_RAY_LOGS=0 $(VENV)/bin/pytest -q -p no:cacheprovider
