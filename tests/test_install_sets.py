@@ -91,6 +91,16 @@ class Resolution:
                 for line in self.distributions()["atelier3d"]["metadata"]["requires_dist"]]
 
 
+def copy_sources(dest: Path) -> Path:
+    """What a build of the package reads, copied: pip's build writes egg-info beside it."""
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "atelier3d", dest / "atelier3d",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def resolution(tmp_path_factory: pytest.TempPathFactory) -> Resolution:
     tmp = tmp_path_factory.mktemp("resolve")
@@ -102,7 +112,7 @@ def resolution(tmp_path_factory: pytest.TempPathFactory) -> Resolution:
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
          "--use-feature=fast-deps", "--report", str(report), "-c", str(CONSTRAINTS),
-         "--find-links", str(wheels), f"{ROOT}[server,cpu,gpu]"],
+         "--find-links", str(wheels), f"{copy_sources(tmp / 'src')}[server,cpu,gpu]"],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     logger.info("resolved .[server,cpu,gpu] in %.1f s", time.monotonic() - started)
@@ -162,12 +172,7 @@ def test_dev_venv_pip_check() -> None:
 
 def test_client_imports_without_torch_ray_or_gradio(tmp_path: Path) -> None:
     """The base set alone, installed into a new venv from a copy of the sources."""
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "atelier3d", source / "atelier3d",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    source = copy_sources(tmp_path / "src")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
