@@ -10,11 +10,18 @@ serve: install
 
 install: $(VENV)/.installed
 
-# torch==2.14.1 / torchvision==0.29.1 are the builds this machine kind keeps on disk (fast).
-$(VENV)/.installed: pyproject.toml
+# The CPU server set with the test tools, at the versions in constraints/tested.txt (torch and
+# torchvision as this machine kind keeps them on disk; hy3dgen rebuilt without its onnxruntime,
+# rembg and opencv-python requirements, written to .cache/wheels). A GPU machine installs
+# ".[server,gpu]" the same way (k8s/Dockerfile).
+CONSTRAINTS := constraints/tested.txt
+WHEELS := .cache/wheels
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) constraints/hy3dgen_wheel.py
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[test]"
+	$(PY) constraints/hy3dgen_wheel.py $(WHEELS)
+	$(PIP) install -q -c $(CONSTRAINTS) --find-links $(WHEELS) -e ".[server,cpu,test]"
+	$(PIP) check
 	touch $@
 
 # The browser tests drive Debian's chromium with Playwright (no browser download); the Redis
@@ -26,7 +33,7 @@ test-deps: install
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 
 lint: install
-	$(VENV)/bin/ruff check atelier3d tests benchmarks
+	$(VENV)/bin/ruff check atelier3d tests benchmarks constraints
 
 test: test-deps lint
 	ATELIER3D_RAY_LOGS=0 $(VENV)/bin/pytest -q -p no:cacheprovider
