@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from atelier3d.samples import drawn_character
-from tests.conftest import uploaded
+from tests.helpers import uploaded
 
 STEPS = 3
 

@@ -9,8 +9,11 @@ import sys
 import time
 
 import httpx
+import pytest
 
-from tests.conftest import free_port
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.cluster
 
 
 def test_serve_starts_and_stops_on_sigterm(tiny_dir):
