@@ -9,9 +9,9 @@ meanwhile. The model is the same tiny checkpoint the direct benchmark runs, on C
 ``--threads`` torch threads (default 1, as the served Shape3D replica's ``torch_threads: 1``;
 torch's own default, one per core, oversubscribes a shared 2-core machine: ``--threads 0``).
 
-Run the server: ``.venv/bin/python benchmarks/baseline_mesh_server.py --port 8090``;
+Run the server: ``.venv/bin/python -m benchmarks.baseline_mesh_server --port 8090``;
 or ``--bench``: start it in a subprocess, send ``--concurrency`` requests at once (the client of
-``benchmarks/mesh.py --baseline``), print and write ``benchmarks/results/mesh_baseline.json``.
+``benchmarks.mesh --baseline``), print and write ``benchmarks/results/mesh_baseline.json``.
 Loopback only.
 """
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,8 +33,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from atelier3d.models.mesh import hunyuan3d as H
-
-DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
+from benchmarks.common import DEFAULT_CACHE, LOOPBACK, REPO, RESULTS_DIR, free_port
+from benchmarks.mesh import baseline_job, concurrent
 
 
 def build_app(cache_dir: Path, threads: int = 1) -> FastAPI:
@@ -75,20 +75,12 @@ def build_app(cache_dir: Path, threads: int = 1) -> FastAPI:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench(args: argparse.Namespace) -> int:
-    from mesh import RESULTS, baseline_job, concurrent  # benchmarks/mesh.py, beside this file
-
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--port", str(port),
-                               "--cache-dir", str(args.cache_dir),
-                               "--threads", str(args.threads)])
-    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.baseline_mesh_server",
+                               "--port", str(port), "--cache-dir", str(args.cache_dir),
+                               "--threads", str(args.threads)], cwd=REPO)
+    url = f"http://{LOOPBACK}:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -104,13 +96,11 @@ def bench(args: argparse.Namespace) -> int:
     finally:
         server.terminate()
         server.wait(30)
-    import json
-
     print(f"baseline: {args.concurrency} at once, latency p50 "
           f"{results['latency_ms']['p50']:.0f} ms, p95 {results['latency_ms']['p95']:.0f} ms, "
           f"round wall p50 {results['round_wall_ms']['p50']:.0f} ms")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mesh_baseline.json").write_text(json.dumps(
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "mesh_baseline.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     return 0
 
@@ -132,7 +122,7 @@ def main() -> int:
     # hy3dgen's post-processors leave .ply files in the temp dir: give them a private one.
     with tempfile.TemporaryDirectory(prefix="baseline-mesh-") as tmp:
         os.environ["TMPDIR"] = tempfile.tempdir = tmp
-        uvicorn.run(build_app(args.cache_dir, args.threads), host="127.0.0.1", port=args.port,
+        uvicorn.run(build_app(args.cache_dir, args.threads), host=LOOPBACK, port=args.port,
                     log_level="warning")
     return 0
 

@@ -11,7 +11,7 @@ the ``/v1`` API the benchmark uses, with the same request and response models:
 - ``POST /v1/sessions/{id}/segment`` (JSON ``SegmentRequest`` -> ``SegmentResponse``)
 - ``GET /healthz``
 
-Run: ``.venv/bin/python benchmarks/baseline_server.py --checkpoint PATH --cache-dir DIR``.
+Run: ``.venv/bin/python -m benchmarks.baseline_server --checkpoint PATH --cache-dir DIR``.
 Loopback only: it always binds 127.0.0.1.
 """
 

@@ -22,8 +22,8 @@ quantizes as it goes), ``loaded`` the RSS after, then the mark is reset (``clear
 dequantized weights. Weights are the bytes of the parameters as stored (quantized tensors' int8
 data and scales).
 
-Prints a table, writes ``benchmarks/results/edit.json``. Run: ``.venv/bin/python
-benchmarks/edit.py`` (about 2 minutes on 2 cores). Not a test.
+Prints a table, writes ``benchmarks/results/edit.json``. Run: ``.venv/bin/python -m
+benchmarks.edit`` (about 2 minutes on 2 cores). Not a test.
 
 ``--served URL``: whole edits, served vs direct, on the tiny pipeline (``--models tiny``). The
 drawn character (``atelier3d.samples.drawn_character()``) is uploaded once (``POST
@@ -54,8 +54,9 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "edit.json"
+from benchmarks.common import REPO, RESULTS_DIR, percentiles, png_bytes
+
+RESULTS = RESULTS_DIR / "edit.json"
 # Qwen/Qwen-Image-Edit's transformer/config.json (20.4 B parameters).
 FULL_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
@@ -177,12 +178,6 @@ def run_case(model_name: str, quantization: str, args: argparse.Namespace) -> di
     }
 
 
-def stats(values: list[float]) -> dict:
-    arr = np.asarray(values, np.float64)
-    return {"n": int(arr.size), "p50": float(np.median(arr)), "min": float(arr.min()),
-            "max": float(arr.max())}
-
-
 def direct_editor() -> Any:
     """The ImageEditor deployment's class, built in this process on the tiny pipeline."""
     from atelier3d.deployments.edit import ImageEditor
@@ -211,14 +206,8 @@ def direct_edit(editor: Any, image: np.ndarray, params: dict) -> dict:
 
 
 def served_session(http: Any, image: np.ndarray) -> str:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
     r = http.post("/v1/sessions", params={"wait": "true"},
-                  files={"image": ("drawn.png", buffer.getvalue(), "image/png")})
+                  files={"image": ("drawn.png", png_bytes(image), "image/png")})
     r.raise_for_status()
     return r.json()["session_id"]
 
@@ -268,28 +257,29 @@ def served_vs_direct(args: argparse.Namespace) -> int:
             served.append(served_edit(http, session_id, {**params, "seed": seed}))
             if editor is not None:
                 direct.append(direct_edit(editor, image, {**params, "seed": seed}))
-    out: dict = {"served_total_ms": stats([r["total_ms"] for r in served]),
-                 "served_server_job_ms": stats([r["server_job_ms"] for r in served]),
-                 "served_queue_ms": stats([r["queue_ms"] for r in served]),
-                 "served_run_ms": stats([r["run_ms"] for r in served]),
-                 "served_replica_total_ms": stats([r["timings_ms"]["total_ms"] for r in served]),
-                 "served_stage_ms": {k: stats([r["stage_ms"].get(k, 0.0) for r in served])
+    out: dict = {"served_total_ms": percentiles([r["total_ms"] for r in served]),
+                 "served_server_job_ms": percentiles([r["server_job_ms"] for r in served]),
+                 "served_queue_ms": percentiles([r["queue_ms"] for r in served]),
+                 "served_run_ms": percentiles([r["run_ms"] for r in served]),
+                 "served_replica_total_ms": percentiles([r["timings_ms"]["total_ms"]
+                                                         for r in served]),
+                 "served_stage_ms": {k: percentiles([r["stage_ms"].get(k, 0.0) for r in served])
                                      for k in served[0]["stage_ms"]}}
     rows = [("served: submit -> PNG in hand", out["served_total_ms"]),
             ("served: server created -> finished", out["served_server_job_ms"]),
             ("served: server queued (created -> started)", out["served_queue_ms"]),
             ("served: replica run_edit total_ms", out["served_replica_total_ms"])]
     rows += [(f"served: stage_ms[{k}]", v) for k, v in out["served_stage_ms"].items()]
-    out["served_http_ms"] = stats([r["total_ms"] - r["server_job_ms"] for r in served])
-    out["served_gateway_ms"] = stats([r["server_job_ms"] - r["timings_ms"]["total_ms"]
-                                      for r in served])
+    out["served_http_ms"] = percentiles([r["total_ms"] - r["server_job_ms"] for r in served])
+    out["served_gateway_ms"] = percentiles([r["server_job_ms"] - r["timings_ms"]["total_ms"]
+                                            for r in served])
     rows += [("served: client - server job (HTTP, 3 calls)", out["served_http_ms"]),
              ("served: server job - replica run_edit", out["served_gateway_ms"])]
     if direct:
-        out["direct_total_ms"] = stats([r["total_ms"] for r in direct])
-        out["direct_run_edit_total_ms"] = stats([r["timings_ms"]["total_ms"] for r in direct])
-        out["overhead_ms"] = stats([s["total_ms"] - d["total_ms"]
-                                    for s, d in zip(served, direct, strict=True)])
+        out["direct_total_ms"] = percentiles([r["total_ms"] for r in direct])
+        out["direct_run_edit_total_ms"] = percentiles([r["timings_ms"]["total_ms"] for r in direct])
+        out["overhead_ms"] = percentiles([s["total_ms"] - d["total_ms"]
+                                          for s, d in zip(served, direct, strict=True)])
         rows += [("direct: ImageEditor.edit in-process", out["direct_total_ms"]),
                  ("direct: run_edit total_ms", out["direct_run_edit_total_ms"]),
                  ("overhead: served - direct (paired)", out["overhead_ms"])]
@@ -338,8 +328,8 @@ def main() -> int:
     for model_name in args.models:
         for quantization in ("none", "torchao_int8wo"):
             child = subprocess.run(
-                [sys.executable, __file__, f"--case={model_name}:{quantization}", *passed],
-                capture_output=True, text=True, check=True)
+                [sys.executable, "-m", "benchmarks.edit", f"--case={model_name}:{quantization}",
+                 *passed], cwd=REPO, capture_output=True, text=True, check=True)
             results.append(json.loads(child.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(f"{model_name:>19} {quantization:>15}: {r['step_ms']['p50']:9.1f} ms/step",

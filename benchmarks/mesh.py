@@ -8,18 +8,17 @@ b) ``--served URL``: ``POST /v1/jobs/mesh`` (multipart: ``image`` = the RGBA cut
    ``request`` = JSON parameters), poll ``GET /v1/jobs/{id}`` until ``succeeded``, then
    ``GET /v1/jobs/{id}/result?format=glb``; ``--concurrency`` jobs submitted at once, each
    timed from submit to its GLB, with the server's own ``stage_ms``. The same client times
-   ``benchmarks/baseline_mesh_server.py`` (``--baseline URL``), the upstream-style server.
+   ``benchmarks.baseline_mesh_server`` (``--baseline URL``), the upstream-style server.
 
 Input: the drawn character cut out by its true mask. Prints a table, writes
 ``benchmarks/results/mesh[_served|_baseline].json``. Not a test.
 
-Run: ``.venv/bin/python benchmarks/mesh.py`` (about a minute on a 2-core CPU).
+Run: ``.venv/bin/python -m benchmarks.mesh`` (about a minute on a 2-core CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import sys
@@ -29,28 +28,17 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
 from atelier3d.config import MeshSettings
 from atelier3d.models.mesh import hunyuan3d as H
 from atelier3d.samples import drawn_character, drawn_character_labels
 from atelier3d.stages.mesh import MeshRequest
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / ".cache" / "bench"
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.common import DEFAULT_CACHE, REPO, RESULTS_DIR, percentiles, png_bytes
 
 
 def character_cutout() -> np.ndarray:
     alpha = (drawn_character_labels() > 0).astype(np.uint8) * 255
     return np.dstack([drawn_character(), alpha])
-
-
-def percentiles(values: list[float]) -> dict:
-    arr = np.asarray(values, np.float64)
-    return {"n": int(arr.size), "p50": float(np.percentile(arr, 50)),
-            "p95": float(np.percentile(arr, 95)), "min": float(arr.min()),
-            "max": float(arr.max())}
 
 
 class Clock:
@@ -90,12 +78,6 @@ def direct(args: argparse.Namespace) -> dict:
     return out
 
 
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def served_job(base_url: str, image_png: bytes, params: dict, poll_s: float) -> dict:
     """One job through the v1 API, from submit to the GLB in hand."""
     with httpx.Client(base_url=base_url, timeout=600) as http:
@@ -132,7 +114,7 @@ def baseline_job(base_url: str, image_png: bytes, params: dict, poll_s: float) -
 
 def concurrent(job, base_url: str, args: argparse.Namespace) -> dict:
     """``--rounds`` rounds of ``--concurrency`` jobs submitted at once."""
-    image_png = png(character_cutout())
+    image_png = png_bytes(character_cutout())
     params = {"steps": args.steps, "octree_resolution": args.octree[0], "seed": 0}
     job(base_url, image_png, params, args.poll_s)  # warm-up
     rounds = []
@@ -160,7 +142,7 @@ def main() -> int:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--served", metavar="URL", help="time jobs on a running atelier3d server")
     target.add_argument("--baseline", metavar="URL",
-                        help="time benchmarks/baseline_mesh_server.py at URL")
+                        help="time benchmarks.baseline_mesh_server at URL")
     parser.add_argument("--octree", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per octree (direct)")
@@ -194,8 +176,8 @@ def main() -> int:
         name = "mesh"
         results = direct(args)
         print_direct(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = (args.out or RESULTS / f"{name}.json").resolve()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = (args.out or RESULTS_DIR / f"{name}.json").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
                                "results": results}, indent=2))

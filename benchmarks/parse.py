@@ -15,18 +15,16 @@ Inputs: the drawn character scaled to 512 and 1024 px (long side) with its true 
 p50/p95 per phase, writes ``benchmarks/results/parse.json``. Bounded: ``--runs`` per phase, cut
 short after ``--budget-s``. Not a test.
 
-Run: ``.venv/bin/python benchmarks/parse.py`` (about 2-4 minutes on a 2-core CPU).
+Run: ``.venv/bin/python -m benchmarks.parse`` (about 2-4 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -34,46 +32,23 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
 from atelier3d import rle
 from atelier3d.models.parse import segformer as parsing
 from atelier3d.models.parse.pose import POSE_SOURCE
 from atelier3d.models.segment.sam import tiny_checkpoint
 from atelier3d.samples import drawn_character, drawn_character_labels
+from benchmarks.common import DEFAULT_CACHE, REPO, RESULTS_DIR, free_port, percentiles, png_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / ".cache" / "bench"
 TEST_POSE_DIR = REPO / "tests" / "fixtures" / ".generated" / "pose" / "mediapipe-0.10.21"
-RESULTS = REPO / "benchmarks" / "results" / "parse.json"
+RESULTS = RESULTS_DIR / "parse.json"
 SIZES = (512, 1024)  # long side, px
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    arr = np.asarray(values, np.float64)
-    p50, p95 = np.percentile(arr, [50, 95])
-    return {"n": int(arr.size), "p50": float(p50), "p95": float(p95), "mean": float(arr.mean()),
-            "min": float(arr.min()), "max": float(arr.max())}
 
 
 def character(long_side: int) -> tuple[np.ndarray, np.ndarray]:
     """The drawn character (5:3 portrait) with ``long_side`` px height, and its true mask."""
     width = round(long_side * 384 / 640)
     return drawn_character(width, long_side), drawn_character_labels(width, long_side) > 0
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def uptime() -> str:

@@ -13,7 +13,7 @@ c) mixed load: new images uploaded at the rate the served encoder sustains (meas
 Prints the numbers, writes ``benchmarks/results/<stem>.json`` and ``<stem>.png``. The random
 checkpoint and the ONNX cache live in ``.cache/bench`` (git-ignored). Not a test.
 
-Run: ``.venv/bin/python benchmarks/sam_clicks.py`` (7-9 minutes on a 2-core CPU).
+Run: ``.venv/bin/python -m benchmarks.sam_clicks`` (7-9 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import time
@@ -45,12 +42,19 @@ from atelier3d.models.segment.sam import (
 )
 from atelier3d.optimizations.segment_onnx import cached_decoder_onnx
 from atelier3d.stages.segment import decoder_prompt
+from benchmarks.common import (
+    DEFAULT_CACHE,
+    LOOPBACK,
+    REPO,
+    RESULTS_DIR,
+    free_port,
+    load_average,
+    machine_info,
+    percentiles,
+    png_bytes,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / ".cache" / "bench"
-RESULTS_DIR = REPO / "benchmarks" / "results"
-BASELINE_SCRIPT = Path(__file__).resolve().with_name("baseline_server.py")
-LOOPBACK = "127.0.0.1"
+BASELINE_MODULE = "benchmarks.baseline_server"  # run from the repository root, like this one
 
 # The two targets this benchmark reports against.
 SERVED_P50_FACTOR, SERVED_P50_SLACK_MS = 1.15, 5.0
@@ -89,15 +93,6 @@ class PhaseResult:
     meta: dict = field(default_factory=dict)
 
 
-def percentiles(values_ms: list[float]) -> dict:
-    if not values_ms:
-        return {"n": 0}
-    arr = np.asarray(values_ms, dtype=np.float64)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"n": int(arr.size), "p50": float(p50), "p95": float(p95), "p99": float(p99),
-            "mean": float(arr.mean()), "max": float(arr.max())}
-
-
 def phase_summary(phase: PhaseResult) -> dict:
     ok = [c for c in phase.clicks if c.status == 200]
     summary = {
@@ -118,10 +113,6 @@ def phase_summary(phase: PhaseResult) -> dict:
             "latency_ms": percentiles([u.latency_ms for u in phase.uploads if u.status == 201]),
         }
     return {**summary, **phase.meta}
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _process_table() -> dict[int, tuple[int, float]]:
@@ -183,12 +174,6 @@ def bench_image(name: str, width: int) -> np.ndarray:
     src = Image.fromarray(photo(name))
     height = round(src.height * width / src.width)
     return np.asarray(src.resize((width, height), Image.BICUBIC), dtype=np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def prepare_checkpoint(cache_dir: Path, checkpoint: str | None = None) -> SamCheckpoint:
@@ -401,12 +386,6 @@ async def mixed_phase(base_url: str, plan_args: dict, users: int, pngs: list[byt
 # ---- the two systems ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def apply_deployment_overrides(config: dict, overrides: list[str]) -> None:
     """``Deployment.key.sub=value`` (value in YAML) into the Serve config's deployments, for
     what-if runs; the default run leaves local.yaml's sizing exactly as it is."""
@@ -495,7 +474,7 @@ def baseline_system(checkpoint: SamCheckpoint, cache_dir: Path, threads: int) ->
     """``baseline_server.py`` in its own process; its log goes to the cache dir."""
     port = free_port()
     log_path = cache_dir / "baseline_server.log"
-    command = [sys.executable, str(BASELINE_SCRIPT), "--checkpoint", str(checkpoint.path),
+    command = [sys.executable, "-m", BASELINE_MODULE, "--checkpoint", str(checkpoint.path),
                "--cache-dir", str(cache_dir), "--port", str(port), "--threads", str(threads)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -798,17 +777,6 @@ def save_plot(results: dict, samples: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine_info() -> dict:
-    import onnxruntime
-    import ray
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "gpu": False, "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "ray": ray.__version__,
-            "load_average_start": load_average()}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ c) two nodes: a real two-node Ray cluster on this machine (``atelier3d.devcluste
    (``total_ms - decode_ms - wait_embedding_ms``): handle, router, (de)serialisation, network;
    ``two_node_hop_ms`` is how much crossing nodes adds to it (p50).
 
-The encoder/decoder/Serve code is benchmarks/sam_clicks.py's (one click generator for both).
+The encoder/decoder/Serve code is ``benchmarks.sam_clicks``'s (one click generator for both).
 The decoder's cost does not depend on the encoder's size (its input is always a 256x64x64
 embedding), so the tiny SAM checkpoint is used: uploads encode in milliseconds.
 Prints a table, writes ``benchmarks/results/scale.json`` (the sections run) and ``scale.png``.
 Not a test.
 
-Run: ``.venv/bin/python benchmarks/scale.py`` (about 8 minutes on a 2-core CPU);
+Run: ``.venv/bin/python -m benchmarks.scale`` (about 8 minutes on a 2-core CPU);
 ``--sections two-node`` for the two-node part alone (2-4 minutes).
 """
 
@@ -36,25 +36,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sam_clicks import (
+
+from atelier3d.models.segment.sam import tiny_checkpoint
+from benchmarks.common import (
     DEFAULT_CACHE,
+    REPO,
     RESULTS_DIR,
-    bench_image,
-    click_phase,
-    decoder_replicas,
-    http_client,
+    free_port,
     load_average,
     machine_info,
     percentiles,
     png_bytes,
+)
+from benchmarks.sam_clicks import (
+    bench_image,
+    click_phase,
+    decoder_replicas,
+    http_client,
     served_system,
     upload,
 )
 
-from atelier3d.models.segment.sam import tiny_checkpoint
-
-TWO_NODE_CONFIG = Path(__file__).resolve().parent.parent / "atelier3d" / "serve" / "configs" \
-    / "two-node.yaml"
+TWO_NODE_CONFIG = REPO / "atelier3d" / "serve" / "configs" / "two-node.yaml"
 
 
 def session_for(base_url: str, image: np.ndarray) -> str:
@@ -171,7 +174,6 @@ def two_node(args: argparse.Namespace, image: np.ndarray) -> dict:
     """Click hop with the decoder beside the Gateway (head) and on the model node."""
     import ray
     from ray import serve
-    from sam_clicks import free_port
 
     from atelier3d.devcluster import LocalCluster
     from atelier3d.serve import runner

@@ -9,8 +9,8 @@ processes' RSS), the object store's use and the active sessions. After ``--warmu
 first window is the reference: the report gives each series' growth from it to the last
 window (target: under 5%), and, once the load stops and the TTL passes, that the sessions went.
 
-    .venv/bin/python benchmarks/soak.py                 # 6 minutes, 1 minute warm-up
-    .venv/bin/python benchmarks/soak.py --minutes 2 --warmup-s 30
+    .venv/bin/python -m benchmarks.soak                 # 6 minutes, 1 minute warm-up
+    .venv/bin/python -m benchmarks.soak --minutes 2 --warmup-s 30
 
 Writes ``benchmarks/results/soak.json`` and ``soak.png``.
 """
@@ -30,12 +30,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from sam_clicks import LOOPBACK, free_port, load_average, machine_info, png_bytes
 
 from atelier3d.samples import drawn_character
+from benchmarks.common import (
+    LOOPBACK,
+    REPO,
+    RESULTS_DIR,
+    free_port,
+    load_average,
+    machine_info,
+    png_bytes,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 CACHE = REPO / ".cache" / "soak"
 TTL_S = 20.0
 REPLICA = re.compile(r"ServeReplica:atelier3d:(\w+)")

@@ -4,7 +4,6 @@ Ray Serve deployment of the whole app for the test session."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import socket
@@ -14,32 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-GENERATED = Path(__file__).parent / "fixtures" / ".generated"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-@contextlib.contextmanager
-def uploaded(http: httpx.Client, image: np.ndarray):
-    """A session for ``image`` (encoded: ``?wait=true``), deleted afterwards; yields its id."""
-    r = http.post("/v1/sessions?wait=true", files={"image": ("c.png", png_bytes(image))})
-    assert r.status_code == 201, r.text
-    yield r.json()["session_id"]
-    http.delete(f"/v1/sessions/{r.json()['session_id']}")
+from tests.helpers import GENERATED, free_port
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from PIL import Image
 
 from atelier3d import rle
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes, uploaded
+from tests.helpers import assert_error, png_bytes, uploaded
 
 IMAGE = drawn_character(192, 320)
 H, W = IMAGE.shape[:2]
@@ -21,16 +21,6 @@ H, W = IMAGE.shape[:2]
 def sid(http):
     with uploaded(http, IMAGE) as session_id:
         yield session_id
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    assert body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code
-    return body["error"]
 
 
 def test_health_ready_and_openapi(http):

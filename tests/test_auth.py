@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,9 +22,10 @@ import pytest
 from PIL import Image
 
 from atelier3d.samples import drawn_character
-from tests.conftest import free_port, png_bytes
+from tests.helpers import ROOT, driver_env, free_port, png_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.cluster
+
 READY = "AUTH-SERVER-READY"
 KEY_A = "alpha-key-0123456789abcdef"  # in auth.api_keys as it is
 KEY_B = "bravo-key-0123456789abcdef"  # in auth.api_keys as sha256:<hex>
@@ -63,7 +63,7 @@ def auth_server(tiny_dir, tmp_path_factory):
     keys_file.write_text(f"# keys of the test\n\n{KEY_C}  # charlie\n")
     log = tmp / "server.log"
     port, metrics_port = free_port(), free_port()
-    env = os.environ | {"ATELIER3D_RAY_LOGS": "0", "PYTHONPATH": str(ROOT)}
+    env = driver_env()
     env.pop("ATELIER3D_API_KEY", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(

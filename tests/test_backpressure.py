@@ -10,16 +10,17 @@ subprocess (this module as a script) that prints its findings as one JSON line.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from tests.helpers import free_port, print_report, run_driver
+
+pytestmark = pytest.mark.cluster
+
 REPORT = "BACKPRESSURE-REPORT "
 RETRY_AFTER_S = 2
 DECODER = {
@@ -49,7 +50,6 @@ def main(cache_dir: str) -> None:
     from atelier3d.clients import Client
     from atelier3d.samples import drawn_character
     from atelier3d.serve import runner
-    from tests.conftest import free_port
 
     port = free_port()
     config = runner.load_serve_config(models="tiny", port=port, args_override={
@@ -109,18 +109,12 @@ def main(cache_dir: str) -> None:
             report["replicas_after_idle"] = decoder_replicas()
             report["scale_down_s"] = round(time.monotonic() - started, 1)
     finally:
-        print(REPORT + json.dumps(report), flush=True)
+        print_report(REPORT, report)
         runner.stop()
 
 
 def test_backpressure_retries_and_autoscaling(tiny_dir):
-    env = os.environ | {"ATELIER3D_RAY_LOGS": "0", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "tests.test_backpressure", str(tiny_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(REPORT)]
-    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
-    report = json.loads(lines[-1][len(REPORT):])
-    assert done.returncode == 0, (report, done.stderr[-4000:])
+    report = run_driver("tests.test_backpressure", str(tiny_dir), marker=REPORT, timeout_s=600)
 
     burst = report["burst"]
     assert burst["other"] == [] and burst["ok"] >= 1 and burst["503"] >= 1, burst

@@ -17,7 +17,7 @@ from PIL import Image
 
 from atelier3d.clients import ApiError, AsyncClient, Client, mask_to_array
 from atelier3d.samples import drawn_character
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 IMAGE = drawn_character(192, 320)
 H, W = IMAGE.shape[:2]

@@ -18,7 +18,7 @@ from PIL import Image
 from atelier3d.config import EditSettings
 from atelier3d.errors import BadRequest, Unprocessable
 from atelier3d.stages.edit import PRESETS, EditRequest
-from tests.conftest import GENERATED
+from tests.helpers import GENERATED
 
 STEPS = 2
 SIZE = 64

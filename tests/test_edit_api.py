@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from atelier3d.samples import drawn_character
-from tests.conftest import uploaded
+from tests.helpers import direct, uploaded
 
 STEPS = 3
 
@@ -166,7 +166,6 @@ def test_served_edit_equals_diffusers_with_the_lightning_lora_loaded_directly(
     reference image, the Plus pipeline runs the Qwen-Image-Edit-2509 transformer and its LoRA."""
     from atelier3d.models.edit.lightning import EDIT_2509_FILES, EDIT_FILES
     from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
-    from tests.test_lightning import direct
 
     extra = [{"kind": "original"}] * (images - 1)
     served = served_edit(http, edit_body(session, steps=None, width=256, height=256,

@@ -20,8 +20,7 @@ from atelier3d.config import FairUseSettings, RateLimit
 from atelier3d.errors import TooManyRequests
 from atelier3d.samples import drawn_character
 from atelier3d.serve.fair_use import FairUse, client_address, request_class
-from tests.conftest import png_bytes, uploaded
-from tests.test_mesh import IMAGE as CUTOUT
+from tests.helpers import CUTOUT, png_bytes, uploaded
 
 MESH = {"steps": 3, "octree_resolution": 64, "seed": 1}
 

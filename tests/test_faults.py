@@ -20,8 +20,7 @@ import ray
 
 from atelier3d.clients.client import Client
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes, uploaded
-from tests.test_mesh import IMAGE as CUTOUT
+from tests.helpers import CUTOUT, png_bytes, uploaded
 
 CLICK = {"points": [[60, 80]], "labels": [1]}
 

@@ -11,7 +11,7 @@ import pytest
 
 from atelier3d import rle
 from atelier3d.stages.segment import apply_coords, decoder_prompt, preprocess_shape
-from tests.conftest import png_bytes
+from tests.helpers import png_bytes
 
 # Shapes: portrait, landscape, square, tiny, odd sizes.
 SIZES = [(700, 333), (333, 701), (256, 256), (17, 29), (481, 1023)]

@@ -32,7 +32,9 @@ import pytest
 import requests
 
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes
+from tests.helpers import png_bytes
+
+pytestmark = pytest.mark.fuzz
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402

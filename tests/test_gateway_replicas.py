@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from tests.helpers import free_port, png_bytes, print_report, run_driver
+
+pytestmark = pytest.mark.cluster
+
 REPORT = "REPLICAS-REPORT "
 TTL_S = 12
 PREFIX = "gwtest"
@@ -32,7 +34,6 @@ def main(cache_dir: str, redis_url: str) -> None:
 
     from atelier3d.samples import drawn_character
     from atelier3d.serve import runner
-    from tests.conftest import free_port, png_bytes
 
     port = free_port()
     config = runner.load_serve_config(models="tiny", port=port, args_override={
@@ -146,20 +147,13 @@ def main(cache_dir: str, redis_url: str) -> None:
                                  "job_keys": len(store.keys(f"{PREFIX}:job:{job_id}*"))}
     finally:
         report["served_by"] = dict(report["served_by"])
-        print(REPORT + json.dumps(report), flush=True)
+        print_report(REPORT, report)
         runner.stop()
 
 
 def test_two_gateway_replicas_share_sessions_through_redis(tiny_dir, redis_url):
-    env = os.environ | {"ATELIER3D_RAY_LOGS": "0", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "tests.test_gateway_replicas", str(tiny_dir),
-                           redis_url], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=420)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(REPORT)]
-    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
-    report = json.loads(lines[-1][len(REPORT):])
-    assert done.returncode == 0, (report, done.stderr[-4000:])
+    report = run_driver("tests.test_gateway_replicas", str(tiny_dir), redis_url, marker=REPORT,
+                        timeout_s=420)
 
     # Both replicas served this session's requests, clicks included.
     assert len(report["served_by"]) == 2 and "?" not in report["served_by"], report

@@ -11,16 +11,17 @@ prints its findings as one JSON line.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
+import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, driver_env, free_port, print_report, run_driver
+
+pytestmark = pytest.mark.cluster
+
 CONFIG = ROOT / "atelier3d" / "serve" / "configs" / "gpu-80g.yaml"
 REPORT = "PACKING-REPORT "
 # Shape3D asks for 0.9 of the card in the second case: it cannot fit beside the others.
@@ -73,7 +74,6 @@ def _readyz(port: int) -> dict:
 
 def main(cache_dir: str) -> None:
     from atelier3d.serve import runner
-    from tests.conftest import free_port
 
     port = free_port()
     config = runner.load_serve_config(
@@ -119,23 +119,19 @@ def main(cache_dir: str) -> None:
         report["pending"] = {"replicas": replicas, "readyz": _readyz(port),
                              "available": _available(1 - others)}
     finally:
-        print(REPORT + json.dumps(report), flush=True)
+        print_report(REPORT, report)
         runner.stop()
 
 
 def test_gpu_fractions_pack_on_one_card(tiny_dir):
-    # A Ray of its own: not one named by the environment, nor on a metrics port set there.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "ATELIER3D_METRICS_PORT")}
+    # A Ray of its own (driver_env drops RAY_ADDRESS), not on a metrics port set here.
+    env = {k: v for k, v in os.environ.items() if k != "ATELIER3D_METRICS_PORT"}
     # Serve names a replica's resource ask in its status once it has waited this long to be
     # scheduled (30 s by default): 1 s keeps the test short.
-    env.update(ATELIER3D_RAY_LOGS="0", RAY_SERVE_SLOW_STARTUP_WARNING_S="1",
-               RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.test_gpu_packing", str(tiny_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=175)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(REPORT)]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(lines[-1][len(REPORT):])
+    env = driver_env(env, RAY_SERVE_SLOW_STARTUP_WARNING_S="1",
+                     RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S="1")
+    report = run_driver("tests.test_gpu_packing", str(tiny_dir), marker=REPORT, timeout_s=175,
+                        env=env)
     asks = gpu_asks(yaml.safe_load(CONFIG.read_text()))
 
     packed = report["packed"]

@@ -27,8 +27,7 @@ from PIL import Image
 from atelier3d.errors import PayloadTooLarge
 from atelier3d.imaging import decode_image
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes, uploaded
-from tests.test_api import assert_error
+from tests.helpers import assert_error, png_bytes, uploaded
 
 IMAGE = drawn_character(160, 240)
 H, W = IMAGE.shape[:2]

@@ -7,48 +7,18 @@ functions, in this process; the served jobs with real models are in test_edit_ap
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import numpy as np
 import pytest
 import ray.exceptions
 
 from atelier3d.config import JobKindSettings, JobSettings
-from atelier3d.deployments.streaming import stream_blocking
-from atelier3d.errors import BadRequest, Conflict, NotFound, Unavailable
+from atelier3d.errors import Conflict, NotFound, Unavailable
 from atelier3d.serve.jobs import routes as api_jobs
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions.memory import MemorySessionStore
-
-
-class StepWork:
-    """A blocking 'pipeline': ``steps`` steps of ``step_s`` seconds, reporting each; it records
-    how many steps ran and refuses to run two calls at once (like a pipeline object)."""
-
-    def __init__(self, steps: int = 4, step_s: float = 0.05) -> None:
-        self.steps, self.step_s = steps, step_s
-        self.lock = threading.Lock()
-        self.ran: dict[str, int] = {}
-        self.inside = 0
-
-    def start(self, request: dict):
-        def work(reporter):
-            self.inside += 1
-            try:
-                assert self.inside == 1, "two calls on one pipeline object at once"
-                if request.get("fail"):
-                    raise BadRequest("this input cannot be edited")
-                for i in range(self.steps):
-                    time.sleep(self.step_s)
-                    self.ran[request["name"]] = i + 1
-                    reporter.report("denoise", i + 1, self.steps)
-                return {"media_type": "text/plain", "data": request["name"].encode(), "meta": {}}
-            finally:
-                self.inside -= 1
-
-        return stream_blocking(work, self.lock)
+from tests.helpers import StepWork
 
 
 def service(max_running: int = 1, max_queued: int = 8, work: StepWork | None = None):

@@ -5,7 +5,6 @@ a LoRA that cannot be loaded stops the start in every models mode."""
 from __future__ import annotations
 
 import io
-import math
 import os
 
 import numpy as np
@@ -25,22 +24,9 @@ from atelier3d.models.edit.lightning import (
     lightning_state_dict,
 )
 from atelier3d.stages.edit import EditRequest
-from tests.conftest import GENERATED
+from tests.helpers import GENERATED, PROMPT, SIZE, direct
 
 PLUS_MODEL = "Qwen/Qwen-Image-Edit-2509"
-PROMPT = "make the shirt red"
-SIZE = 64
-# lightx2v's scheduler for its LoRAs (Qwen-Image-Lightning's generate_with_diffusers.py), written
-# out here rather than imported, so the served schedule is checked against the published one.
-PUBLISHED_SCHEDULER = {
-    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False,
-    "max_image_seq_len": 8192, "max_shift": math.log(3), "num_train_timesteps": 1000,
-    "shift": 1.0, "shift_terminal": None, "stochastic_sampling": False,
-    "time_shift_type": "exponential", "use_beta_sigmas": False, "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
@@ -61,24 +47,6 @@ def editor_with(**edit):
               "edit": {"min_side": 32, "quantization": "none",
                        "text_encoder_quantization": "none", **edit}}
     return ImageEditor.func_or_class(config)
-
-
-def direct(pipe_dir, lora_dir, weight_name: str, images: list[np.ndarray], steps: int,
-           lora: bool = True, prompt: str = PROMPT, size: int = SIZE, seed: int = 5
-           ) -> np.ndarray:
-    """The edit with diffusers alone: the pipeline, the published scheduler, load_lora_weights,
-    no CFG (as Lightning runs)."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-
-    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(PUBLISHED_SCHEDULER)
-    if lora:
-        pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
-    pil = [Image.fromarray(i) for i in images]
-    out = pipe(image=pil if len(pil) > 1 else pil[0], prompt=prompt, negative_prompt=" ",
-               true_cfg_scale=1.0, num_inference_steps=steps, width=size, height=size,
-               generator=torch.Generator("cpu").manual_seed(seed))
-    return np.asarray(out.images[0])
 
 
 async def served(editor, images: list[np.ndarray]) -> tuple[np.ndarray, dict]:

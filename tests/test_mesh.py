@@ -22,23 +22,12 @@ from atelier3d.config import MeshSettings
 from atelier3d.errors import BadRequest, Unprocessable
 from atelier3d.models.mesh import hunyuan3d as H
 from atelier3d.stages.mesh import FORMATS, GLB, MeshRequest, alpha_box, convert_mesh
-from tests.conftest import GENERATED
+from tests.helpers import CUTOUT as IMAGE
+from tests.helpers import GENERATED, cutout
 
 STEPS, OCTREE = 3, 64
 FAST = dict(steps=STEPS, octree_resolution=OCTREE)
 FACES = 1000  # below the tiny surface's face count at OCTREE: the clean-up decimates
-
-
-def cutout(h: int = 160, w: int = 128, box: tuple[int, int, int, int] = (30, 20, 100, 140),
-           color: tuple[int, int, int] = (200, 60, 40)) -> np.ndarray:
-    rgba = np.zeros((h, w, 4), np.uint8)
-    x0, y0, x1, y1 = box
-    rgba[y0:y1, x0:x1] = (*color, 255)
-    rgba[y0:(y0 + y1) // 2, x0:x1, :3] = (40, 160, 220)  # the top half another colour
-    return rgba
-
-
-IMAGE = cutout()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from PIL import Image
 from atelier3d.config import MeshSettings
 from atelier3d.models.mesh import hunyuan3d as H
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes, uploaded
-from tests.test_mesh import IMAGE, cutout
+from tests.helpers import CUTOUT as IMAGE
+from tests.helpers import cutout, png_bytes, uploaded
 
 STEPS, OCTREE = 3, 64
 PARAMS = {"steps": STEPS, "octree_resolution": OCTREE, "seed": 5}

@@ -9,8 +9,8 @@ import time
 import httpx
 
 from atelier3d.samples import drawn_character
-from tests.conftest import png_bytes, uploaded
-from tests.test_mesh import IMAGE
+from tests.helpers import CUTOUT as IMAGE
+from tests.helpers import png_bytes, uploaded
 
 
 def scrape(url: str, wanted: list[str], timeout_s: float = 90.0) -> str:

@@ -29,7 +29,7 @@ from atelier3d.models.parse import segformer as parsing
 from atelier3d.models.pull import download_status, human_bytes
 from atelier3d.models.segment.sam import TINY_NAME
 from atelier3d.serve.runner import load_serve_config
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.hub_server import HubServer, Repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,6 +457,7 @@ def test_an_interrupted_pull_resumes_to_the_same_bytes(hub, pulled, tmp_path):
     assert blob.read_bytes() == weights
 
 
+@pytest.mark.cluster
 def test_serve_real_starts_offline_on_the_pulled_cache(hub, pulled):
     """``atelier3d serve --models real`` on what was pulled, with HF_HUB_OFFLINE=1 and the hub
     unreachable: every replica loads its weights from the cache and /readyz is green."""

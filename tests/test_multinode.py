@@ -12,27 +12,25 @@ every model call crossing nodes.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "atelier3d" / "serve" / "configs" / "two-node.yaml"
+import pytest
+
+from tests.helpers import (
+    MODEL_DEPLOYMENTS,
+    TWO_NODE_CONFIG,
+    driver_env,
+    end_driver,
+    free_port,
+    png_bytes,
+    replica_nodes,
+    run_driver,
+)
+
+pytestmark = pytest.mark.cluster
+
 REPORT = "MULTINODE-REPORT "
-MODELS = ["SamEncoder", "SamDecoder", "HumanParser", "ImageEditor", "Shape3D"]
-
-
-def replica_nodes(dashboard_url: str) -> dict[str, list[str]]:
-    """Deployment -> node ids of its live replicas, from Ray's state API (the dashboard)."""
-    from ray.util.state import list_actors
-
-    nodes: dict[str, list[str]] = {}
-    for actor in list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")],
-                             limit=1000):
-        if actor.class_name.startswith("ServeReplica:atelier3d:"):
-            nodes.setdefault(actor.class_name.rsplit(":", 1)[1], []).append(actor.node_id)
-    return nodes
 
 
 def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str) -> None:
@@ -41,7 +39,6 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str) -> No
 
     from atelier3d.samples import drawn_character
     from atelier3d.serve import runner
-    from tests.conftest import free_port, png_bytes
 
     report: dict = {}
     started = time.monotonic()
@@ -51,7 +48,7 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str) -> No
         report["head"] = [i for i, r in nodes.items() if "gateway" in r]
         report["model_node"] = [i for i, r in nodes.items() if "model_node" in r]
         port = free_port()
-        config = runner.load_serve_config(CONFIG, models="tiny", port=port, args_override={
+        config = runner.load_serve_config(TWO_NODE_CONFIG, models="tiny", port=port, args_override={
             "cache_dir": cache_dir, "ui": False,
             "sessions": {"redis_url": redis_url, "redis_prefix": "multinode"}})
         runner.deploy(config, timeout_s=240)
@@ -94,37 +91,12 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str) -> No
         end_driver(REPORT, report)
 
 
-def end_driver(marker: str, report: dict) -> None:
-    """Prints the driver's report (also when it stopped half-way) and lets go of the cluster."""
-    import ray
-    from ray import serve
-
-    print(marker + json.dumps(report), flush=True)
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
 def job_outcome(http, job_id: str, submitted: int) -> dict:
     with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
         events = [json.loads(line) for line in stream.iter_lines() if line.strip()]
     state = http.get(f"/v1/jobs/{job_id}").json()
     return {"submit": submitted, "last_event": events[-1]["type"] if events else None,
             "status": state["status"], "error": state.get("error")}
-
-
-def run_driver(cluster, module: str, marker: str, timeout_s: float, *args: str) -> dict:
-    """Runs ``module`` as the cluster's driver (a subprocess: one Ray per process) and returns
-    the JSON report it prints after ``marker``."""
-    env = cluster.env | {"PYTHONPATH": str(ROOT), "ATELIER3D_RAY_LOGS": "0"}
-    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
-    assert lines, done.stdout[-2000:] + done.stderr[-4000:] + cluster.logs()
-    report = json.loads(lines[-1][len(marker):])
-    assert done.returncode == 0, (report, done.stderr[-4000:])
-    return report
 
 
 def test_models_on_a_second_node_gateway_on_the_head(tiny_dir, redis_url):
@@ -134,8 +106,9 @@ def test_models_on_a_second_node_gateway_on_the_head(tiny_dir, redis_url):
     try:
         address = cluster.start_head(num_cpus=2, resources={"gateway": 1})
         cluster.add_node("models", num_cpus=2, resources={"model_node": 1})
-        report = run_driver(cluster, "tests.test_multinode", REPORT, 420, address,
-                            cluster.dashboard_url, str(tiny_dir), redis_url)
+        report = run_driver("tests.test_multinode", address, cluster.dashboard_url,
+                            str(tiny_dir), redis_url, marker=REPORT, timeout_s=420,
+                            env=driver_env(cluster.env), logs=cluster.logs)
     finally:
         left = cluster.stop()
     assert left == [], f"processes of the cluster left running: {left}"
@@ -146,7 +119,7 @@ def test_models_on_a_second_node_gateway_on_the_head(tiny_dir, redis_url):
     assert head != model_node
     replicas = report["replicas"]
     assert replicas["Gateway"] == [head], replicas
-    for name in MODELS:
+    for name in MODEL_DEPLOYMENTS:
         assert replicas[name] == [model_node], (name, replicas)
     assert report["gateway_node"] == head  # the response says so too
     assert report["segment"]["status"] == [200, 200, 200] and report["segment"]["masks"] == 3

@@ -18,7 +18,20 @@ import sys
 import threading
 import time
 
-from tests.test_multinode import CONFIG, MODELS, end_driver, replica_nodes, run_driver
+import pytest
+
+from tests.helpers import (
+    MODEL_DEPLOYMENTS,
+    TWO_NODE_CONFIG,
+    driver_env,
+    end_driver,
+    free_port,
+    png_bytes,
+    replica_nodes,
+    run_driver,
+)
+
+pytestmark = pytest.mark.cluster
 
 REPORT = "FAILOVER-REPORT "
 NODES = ("models-a", "models-b")
@@ -38,7 +51,6 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str,
     from atelier3d.clients.client import Client
     from atelier3d.samples import drawn_character
     from atelier3d.serve import runner
-    from tests.conftest import free_port, png_bytes
 
     pgid_of = json.loads(pgids)
     report: dict = {}
@@ -47,13 +59,13 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str,
         name_of = {n["NodeID"]: next(name for name in NODES if name in n["Resources"])
                    for n in ray.nodes() if n["Alive"] and "model_node" in n["Resources"]}
         port = free_port()
-        config = runner.load_serve_config(CONFIG, models="tiny", port=port, args_override={
+        config = runner.load_serve_config(TWO_NODE_CONFIG, models="tiny", port=port, args_override={
             "cache_dir": cache_dir, "ui": False,
             "sessions": {"redis_url": redis_url, "redis_prefix": "failover"}})
         runner.deploy(config, timeout_s=240)
         before = replica_nodes(dashboard_url)
         victim = name_of[before["SamEncoder"][0]]
-        report["before"] = {m: [name_of[n] for n in before[m]] for m in MODELS}
+        report["before"] = {m: [name_of[n] for n in before[m]] for m in MODEL_DEPLOYMENTS}
         report["victim"] = victim
 
         url = f"http://127.0.0.1:{port}"
@@ -98,7 +110,8 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str,
                 states = serve.status().applications["atelier3d"].deployments
                 where = replica_nodes(dashboard_url)
                 if all(str(states[m].status).endswith("HEALTHY") and where.get(m)
-                       and victim not in (name_of.get(n) for n in where[m]) for m in MODELS):
+                       and victim not in (name_of.get(n) for n in where[m])
+                       for m in MODEL_DEPLOYMENTS):
                     break
                 time.sleep(1)
             report["recovered_s"] = round(time.monotonic() - killed_at, 1)
@@ -109,7 +122,7 @@ def main(address: str, dashboard_url: str, cache_dir: str, redis_url: str,
                                 "other": bad, "last": codes[-1] if codes else None}
             after = replica_nodes(dashboard_url)
             report["after"] = {m: [name_of.get(n, n) for n in after.get(m, [])]
-                               for m in MODELS}
+                               for m in MODEL_DEPLOYMENTS}
             with Client(url, retries=8, backoff_s=1.0) as client:
                 report["old_session_masks"] = len(client.segment(sid, points=[[90, 60]]).masks)
             http.delete(f"/v1/sessions/{sid}")
@@ -126,8 +139,9 @@ def test_a_model_node_dies_under_load(tiny_dir, redis_url):
         pgids = {name: cluster.add_node(name, num_cpus=2,
                                         resources={"model_node": 1, name: 1}).pgid
                  for name in NODES}
-        report = run_driver(cluster, "tests.test_node_failover", REPORT, 600, address,
-                            cluster.dashboard_url, str(tiny_dir), redis_url, json.dumps(pgids))
+        report = run_driver("tests.test_node_failover", address, cluster.dashboard_url,
+                            str(tiny_dir), redis_url, json.dumps(pgids), marker=REPORT,
+                            timeout_s=600, env=driver_env(cluster.env), logs=cluster.logs)
     finally:
         left = cluster.stop()
     assert left == [], f"processes of the cluster left running: {left}"
@@ -136,7 +150,7 @@ def test_a_model_node_dies_under_load(tiny_dir, redis_url):
     victim = report["victim"]
     survivor = next(name for name in NODES if name != victim)
     assert report["before"]["SamEncoder"] == [victim]
-    for name in MODELS:  # every model runs on the surviving node now
+    for name in MODEL_DEPLOYMENTS:  # every model runs on the surviving node now
         assert report["after"][name] == [survivor], (name, report["after"])
     clicks = report["clicks"]
     assert clicks["other"] == [] and clicks["last"] == 200, clicks

@@ -17,8 +17,7 @@ from PIL import Image
 from atelier3d import rle
 from atelier3d.samples import drawn_character, drawn_character_labels
 from atelier3d.stages.parse import LABELS, PALETTE, render_pose_map
-from tests.conftest import png_bytes, uploaded
-from tests.test_api import assert_error
+from tests.helpers import assert_error, png_bytes, uploaded
 
 IMAGE = drawn_character()
 TRUTH = drawn_character_labels()

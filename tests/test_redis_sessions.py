@@ -19,8 +19,7 @@ from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.sessions.session import Candidate, SegObject, Step
-from tests.conftest import png_bytes
-from tests.test_jobs import StepWork
+from tests.helpers import StepWork, png_bytes
 
 IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
 

@@ -13,9 +13,12 @@ import time
 import httpx
 import numpy as np
 import psutil
+import pytest
 
 from atelier3d.serve import runner
-from tests.conftest import free_port, png_bytes
+from tests.helpers import free_port, png_bytes
+
+pytestmark = pytest.mark.cluster
 
 STOP_WITHIN_S = 10.0
 

@@ -12,7 +12,7 @@ from atelier3d.errors import NotFound, TooManyRequests
 from atelier3d.samples import drawn_character
 from atelier3d.serve.sessions.memory import MemorySessionStore
 from atelier3d.serve.sessions.session import SegObject, Step
-from tests.conftest import png_bytes
+from tests.helpers import png_bytes
 
 
 class Clock:

@@ -27,6 +27,8 @@ from atelier3d.samples import drawn_character
 from atelier3d.serve.ui.parse import FADE
 from atelier3d.stages.parse import GARMENT_LABELS, LABELS
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
