@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from atelier3d.config import EditSettings, ModelsMode, Quantization, default_cache_dir
+from atelier3d.config import EditSettings, ModelsMode, Quantization
 from atelier3d.imaging import encode_png
+from atelier3d.models.loading import (
+    file_sha256,
+    load_or_tiny,
+    resolve_device,
+    resolve_dtype,
+    tiny_dir,
+)
 from atelier3d.stages.edit import PRESETS, EditRequest
 
 logger = logging.getLogger(__name__)
@@ -139,10 +145,7 @@ def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0) -> Path:
 
 
 def tiny_edit_dir(cache_dir: Path | None = None) -> Path:
-    path = (cache_dir or default_cache_dir()) / "editing" / TINY_DIR
-    if not (path / "model_index.json").exists():
-        write_tiny_edit_pipeline(path)
-    return path
+    return tiny_dir(cache_dir, f"editing/{TINY_DIR}", "model_index.json", write_tiny_edit_pipeline)
 
 
 @dataclass
@@ -169,16 +172,6 @@ class EditPipelines:
         return name, getattr(self, name)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("edit.device is cuda but no CUDA device is visible")
-    return device
-
-
 def resolve_quantization(choice: Quantization, device: str) -> str:
     resolved = choice if choice != "auto" else ("bitsandbytes_4bit" if device == "cuda" else "none")
     if resolved.startswith("bitsandbytes") and device != "cuda":
@@ -187,14 +180,6 @@ def resolve_quantization(choice: Quantization, device: str) -> str:
         raise ValueError(f"edit quantization {resolved} needs a CUDA GPU and this replica runs "
                          "on CPU: use torchao_int8wo or none on CPU")
     return resolved
-
-
-def _dtype(settings: EditSettings, device: str) -> Any:
-    import torch
-
-    name = settings.dtype if settings.dtype != "auto" else (
-        "bfloat16" if device == "cuda" else "float32")
-    return getattr(torch, name)
 
 
 def component_quantization(component: str, choice: str, dtype: Any) -> Any:
@@ -230,11 +215,7 @@ def _weights_digest(source: str) -> str:
     for path in sorted(root.rglob("*.safetensors")):
         blob = path.resolve().name
         if not re.fullmatch(r"[0-9a-f]{64}", blob):
-            file_digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    file_digest.update(block)
-            blob = file_digest.hexdigest()
+            blob = file_sha256(path)
         digest.update(f"{path.relative_to(root)}:{blob}\n".encode())
     return digest.hexdigest()
 
@@ -249,7 +230,7 @@ def _load(source: str, settings: EditSettings, device: str, quantization: dict[s
         QwenImageEditPlusPipeline,
     )
 
-    dtype = _dtype(settings, device)
+    dtype = resolve_dtype(settings.dtype, device, on_cuda="bfloat16")
     mapping = {component: component_quantization(component, choice, dtype)
                for component, choice in quantization.items() if choice != "none"}
     # dtype at load time: loading in float32 and casting needs > 150 GB for the real model.
@@ -297,26 +278,18 @@ def load_edit_pipeline(
     ``"auto"`` falls back to tiny with a loud warning. Settings that cannot work on this machine
     (bitsandbytes without a GPU) raise ``ValueError`` first, in every mode.
     """
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, "edit.device")
     quantization = {
         "transformer": resolve_quantization(settings.quantization, device),
         "text_encoder": resolve_quantization(settings.text_encoder_quantization, device),
     }
-    if mode == "tiny":
-        return _load(str(tiny_edit_dir(cache_dir)), settings, device, quantization, strict=False)
     local = Path(settings.model).expanduser()
     source = str(local) if local.is_dir() else settings.model
-    try:
-        return _load(source, settings, device, quantization, strict=mode == "real")
-    except (OSError, ValueError) as exc:  # diffusers raises OSError for missing/offline repos
-        if mode == "real":
-            raise
-        logger.warning(
-            "Qwen-Image-Edit weights %r unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
-            "edits will be noise (HF_HUB_OFFLINE=%s)",
-            settings.model, str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""),
-        )
-        return _load(str(tiny_edit_dir(cache_dir)), settings, device, quantization, strict=False)
+    return load_or_tiny(
+        mode,
+        lambda: _load(source, settings, device, quantization, strict=mode == "real"),
+        lambda: _load(str(tiny_edit_dir(cache_dir)), settings, device, quantization, strict=False),
+        weights=f"Qwen-Image-Edit weights {settings.model!r}", consequence="edits will be noise")
 
 
 class _StageReporter:
