@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import os
 import time
@@ -434,8 +435,11 @@ def _event_of(line: str) -> dict | None:
     return json.loads(line) if line.strip() else None
 
 
-def _finished(event: dict, job_id: str) -> bool:
-    """True at the job's last event; raises :class:`ApiError` if it failed or was cancelled."""
+def _followed(event: dict, job_id: str, progress: Callable[[dict], None] | None) -> bool:
+    """Shows ``event`` to ``progress``; True at the job's last event; raises :class:`ApiError`
+    if the job failed or was cancelled."""
+    if progress is not None:
+        progress(event)
     if event["type"] not in JOB_ENDS:
         return False
     if event["type"] != "succeeded":
@@ -459,19 +463,30 @@ class _Endpoints:
     """The endpoint methods, shared by both clients: each one builds a :class:`Call` and hands
     it to ``_send`` (a plain call in :class:`Client`, a coroutine in :class:`AsyncClient`)."""
 
-    base_url: str
-    retries: int
-    backoff_s: float
-    max_retry_delay_s: float
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float | httpx.Timeout | None = 120.0,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_retry_delay_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        if retries < 0 or backoff_s < 0 or max_retry_delay_s < 0:
+            raise ValueError("retries and delays must not be negative")
+        self.base_url = base_url
+        self.retries, self.backoff_s, self.max_retry_delay_s = (
+            retries, backoff_s, max_retry_delay_s)
+        self._http = self._http_class(transport=transport,
+                                      **self._http_options(base_url, timeout, headers, api_key))
 
     def _send(self, call: Call) -> Any:
         raise NotImplementedError
-
-    def _init_retry(self, retries: int, backoff_s: float, max_retry_delay_s: float) -> None:
-        if retries < 0 or backoff_s < 0 or max_retry_delay_s < 0:
-            raise ValueError("retries and delays must not be negative")
-        self.retries, self.backoff_s, self.max_retry_delay_s = (
-            retries, backoff_s, max_retry_delay_s)
 
     def _retry_delay(self, call: Call, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying ``response`` (attempt 0 is the first), or None."""
@@ -623,32 +638,14 @@ class Client(_Endpoints):
     """Synchronous client. ``timeout`` is httpx's (seconds, or an ``httpx.Timeout``);
     ``api_key`` is the server's (``auth.api_keys``), by default ``$ATELIER3D_API_KEY``."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        timeout: float | httpx.Timeout | None = 120.0,
-        *,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_retry_delay_s: float = 30.0,
-        headers: dict[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self._init_retry(retries, backoff_s, max_retry_delay_s)
-        self._http = httpx.Client(transport=transport,
-                                  **self._http_options(base_url, timeout, headers, api_key))
+    _http_class = httpx.Client
 
     def _send(self, call: Call) -> Any:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             response = self._http.request(call.method, call.url, **call.kwargs)
-            delay = self._retry_delay(call, response, attempt)
-            if delay is None:
+            if (delay := self._retry_delay(call, response, attempt)) is None:
                 return call.parse(response)
             time.sleep(delay)
-            attempt += 1
 
     def job_events(self, job_id: str, after: int = -1):
         """The job's progress events (dicts) as they happen, until its last one."""
@@ -665,9 +662,7 @@ class Client(_Endpoints):
         """Follows the job to its end (``progress`` sees each event, e.g. a
         :class:`ProgressBar`); raises :class:`ApiError` if it failed or was cancelled."""
         for event in self.job_events(job_id):
-            if progress is not None:
-                progress(event)
-            if _finished(event, job_id):
+            if _followed(event, job_id, progress):
                 break
         return self.get_job(job_id)
 
@@ -684,32 +679,14 @@ class Client(_Endpoints):
 class AsyncClient(_Endpoints):
     """Asynchronous client: the same methods as :class:`Client`, each returning an awaitable."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        timeout: float | httpx.Timeout | None = 120.0,
-        *,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_retry_delay_s: float = 30.0,
-        headers: dict[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self._init_retry(retries, backoff_s, max_retry_delay_s)
-        self._http = httpx.AsyncClient(transport=transport,
-                                       **self._http_options(base_url, timeout, headers, api_key))
+    _http_class = httpx.AsyncClient
 
     async def _send(self, call: Call) -> Any:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             response = await self._http.request(call.method, call.url, **call.kwargs)
-            delay = self._retry_delay(call, response, attempt)
-            if delay is None:
+            if (delay := self._retry_delay(call, response, attempt)) is None:
                 return call.parse(response)
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def job_events(self, job_id: str, after: int = -1):
         """The job's progress events (dicts) as they happen, until its last one."""
@@ -726,9 +703,7 @@ class AsyncClient(_Endpoints):
                        progress: Callable[[dict], None] | None = None) -> JobState:
         """Follows the job to its end; see :meth:`Client.wait_job`."""
         async for event in self.job_events(job_id):
-            if progress is not None:
-                progress(event)
-            if _finished(event, job_id):
+            if _followed(event, job_id, progress):
                 break
         return await self.get_job(job_id)
 
