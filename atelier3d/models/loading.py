@@ -59,11 +59,13 @@ def tiny_dir(cache_dir: Path | None, folder: str, marker: str,
 
 def load_or_tiny(mode: ModelsMode, load_named: Callable[[], T], load_tiny: Callable[[], T], *,
                  weights: str, consequence: str,
-                 errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> T:
+                 errors: tuple[type[Exception], ...] = (OSError, ValueError),
+                 fallback: str = FALLBACK_WARNING) -> T:
     """The ``models`` policy: ``tiny`` loads the tiny random weights; ``real`` loads the named
     weights or raises; ``auto`` tries the named ones and, when ``errors`` says they cannot be
     had, falls back to tiny with a loud warning (the loaded model then reports itself untrained).
-    ``weights`` names what failed, ``consequence`` what the fallback means for users."""
+    ``weights`` names what failed, ``fallback`` (in capitals) what runs instead and
+    ``consequence`` what that means for users."""
     if mode == "tiny":
         return load_tiny()
     try:
@@ -73,7 +75,7 @@ def load_or_tiny(mode: ModelsMode, load_named: Callable[[], T], load_tiny: Calla
             raise
         logger.warning("%s unavailable (%s): %s; %s (HF_HUB_OFFLINE=%s)", weights,
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                       FALLBACK_WARNING, consequence, os.environ.get("HF_HUB_OFFLINE", ""))
+                       fallback, consequence, os.environ.get("HF_HUB_OFFLINE", ""))
         return load_tiny()
 
 
