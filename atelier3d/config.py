@@ -251,8 +251,9 @@ class SessionSettings(_Strict):
 
 class JobKindSettings(_Strict):
     max_running: int = Field(
-        1, gt=0, description="jobs of this kind dispatched to the model at once: the replicas' "
-        "total max_ongoing_requests; the rest wait in the Gateway's queue, in order"
+        1, gt=0, description="jobs of this kind dispatched to the model at once, per Gateway "
+        "replica: at most the model replicas' total max_ongoing_requests (checked when the Serve "
+        "config is deployed); the rest wait in the Gateway's queue, in order"
     )
     max_queued: int = Field(32, ge=0, description="beyond this, submissions get 503 + Retry-After")
 

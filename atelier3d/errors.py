@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 
 class ApiError(Exception):
     status = 400
@@ -47,3 +50,14 @@ class Unavailable(ApiError):
 
 class EmbeddingLostError(RuntimeError):
     """Raised by the decoder when a session's embedding is gone from the object store."""
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]], prefix: str = "",
+                       limit: int = 5) -> str:
+    """pydantic's ``ValidationError.errors()`` (FastAPI's too) as one plain line for users:
+    ``where: what`` for the first ``limit`` (``where`` without FastAPI's ``body`` root)."""
+    parts = []
+    for error in errors[:limit]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    return prefix + ("; ".join(parts) or "invalid request")

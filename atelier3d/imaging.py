@@ -109,3 +109,22 @@ def decode_png(data: bytes) -> np.ndarray:
     """Decodes a PNG this server made itself (no limits to check), keeping its alpha."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGBA" if "A" in img.mode else "RGB"), dtype=np.uint8)
+
+
+def mask_bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
+    """x0, y0, x1, y1 (exclusive) of the True pixels, or None if there are none."""
+    rows, cols = np.any(region, axis=1), np.any(region, axis=0)
+    if not rows.any():
+        return None
+    y0, y1 = np.flatnonzero(rows)[[0, -1]]
+    x0, x1 = np.flatnonzero(cols)[[0, -1]]
+    return int(x0), int(y0), int(x1) + 1, int(y1) + 1
+
+
+def crop_with_margin(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """A non-empty mask's box grown by ``margin`` of its longer side on each side, within the
+    image: x0, y0, x1, y1 (exclusive)."""
+    x0, y0, x1, y1 = mask_bbox(mask)
+    pad = round(margin * max(x1 - x0, y1 - y0))
+    h, w = mask.shape
+    return max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)

@@ -14,14 +14,18 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from atelier3d.config import AppConfig
+from atelier3d.serve.runner import (
+    JOB_DEPLOYMENTS,
+    check_job_capacity,
+    load_serve_config,
+    reachable_replicas,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "atelier3d" / "serve" / "configs"
 K8S = ROOT / "k8s"
 SIZED = ["gpu-24g.yaml", "gpu-80g.yaml", "cluster.yaml"]  # the GPU profiles
 ONE_CARD = ["gpu-24g.yaml", "gpu-80g.yaml"]
-# The model deployment each job kind runs on.
-JOB_MODELS = {"edit": "ImageEditor", "mesh": "Shape3D"}
 
 # The ray.io/v1 RayService fields this repository's manifest may use, from KubeRay's API types
 # (ray-operator/apis/ray/v1: rayservice_types.go RayServiceSpec, raycluster_types.go
@@ -87,12 +91,6 @@ def deployments(config: dict) -> dict[str, dict]:
     return {d["name"]: d for d in config["applications"][0]["deployments"]}
 
 
-def replicas(deployment: dict) -> int:
-    """Replicas the deployment can reach: num_replicas, or autoscaling's max_replicas."""
-    autoscaling = deployment.get("autoscaling_config")
-    return autoscaling["max_replicas"] if autoscaling else deployment["num_replicas"]
-
-
 def rayservice() -> tuple[dict, list[dict]]:
     docs = list(yaml.safe_load_all((K8S / "rayservice.yaml").read_text()))
     [service] = [d for d in docs if d["kind"] == "RayService"]
@@ -139,10 +137,27 @@ def test_config_validates(name):
     # One job at a time per model replica (a lock), one slot left for /readyz's info(); each
     # Gateway replica dispatches its own jobs.
     gateways = deployments(config)["Gateway"]["num_replicas"]
-    for kind, model in JOB_MODELS.items():
+    for kind, model in JOB_DEPLOYMENTS.items():
         deployment = deployments(config)[model]
-        slots = replicas(deployment) * (deployment["max_ongoing_requests"] - 1)
+        slots = reachable_replicas(deployment) * (deployment["max_ongoing_requests"] - 1)
         assert config["applications"][0]["args"]["jobs"][kind]["max_running"] * gateways == slots
+    check_job_capacity(config)  # what deploying it checks
+
+
+def test_max_running_beyond_the_model_replicas_is_refused():
+    config = load_serve_config(CONFIGS / "local.yaml", args_override={
+        "jobs": {"mesh": {"max_running": 3}}})
+    # Shape3D: 1 replica x max_ongoing_requests 2 cannot take 3 jobs at once
+    with pytest.raises(ValueError, match=r"jobs.mesh.max_running 3 .* Shape3D takes at most 2"):
+        check_job_capacity(config)
+    for deployment in deployments(config).values():
+        if deployment["name"] == "Shape3D":
+            deployment["num_replicas"] = 2  # 2 x 2 = 4 >= 3
+    check_job_capacity(config)
+    # two Gateway replicas dispatch twice as many
+    deployments(config)["Gateway"]["num_replicas"] = 2
+    with pytest.raises(ValueError, match="jobs.mesh.max_running 3 x 2 Gateway replica"):
+        check_job_capacity(config)
 
 
 @pytest.mark.parametrize("name", SIZED)
@@ -224,10 +239,11 @@ def test_rayservice_groups_match_the_cluster_config():
     for container in containers(gpu):
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
     models = [d for n, d in config.items() if n != "Gateway"]
-    cards = sum(replicas(d) * d["ray_actor_options"]["num_gpus"] for d in models)
+    cards = sum(reachable_replicas(d) * d["ray_actor_options"]["num_gpus"] for d in models)
     assert gpu["maxReplicas"] >= cards
     editor = config["ImageEditor"]
-    assert gpu["maxReplicas"] >= replicas(editor)  # one editor per card at most (> 0.5 each)
+    # one editor per card at most (> 0.5 each)
+    assert gpu["maxReplicas"] >= reachable_replicas(editor)
 
     # Gateway nodes carry the custom resource the Gateway asks for, one replica each.
     asked = config["Gateway"]["ray_actor_options"]["resources"]

@@ -12,13 +12,14 @@ import secrets
 import numpy as np
 import pytest
 
+from atelier3d.api.segment import MaskCandidate
 from atelier3d.config import JobKindSettings, JobSettings
 from atelier3d.errors import Conflict, NotFound, TooManyRequests
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
-from atelier3d.serve.sessions.session import Candidate, SegObject, Step
+from atelier3d.serve.sessions.session import SegObject, Step
 from tests.helpers import StepWork, png_bytes
 
 IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
@@ -33,8 +34,8 @@ def replicas(url: str, n: int = 2, **kw) -> list[RedisSessionStore]:
 
 def step(n: int, k: int = 3) -> Step:
     low_res = np.random.default_rng(n).standard_normal((k, 256, 256)).astype(np.float32)
-    candidates = [Candidate(rle={"size": [24, 32], "counts": f"{n}{i}"}, score=0.5 + i / 10,
-                            bbox=[0, 0, n, i], area=n * 10 + i) for i in range(k)]
+    candidates = [MaskCandidate(rle={"size": [24, 32], "counts": f"{n}{i}"}, score=0.5 + i / 10,
+                                bbox=[0, 0, n, i], area=n * 10 + i) for i in range(k)]
     return Step(points=[(n, n)], labels=[1], box=None, candidates=candidates, low_res=low_res,
                 selected=0)
 

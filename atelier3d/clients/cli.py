@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -147,6 +148,11 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment an image on a running server and write the cut-out.
+
+    Uploads IMAGE, segments it with point and/or box prompts, and writes the transparent cut-out
+    of the chosen candidate (and optionally its COCO RLE as JSON).
+    """
     def work() -> int:
         points, labels = _prompt(args)
         with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
@@ -163,6 +169,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_parse(args: argparse.Namespace) -> int:
+    """Separate a character's body and garments on a running server.
+
+    Uploads IMAGE, segments the character with point and/or box prompts (as 'segment' does),
+    parses it, and writes into OUTDIR: parse_map.png (ATR palette), pose_map.png (OpenPose
+    skeleton), parts/<name>.png (RGBA cut-outs; <name>.completed.png where an occluded part was
+    filled in) and result.json.
+    """
     def work() -> int:
         points, labels = _prompt(args)
         with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
@@ -213,6 +226,11 @@ def _follow(client, submitted, label: str, quiet: bool) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    """Edit an image with text on a running server.
+
+    Uploads IMAGE and edits it (or, with --point/--box, the segmented object's cut-out) with a
+    preset and/or a prompt, showing progress; writes the result PNG.
+    """
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)
@@ -232,6 +250,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_mesh(args: argparse.Namespace) -> int:
+    """Make a 3D asset (GLB) from an image on a running server.
+
+    Sends IMAGE (an RGBA cut-out as it is; with --point/--box, the segmented object of it;
+    otherwise the server cuts the main object out) to the 3D stage, shows progress, and writes
+    the mesh (format from --format or the output's suffix).
+    """
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)
@@ -256,7 +280,16 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
-def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
+def _add_command(sub: argparse._SubParsersAction, func: Callable[[argparse.Namespace], int],
+                 output: str, metavar: str | None = None) -> argparse.ArgumentParser:
+    """The command ``func`` runs (``cmd_<name>``): IMAGE with point/box prompts, the server to
+    send it to, and where its output (``-o``) goes. Its docstring is its help: the first line,
+    then the description."""
+    summary, description = inspect.cleandoc(func.__doc__ or "").split("\n\n", 1)
+    command = sub.add_parser(func.__name__.removeprefix("cmd_"),
+                             help=summary[0].lower() + summary[1:].rstrip("."),
+                             description=" ".join(description.split()))
+    command.set_defaults(func=func)
     command.add_argument("image", help="image file (PNG, JPEG, WebP, ...)")
     command.add_argument("--point", action="append", type=parse_point, default=[],
                          metavar="X,Y[,LABEL]",
@@ -271,6 +304,8 @@ def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
                          help="which candidate is the mask (default: the best-scoring)")
     command.add_argument("--timeout", type=float, default=360.0,
                          help="seconds per request (the upload waits for the encoder)")
+    command.add_argument("-o", "--output", type=Path, required=True, metavar=metavar, help=output)
+    return command
 
 
 def _add_job_arguments(command: argparse.ArgumentParser) -> None:
@@ -281,43 +316,17 @@ def _add_job_arguments(command: argparse.ArgumentParser) -> None:
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
     """Registers the commands that talk to a running server."""
-    segment = sub.add_parser(
-        "segment",
-        help="segment an image on a running server and write the cut-out",
-        description="Uploads IMAGE, segments it with point and/or box prompts, and writes the "
-        "transparent cut-out of the chosen candidate (and optionally its COCO RLE as JSON).",
-    )
-    _add_prompt_arguments(segment)
-    segment.add_argument("-o", "--output", type=Path, required=True,
-                         help="where to write the cut-out PNG")
+    segment = _add_command(sub, cmd_segment, output="where to write the cut-out PNG")
     segment.add_argument("--rle-json", type=Path, help="also write the chosen mask's RLE here")
     segment.add_argument("--no-crop", action="store_true",
                          help="keep the full image size instead of cropping to the mask")
-    segment.set_defaults(func=cmd_segment)
 
-    parse = sub.add_parser(
-        "parse",
-        help="separate a character's body and garments on a running server",
-        description="Uploads IMAGE, segments the character with point and/or box prompts (as "
-        "'segment' does), parses it, and writes into OUTDIR: parse_map.png (ATR palette), "
-        "pose_map.png (OpenPose skeleton), parts/<name>.png (RGBA cut-outs; "
-        "<name>.completed.png where an occluded part was filled in) and result.json.",
-    )
-    _add_prompt_arguments(parse)
-    parse.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
-                       help="folder for the results (created if needed)")
+    parse = _add_command(sub, cmd_parse, output="folder for the results (created if needed)",
+                         metavar="OUTDIR")
     parse.add_argument("--no-complete", action="store_true",
                        help="do not fill in the occluded parts of garments")
-    parse.set_defaults(func=cmd_parse)
 
-    edit = sub.add_parser(
-        "edit",
-        help="edit an image with text on a running server",
-        description="Uploads IMAGE and edits it (or, with --point/--box, the segmented object's "
-        "cut-out) with a preset and/or a prompt, showing progress; writes the result PNG.",
-    )
-    _add_prompt_arguments(edit)
-    edit.add_argument("-o", "--output", type=Path, required=True, help="where to write the PNG")
+    edit = _add_command(sub, cmd_edit, output="where to write the PNG")
     edit.add_argument("--prompt", default="", help="what to change (added to the preset's)")
     edit.add_argument("--preset", default="free",
                       help="full_body, t_pose, complete_occluded or free (default)")
@@ -326,21 +335,10 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--width", type=int)
     edit.add_argument("--height", type=int)
     _add_job_arguments(edit)
-    edit.set_defaults(func=cmd_edit)
 
-    mesh = sub.add_parser(
-        "mesh",
-        help="make a 3D asset (GLB) from an image on a running server",
-        description="Sends IMAGE (an RGBA cut-out as it is; with --point/--box, the segmented "
-        "object of it; otherwise the server cuts the main object out) to the 3D stage, shows "
-        "progress, and writes the mesh (format from --format or the output's suffix).",
-    )
-    _add_prompt_arguments(mesh)
-    mesh.add_argument("-o", "--output", type=Path, required=True,
-                      help="where to write the mesh (.glb, .obj, .ply or .stl)")
+    mesh = _add_command(sub, cmd_mesh, output="where to write the mesh (.glb, .obj, .ply or .stl)")
     mesh.add_argument("--format", choices=["glb", "obj", "ply", "stl"])
     mesh.add_argument("--octree", type=int, help="octree resolution of the surface extraction")
     mesh.add_argument("--faces", type=int, help="target face count after reduction")
     mesh.add_argument("--no-texture", action="store_true", help="the untextured shape only")
     _add_job_arguments(mesh)
-    mesh.set_defaults(func=cmd_mesh)

@@ -25,7 +25,9 @@ invalid prompt fails here, before any request, with a ``ValueError`` (pydantic's
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
+import itertools
 import json
 import os
 import time
@@ -33,7 +35,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import (
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    TypeVar,
+    get_args,
+    get_type_hints,
+)
 from urllib.parse import quote
 
 import httpx
@@ -75,16 +86,20 @@ class ApiError(Exception):
         self.retry_after_s = retry_after_s
 
 
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
 # ---- request building ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Call:
+class Call(Generic[T]):
     """One HTTP request and how to read its answer; ``retry`` says a 503 may be retried."""
 
     method: str
     url: str
-    parse: Callable[[httpx.Response], Any]
+    parse: Callable[[httpx.Response], T]
     kwargs: dict[str, Any] = field(default_factory=dict)
     retry: bool = True
 
@@ -230,7 +245,7 @@ def _json(response: httpx.Response) -> Any:
 # ---- one function per endpoint ---------------------------------------------------------------
 
 
-def create_session_call(image: ImageInput, wait: bool = False) -> Call:
+def create_session_call(image: ImageInput, wait: bool = False) -> Call[SessionInfo]:
     name, data = image_bytes(image)
     # Not retried: a 503 (encoding timed out while waiting) comes after the session was made.
     return Call("POST", "/v1/sessions", _model(SessionInfo),
@@ -239,11 +254,11 @@ def create_session_call(image: ImageInput, wait: bool = False) -> Call:
                 retry=False)
 
 
-def get_session_call(session_id: str) -> Call:
+def get_session_call(session_id: str) -> Call[SessionInfo]:
     return Call("GET", _session_url(session_id), _model(SessionInfo))
 
 
-def delete_session_call(session_id: str) -> Call:
+def delete_session_call(session_id: str) -> Call[None]:
     return Call("DELETE", _session_url(session_id), _no_content)
 
 
@@ -256,7 +271,7 @@ def segment_call(
     refine: bool = False,
     multimask: bool = True,
     object_id: str | None = None,
-) -> Call:
+) -> Call[SegmentResponse]:
     point_list = [] if points is None else np.asarray(points, np.float64).reshape(-1, 2).tolist()
     if labels is None:
         label_list = [1] * len(point_list)  # foreground by default
@@ -281,32 +296,32 @@ def cutout_call(
     object_id: str | None = None,
     background: Literal["transparent", "white", "black"] = "transparent",
     crop: bool = True,
-) -> Call:
+) -> Call[bytes]:
     request = CutoutRequest(rle=None if rle is None else as_rle(rle), object_id=object_id,
                             background=background, crop=crop)
     return Call("POST", _session_url(session_id, "cutout"), _content, _json_body(request))
 
 
-def create_object_call(session_id: str) -> Call:
+def create_object_call(session_id: str) -> Call[ObjectState]:
     # Not retried: creating twice would leave an orphan object (the server never 503s here).
     return Call("POST", _session_url(session_id, "objects"), _model(ObjectState), retry=False)
 
 
-def get_object_call(session_id: str, object_id: str) -> Call:
+def get_object_call(session_id: str, object_id: str) -> Call[ObjectState]:
     return Call("GET", _object_url(session_id, object_id), _model(ObjectState))
 
 
-def delete_object_call(session_id: str, object_id: str) -> Call:
+def delete_object_call(session_id: str, object_id: str) -> Call[None]:
     return Call("DELETE", _object_url(session_id, object_id), _no_content)
 
 
-def select_call(session_id: str, object_id: str, index: int) -> Call:
+def select_call(session_id: str, object_id: str, index: int) -> Call[ObjectState]:
     return Call("POST", _object_url(session_id, object_id, "select"), _model(ObjectState),
                 _json_body(SelectRequest(index=index)))
 
 
 def edit_object_call(session_id: str, object_id: str,
-                     action: Literal["undo", "redo", "reset"]) -> Call:
+                     action: Literal["undo", "redo", "reset"]) -> Call[ObjectState]:
     if action not in ("undo", "redo", "reset"):
         raise ValueError(f"unknown object action {action!r}")
     # Not retried: undo/redo are not idempotent (the server never 503s here).
@@ -320,7 +335,7 @@ def parse_call(
     rle: RLEInput | None = None,
     groups: Sequence[PartGroup] | None = None,
     complete_occlusions: bool | None = None,
-) -> Call:
+) -> Call[ParseResponse]:
     request = ParseRequest(rle=None if rle is None else as_rle(rle), object_id=object_id,
                            groups=None if groups is None else list(groups),
                            complete_occlusions=complete_occlusions)
@@ -328,11 +343,11 @@ def parse_call(
                 _json_body(request))
 
 
-def get_parse_call(session_id: str, parse_id: str) -> Call:
+def get_parse_call(session_id: str, parse_id: str) -> Call[ParseResponse]:
     return Call("GET", _session_url(session_id, "parses", _seg(parse_id)), _model(ParseResponse))
 
 
-def parse_asset_call(url: str) -> Call:
+def parse_asset_call(url: str) -> Call[bytes]:
     """GET of a URL a :class:`ParseResponse` names (``parse_map_url``, ``parts[i].url``...)."""
     if not url.startswith("/v1/sessions/"):
         raise ValueError(f"not a parse result URL of this API: {url!r}")
@@ -352,7 +367,7 @@ SourceInput = Any  # ImageSource | dict
 
 def submit_edit_call(session_id: str, prompt: str = "", preset: str = "free",
                      source: SourceInput | None = None, idempotency_key: str | None = None,
-                     **params: Any) -> Call:
+                     **params: Any) -> Call[JobSubmitted]:
     """``params``: extra_sources, negative_prompt, mask (RLE input), seed, steps,
     true_cfg_scale, width, height."""
     if params.get("mask") is not None:
@@ -366,7 +381,7 @@ def submit_edit_call(session_id: str, prompt: str = "", preset: str = "free",
 def submit_mesh_call(session_id: str | None = None, image: ImageInput | None = None,
                      source: SourceInput | None = None,
                      parts: Sequence[MeshPart | dict] | None = None,
-                     idempotency_key: str | None = None, **params: Any) -> Call:
+                     idempotency_key: str | None = None, **params: Any) -> Call[JobSubmitted]:
     """A mesh of a session's source (or ``parts``), or of an uploaded ``image`` with alpha.
     ``params``: seed, steps, guidance_scale, octree_resolution, num_chunks, target_face_count,
     texture."""
@@ -389,15 +404,16 @@ def _job_url(job_id: str, *rest: str) -> str:
     return "/".join(["/v1/jobs", _seg(job_id), *rest])
 
 
-def get_job_call(job_id: str) -> Call:
+def get_job_call(job_id: str) -> Call[JobState]:
     return Call("GET", _job_url(job_id), _model(JobState))
 
 
-def cancel_job_call(job_id: str) -> Call:
+def cancel_job_call(job_id: str) -> Call[JobState]:
     return Call("DELETE", _job_url(job_id), _model(JobState))
 
 
-def job_result_call(job_id: str, format: str | None = None, artifact: str | None = None) -> Call:
+def job_result_call(job_id: str, format: str | None = None,
+                    artifact: str | None = None) -> Call[bytes]:
     params = {k: v for k, v in (("format", format), ("artifact", artifact)) if v is not None}
     return Call("GET", _job_url(job_id, "result"), _content, {"params": params})
 
@@ -434,8 +450,11 @@ def _event_of(line: str) -> dict | None:
     return json.loads(line) if line.strip() else None
 
 
-def _finished(event: dict, job_id: str) -> bool:
-    """True at the job's last event; raises :class:`ApiError` if it failed or was cancelled."""
+def _followed(event: dict, job_id: str, progress: Callable[[dict], None] | None) -> bool:
+    """Shows ``event`` to ``progress``; True at the job's last event; raises :class:`ApiError`
+    if the job failed or was cancelled."""
+    if progress is not None:
+        progress(event)
     if event["type"] not in JOB_ENDS:
         return False
     if event["type"] != "succeeded":
@@ -444,34 +463,62 @@ def _finished(event: dict, job_id: str) -> bool:
     return True
 
 
-def ready_call() -> Call:
+def ready_call() -> Call[ReadyInfo]:
     return Call("GET", "/readyz", _model(ReadyInfo))
 
 
-def health_call() -> Call:
+def health_call() -> Call[dict]:
     return Call("GET", "/healthz", _json)
 
 
 # ---- the clients -----------------------------------------------------------------------------
 
 
+def _endpoint(build: Callable[P, Call[T]], doc: str | None = None
+              ) -> Callable[Concatenate[Any, P], T]:
+    """The client method of an endpoint: the same arguments as ``build``, whose call it sends
+    (and, in :class:`AsyncClient`, awaits)."""
+    def method(self: Any, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._send(build(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = build.__name__.removesuffix("_call")
+    method.__doc__ = doc
+    signature = inspect.signature(build)
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    [result] = get_args(get_type_hints(build)["return"])  # Call[result]
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_parameter, *signature.parameters.values()], return_annotation=result)
+    return method
+
+
 class _Endpoints:
     """The endpoint methods, shared by both clients: each one builds a :class:`Call` and hands
     it to ``_send`` (a plain call in :class:`Client`, a coroutine in :class:`AsyncClient`)."""
 
-    base_url: str
-    retries: int
-    backoff_s: float
-    max_retry_delay_s: float
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float | httpx.Timeout | None = 120.0,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_retry_delay_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        if retries < 0 or backoff_s < 0 or max_retry_delay_s < 0:
+            raise ValueError("retries and delays must not be negative")
+        self.base_url = base_url
+        self.retries, self.backoff_s, self.max_retry_delay_s = (
+            retries, backoff_s, max_retry_delay_s)
+        self._http = self._http_class(transport=transport,
+                                      **self._http_options(base_url, timeout, headers, api_key))
 
     def _send(self, call: Call) -> Any:
         raise NotImplementedError
-
-    def _init_retry(self, retries: int, backoff_s: float, max_retry_delay_s: float) -> None:
-        if retries < 0 or backoff_s < 0 or max_retry_delay_s < 0:
-            raise ValueError("retries and delays must not be negative")
-        self.retries, self.backoff_s, self.max_retry_delay_s = (
-            retries, backoff_s, max_retry_delay_s)
 
     def _retry_delay(self, call: Call, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying ``response`` (attempt 0 is the first), or None."""
@@ -496,55 +543,26 @@ class _Endpoints:
 
     # sessions
 
-    def create_session(self, image: ImageInput, wait: bool = False) -> SessionInfo:
-        """Uploads an image (path, bytes, PIL image or array); ``wait`` until it is encoded."""
-        return self._send(create_session_call(image, wait))
-
-    def get_session(self, session_id: str) -> SessionInfo:
-        return self._send(get_session_call(session_id))
-
-    def delete_session(self, session_id: str) -> None:
-        return self._send(delete_session_call(session_id))
+    create_session = _endpoint(
+        create_session_call,
+        "Uploads an image (path, bytes, PIL image or array); ``wait`` until it is encoded.")
+    get_session = _endpoint(get_session_call)
+    delete_session = _endpoint(delete_session_call)
 
     # segmentation
 
-    def segment(
-        self,
-        session_id: str,
-        points: Sequence[Sequence[float]] | np.ndarray | None = None,
-        labels: Sequence[int] | np.ndarray | None = None,
-        box: Sequence[float] | np.ndarray | None = None,
-        mask_input: RLEInput | None = None,
-        refine: bool = False,
-        multimask: bool = True,
-        object_id: str | None = None,
-    ) -> SegmentResponse:
+    segment = _endpoint(
+        segment_call,
         """Masks for point (``[[x, y], ...]``, labels 1 = foreground by default) and/or box
-        (``[x0, y0, x1, y1]``) prompts; ``object_id`` records the result in that object."""
-        return self._send(segment_call(session_id, points, labels, box, mask_input, refine,
-                                       multimask, object_id))
-
-    def cutout(
-        self,
-        session_id: str,
-        rle: RLEInput | None = None,
-        object_id: str | None = None,
-        background: Literal["transparent", "white", "black"] = "transparent",
-        crop: bool = True,
-    ) -> bytes:
-        """PNG bytes of the masked pixels (``rle``, or ``object_id``'s selected mask)."""
-        return self._send(cutout_call(session_id, rle, object_id, background, crop))
+        (``[x0, y0, x1, y1]``) prompts; ``object_id`` records the result in that object.""")
+    cutout = _endpoint(
+        cutout_call, "PNG bytes of the masked pixels (``rle``, or ``object_id``'s selected mask).")
 
     # objects and their history
 
-    def create_object(self, session_id: str) -> ObjectState:
-        return self._send(create_object_call(session_id))
-
-    def get_object(self, session_id: str, object_id: str) -> ObjectState:
-        return self._send(get_object_call(session_id, object_id))
-
-    def select(self, session_id: str, object_id: str, index: int) -> ObjectState:
-        return self._send(select_call(session_id, object_id, index))
+    create_object = _endpoint(create_object_call)
+    get_object = _endpoint(get_object_call)
+    select = _endpoint(select_call)
 
     def undo(self, session_id: str, object_id: str) -> ObjectState:
         return self._send(edit_object_call(session_id, object_id, "undo"))
@@ -555,66 +573,37 @@ class _Endpoints:
     def reset(self, session_id: str, object_id: str) -> ObjectState:
         return self._send(edit_object_call(session_id, object_id, "reset"))
 
-    def delete_object(self, session_id: str, object_id: str) -> None:
-        return self._send(delete_object_call(session_id, object_id))
+    delete_object = _endpoint(delete_object_call)
 
     # body and garment separation
 
-    def parse(
-        self,
-        session_id: str,
-        object_id: str | None = None,
-        rle: RLEInput | None = None,
-        groups: Sequence[PartGroup] | None = None,
-        complete_occlusions: bool | None = None,
-    ) -> ParseResponse:
+    parse = _endpoint(
+        parse_call,
         """Body labels, keypoints, garment cut-outs and checks of the character whose mask is
-        ``object_id``'s selected one or ``rle``; images are fetched with :meth:`parse_asset`."""
-        return self._send(parse_call(session_id, object_id, rle, groups, complete_occlusions))
-
-    def get_parse(self, session_id: str, parse_id: str) -> ParseResponse:
-        return self._send(get_parse_call(session_id, parse_id))
-
-    def parse_asset(self, url: str) -> bytes:
-        """The bytes (PNG, or the ZIP) behind a URL of a :class:`ParseResponse`."""
-        return self._send(parse_asset_call(url))
+        ``object_id``'s selected one or ``rle``; images are fetched with :meth:`parse_asset`.""")
+    get_parse = _endpoint(get_parse_call)
+    parse_asset = _endpoint(
+        parse_asset_call, "The bytes (PNG, or the ZIP) behind a URL of a :class:`ParseResponse`.")
 
     # jobs: edits and meshes
 
-    def submit_edit(self, session_id: str, prompt: str = "", preset: str = "free",
-                    source: SourceInput | None = None, idempotency_key: str | None = None,
-                    **params: Any) -> JobSubmitted:
+    submit_edit = _endpoint(
+        submit_edit_call,
         """Queues a text edit of a session's image (``source``: an :class:`ImageSource`, e.g.
-        ``{"kind": "object", "object_id": ...}``); follow it with :meth:`wait_job`."""
-        return self._send(submit_edit_call(session_id, prompt, preset, source, idempotency_key,
-                                           **params))
-
-    def submit_mesh(self, session_id: str | None = None, image: ImageInput | None = None,
-                    source: SourceInput | None = None,
-                    parts: Sequence[MeshPart | dict] | None = None,
-                    idempotency_key: str | None = None, **params: Any) -> JobSubmitted:
-        """Queues a 3D asset of a session's source or ``parts``, or of an RGBA ``image``."""
-        return self._send(submit_mesh_call(session_id, image, source, parts, idempotency_key,
-                                           **params))
-
-    def get_job(self, job_id: str) -> JobState:
-        return self._send(get_job_call(job_id))
-
-    def cancel_job(self, job_id: str) -> JobState:
-        return self._send(cancel_job_call(job_id))
-
-    def job_result(self, job_id: str, format: str | None = None,
-                   artifact: str | None = None) -> bytes:
-        """The result's bytes (PNG; GLB or ``format`` obj/ply/stl) or an ``artifact``'s."""
-        return self._send(job_result_call(job_id, format, artifact))
+        ``{"kind": "object", "object_id": ...}``); follow it with :meth:`wait_job`.""")
+    submit_mesh = _endpoint(
+        submit_mesh_call,
+        "Queues a 3D asset of a session's source or ``parts``, or of an RGBA ``image``.")
+    get_job = _endpoint(get_job_call)
+    cancel_job = _endpoint(cancel_job_call)
+    job_result = _endpoint(
+        job_result_call,
+        "The result's bytes (PNG; GLB or ``format`` obj/ply/stl) or an ``artifact``'s.")
 
     # health
 
-    def ready(self) -> ReadyInfo:
-        return self._send(ready_call())
-
-    def health(self) -> dict:
-        return self._send(health_call())
+    ready = _endpoint(ready_call)
+    health = _endpoint(health_call)
 
     mask_to_array = staticmethod(mask_to_array)
 
@@ -623,32 +612,14 @@ class Client(_Endpoints):
     """Synchronous client. ``timeout`` is httpx's (seconds, or an ``httpx.Timeout``);
     ``api_key`` is the server's (``auth.api_keys``), by default ``$ATELIER3D_API_KEY``."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        timeout: float | httpx.Timeout | None = 120.0,
-        *,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_retry_delay_s: float = 30.0,
-        headers: dict[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self._init_retry(retries, backoff_s, max_retry_delay_s)
-        self._http = httpx.Client(transport=transport,
-                                  **self._http_options(base_url, timeout, headers, api_key))
+    _http_class = httpx.Client
 
     def _send(self, call: Call) -> Any:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             response = self._http.request(call.method, call.url, **call.kwargs)
-            delay = self._retry_delay(call, response, attempt)
-            if delay is None:
+            if (delay := self._retry_delay(call, response, attempt)) is None:
                 return call.parse(response)
             time.sleep(delay)
-            attempt += 1
 
     def job_events(self, job_id: str, after: int = -1):
         """The job's progress events (dicts) as they happen, until its last one."""
@@ -665,9 +636,7 @@ class Client(_Endpoints):
         """Follows the job to its end (``progress`` sees each event, e.g. a
         :class:`ProgressBar`); raises :class:`ApiError` if it failed or was cancelled."""
         for event in self.job_events(job_id):
-            if progress is not None:
-                progress(event)
-            if _finished(event, job_id):
+            if _followed(event, job_id, progress):
                 break
         return self.get_job(job_id)
 
@@ -684,32 +653,14 @@ class Client(_Endpoints):
 class AsyncClient(_Endpoints):
     """Asynchronous client: the same methods as :class:`Client`, each returning an awaitable."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        timeout: float | httpx.Timeout | None = 120.0,
-        *,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_retry_delay_s: float = 30.0,
-        headers: dict[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self._init_retry(retries, backoff_s, max_retry_delay_s)
-        self._http = httpx.AsyncClient(transport=transport,
-                                       **self._http_options(base_url, timeout, headers, api_key))
+    _http_class = httpx.AsyncClient
 
     async def _send(self, call: Call) -> Any:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             response = await self._http.request(call.method, call.url, **call.kwargs)
-            delay = self._retry_delay(call, response, attempt)
-            if delay is None:
+            if (delay := self._retry_delay(call, response, attempt)) is None:
                 return call.parse(response)
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def job_events(self, job_id: str, after: int = -1):
         """The job's progress events (dicts) as they happen, until its last one."""
@@ -726,9 +677,7 @@ class AsyncClient(_Endpoints):
                        progress: Callable[[dict], None] | None = None) -> JobState:
         """Follows the job to its end; see :meth:`Client.wait_job`."""
         async for event in self.job_events(job_id):
-            if progress is not None:
-                progress(event)
-            if _finished(event, job_id):
+            if _followed(event, job_id, progress):
                 break
         return await self.get_job(job_id)
 

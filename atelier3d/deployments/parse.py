@@ -14,16 +14,19 @@ import time
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 
 from atelier3d import rle
 from atelier3d.api.common import ModelInfo
 from atelier3d.config import AppConfig
+from atelier3d.deployments.user_config import TorchUserConfig
 from atelier3d.errors import BadRequest
+from atelier3d.imaging import crop_with_margin
 from atelier3d.metrics import observe_stage, report_gpu_memory
+from atelier3d.models.loading import resolve_device, weights_label
 from atelier3d.models.parse.checks import run_checks
-from atelier3d.models.parse.garments import bbox, complete_parts, extract_parts
+from atelier3d.models.parse.garments import complete_parts, extract_parts
 from atelier3d.models.parse.pose import load_pose
 from atelier3d.models.parse.segformer import load_parser, parse
 from atelier3d.stages.parse import GARMENT_LABELS, LABELS, ParseResult
@@ -31,10 +34,7 @@ from atelier3d.stages.parse import GARMENT_LABELS, LABELS, ParseResult
 logger = logging.getLogger("ray.serve")
 
 
-class ParserUserConfig(BaseModel):
-    """Runtime knobs from the Serve YAML's ``user_config`` (changeable without a restart)."""
-
-    torch_threads: int = Field(1, ge=1)
+class ParserUserConfig(TorchUserConfig):
     crop_margin: float = Field(0.1, ge=0, le=1, description="of the mask box's longer side")
     feather_px: int = Field(2, ge=0, le=32, description="alpha ramp inside each part's edge")
     groups: list[Literal["clothing", "hair", "body-skin"]] = Field(
@@ -65,24 +65,12 @@ def _validate(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None) ->
     return mask
 
 
-def crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
-    """The mask's box grown by ``margin`` of its longer side on each side, within the image."""
-    x0, y0, x1, y1 = bbox(mask)
-    pad = round(margin * max(x1 - x0, y1 - y0))
-    h, w = mask.shape
-    return max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
-
-
 @serve.deployment(name="HumanParser")
 class HumanParser:
     def __init__(self, config: dict) -> None:
-        import torch
-
         cfg = AppConfig.model_validate(config)
         settings = cfg.parsing
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(settings.device, "parsing.device")
         self.parser = load_parser(settings.segformer, cfg.models, cfg.cache_path, device)
         self.pose_source, self.models, self.cache = settings.pose, cfg.models, cfg.cache_path
         self.pose = None
@@ -90,15 +78,13 @@ class HumanParser:
         self.reconfigure({})  # usable without a user_config (and in-process, without Serve)
         logger.info(
             "HumanParser ready: %s on %s (%s), pose %s",
-            self.parser.name, device, "trained" if self.parser.trained else "UNTRAINED",
+            self.parser.name, device, weights_label(self.parser.trained).upper(),
             self.pose.weights.variant if self.pose else "UNAVAILABLE",
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        import torch
-
         settings = ParserUserConfig.model_validate(user_config or {})
-        torch.set_num_threads(settings.torch_threads)
+        settings.apply_threads()
         if self.pose is None or self.pose.num_threads != settings.torch_threads:
             self.pose = load_pose(self.pose_source, self.models, self.cache,
                                   settings.torch_threads)
@@ -110,7 +96,7 @@ class HumanParser:
         digest.update((pose.sha256 if pose else "no-pose").encode())
         return ModelInfo(
             model_type=f"{self.parser.name}+{pose.variant if pose else 'no-pose'}",
-            weights="trained" if self.parser.trained and pose else "untrained",
+            weights=weights_label(self.parser.trained and pose is not None),
             checkpoint_sha256=digest.hexdigest(),
         )
 
@@ -124,7 +110,7 @@ class HumanParser:
         overrides = {"groups": groups, "complete_occlusions": complete_occlusions}
         settings = ParserUserConfig.model_validate(
             self.settings.model_dump() | {k: v for k, v in overrides.items() if v is not None})
-        box = crop_box(mask, settings.crop_margin)
+        box = crop_with_margin(mask, settings.crop_margin)
         x0, y0, x1, y1 = box
         timings = {}
 

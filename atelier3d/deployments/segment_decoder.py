@@ -17,14 +17,19 @@ import ray
 from pydantic import BaseModel, Field
 from ray import serve
 
-from atelier3d import rle
 from atelier3d.api.common import ModelInfo
 from atelier3d.config import AppConfig
 from atelier3d.errors import EmbeddingLostError
 from atelier3d.metrics import count_embedding_lookup, observe_stage
 from atelier3d.models.segment.sam import sam_checkpoint, sam_info
 from atelier3d.optimizations.segment_onnx import cached_decoder_onnx
-from atelier3d.stages.segment import DecodeRequest, DecodeResult, DecoderPrompt, decoder_prompt
+from atelier3d.stages.segment import (
+    DecodeRequest,
+    DecodeResult,
+    DecoderPrompt,
+    decoder_prompt,
+    mask_candidates,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,7 +59,7 @@ class SamDecoder:
         # the router, whose backoff collapses throughput when every replica looks full.
         self.run_lock = threading.Lock()
         self.embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.cache_size = 8
+        self.cache_size = DecoderUserConfig().embedding_cache_size  # until reconfigure
 
     def reconfigure(self, user_config: dict) -> None:
         import onnxruntime as ort
@@ -110,12 +115,8 @@ class SamDecoder:
             masks, scores, low_res = self._run(request.multimask, embedding, prompt)
             decode_ms = (time.perf_counter() - start) * 1000
         observe_stage("decode", decode_ms)
-        rles = rle.encode(masks[0])
         return DecodeResult(
-            rles=rles,
-            scores=[float(s) for s in scores[0]],
-            bboxes=[rle.bbox_xywh(r) for r in rles],
-            areas=[rle.area(r) for r in rles],
+            candidates=mask_candidates(masks[0], scores[0]),
             low_res=low_res[0] if request.return_low_res else None,
             decode_ms=decode_ms,
         )

@@ -7,24 +7,26 @@ import logging
 import time
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 
 from atelier3d.api.common import ModelInfo
 from atelier3d.config import AppConfig
+from atelier3d.deployments.user_config import TorchUserConfig
 from atelier3d.metrics import observe_stage, report_gpu_memory
+from atelier3d.models.loading import resolve_device, resolve_dtype, weights_label
 from atelier3d.models.segment.sam import sam_checkpoint, sam_info
 
 logger = logging.getLogger("ray.serve")
 
 
-class EncoderUserConfig(BaseModel):
-    """Runtime knobs from the Serve YAML's ``user_config`` (changeable without a restart)."""
-
+class EncoderUserConfig(TorchUserConfig):
     max_batch_size: int = Field(2, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    # On a 2-core box the encoder gets one core so a decoder click never waits for its threads.
-    torch_threads: int = Field(1, ge=1)
+
+
+# Until reconfigure: the batching the decorator below starts with.
+DEFAULTS = EncoderUserConfig()
 
 
 @serve.deployment(name="SamEncoder")
@@ -35,26 +37,22 @@ class SamEncoder:
 
         cfg = AppConfig.model_validate(config)
         self.checkpoint = sam_checkpoint(cfg)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = cfg.sam.encoder_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+        self.device = torch.device(resolve_device("auto", "sam"))
+        dtype = resolve_dtype(cfg.sam.encoder_dtype, self.device.type, on_cuda="bfloat16")
+        self.autocast_dtype = None if dtype == torch.float32 else dtype
         self.model = self.checkpoint.build().to(self.device)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         logger.info(
             "SamEncoder ready: %s on %s (%s), weights %s",
             self.checkpoint.model_type,
             self.device,
-            dtype,
-            "trained" if self.checkpoint.trained else "UNTRAINED",
+            str(dtype).removeprefix("torch."),
+            weights_label(self.checkpoint.trained).upper(),
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        import torch
-
         settings = EncoderUserConfig.model_validate(user_config or {})
-        torch.set_num_threads(settings.torch_threads)
+        settings.apply_threads()
         self.encode.set_max_batch_size(settings.max_batch_size)
         self.encode.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -85,7 +83,8 @@ class SamEncoder:
         report_gpu_memory("sam_encoder")
         return list(out[:, None])  # each (1, 256, 64, 64), the decoder's input shape
 
-    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=DEFAULTS.max_batch_size,
+                 batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
     async def encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
         # In a thread: the replica's event loop stays free for health checks and info().
         return await asyncio.to_thread(self._encode_batch, images)

@@ -20,9 +20,17 @@ finishing its current step waits for it instead of corrupting it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
+
+from atelier3d.config import AppConfig
+from atelier3d.deployments.user_config import TorchUserConfig
+from atelier3d.metrics import report_gpu_memory
+
+logger = logging.getLogger("ray.serve")
 
 
 class JobCancelled(Exception):
@@ -92,3 +100,36 @@ async def stream_blocking(
     if "error" in outcome:
         raise outcome["error"]
     yield {"type": "result", **outcome["result"]}
+
+
+class JobModel:
+    """What a job-running deployment (ImageEditor, Shape3D) shares: torch threads from its
+    ``user_config``, one pipeline call at a time (a lock), and the call's events streamed."""
+
+    memory_label: str  # how report_gpu_memory names the deployment
+
+    def __init__(self, config: dict) -> None:
+        self._lock = threading.Lock()
+        self.reconfigure({})  # usable without a user_config (and in-process, without Serve)
+        described = self.load(AppConfig.model_validate(config))
+        logger.info("%s ready: %s", type(self).__name__, described)
+
+    def load(self, cfg: AppConfig) -> str:
+        """Loads the model; says what was loaded (name, device, trained or not, options)."""
+        raise NotImplementedError
+
+    def reconfigure(self, user_config: dict) -> None:
+        TorchUserConfig.model_validate(user_config or {}).apply_threads()
+
+    async def stream(self, work: Callable[[ProgressReporter], dict[str, Any]]
+                     ) -> AsyncIterator[dict]:
+        """``work``'s events (see :func:`stream_blocking`), under this replica's lock.
+
+        Closing this stream (a cancelled job) closes the inner one at once, which stops the
+        pipeline at its next step and frees the lock, instead of whenever it is collected; the
+        caller closes this one the same way (``aclosing``).
+        """
+        async with aclosing(stream_blocking(work, self._lock)) as events:
+            async for event in events:
+                yield event
+        report_gpu_memory(self.memory_label)

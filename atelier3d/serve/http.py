@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier3d.api.common import ErrorResponse
 from atelier3d.config import AppConfig
-from atelier3d.errors import ApiError, Unavailable, UnsupportedMediaType
+from atelier3d.errors import ApiError, Unavailable, UnsupportedMediaType, validation_message
 from atelier3d.serve.faults import REPLICA_LOST, RETRY_AFTER_S, describe
 
 logger = logging.getLogger("ray.serve")
@@ -152,11 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return error_response(422, "invalid_request", validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

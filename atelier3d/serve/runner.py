@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from atelier3d.config import AppConfig
+
 logger = logging.getLogger(__name__)
 
 APP_NAME = "atelier3d"
@@ -52,6 +54,41 @@ def load_serve_config(
     return config
 
 
+# Which model deployment runs each kind of job (the Gateway's job queues, ``jobs.<kind>``).
+JOB_DEPLOYMENTS = {"edit": "ImageEditor", "mesh": "Shape3D"}
+SERVE_MAX_ONGOING_REQUESTS = 5  # Ray Serve's default, where a config leaves it out
+
+
+def reachable_replicas(deployment: dict) -> int:
+    """Replicas a deployment can reach: ``num_replicas``, or autoscaling's ``max_replicas``."""
+    autoscaling = deployment.get("autoscaling_config")
+    if autoscaling:
+        return int(autoscaling.get("max_replicas", 1))
+    return int(deployment.get("num_replicas", 1))
+
+
+def check_job_capacity(config: dict) -> None:
+    """Raises ``ValueError`` where the Gateways would dispatch more jobs of a kind at once
+    (``jobs.<kind>.max_running`` x Gateway replicas) than its model deployment can take
+    (replicas x ``max_ongoing_requests``): the extra jobs would sit in Serve's router, unseen by
+    the job queue's positions and ETAs, or be turned away by its ``max_queued_requests``."""
+    for app in config["applications"]:
+        deployments = {d["name"]: d for d in app.get("deployments", [])}
+        jobs = AppConfig.model_validate(app.get("args", {})).jobs
+        gateways = reachable_replicas(deployments.get("Gateway", {}))
+        for kind, name in JOB_DEPLOYMENTS.items():
+            model = deployments.get(name, {})
+            replicas = reachable_replicas(model)
+            ongoing = int(model.get("max_ongoing_requests", SERVE_MAX_ONGOING_REQUESTS))
+            max_running = getattr(jobs, kind).max_running
+            if max_running * gateways > replicas * ongoing:
+                raise ValueError(
+                    f"jobs.{kind}.max_running {max_running} x {gateways} Gateway replica(s) "
+                    f"dispatch {max_running * gateways} jobs at once, but {name} takes at most "
+                    f"{replicas * ongoing} ({replicas} replica(s) x max_ongoing_requests "
+                    f"{ongoing}): lower max_running or give {name} more replicas")
+
+
 def init_ray(num_cpus: float | None = None, num_gpus: float | None = None,
              metrics_port: int | None = None) -> None:
     """``metrics_port``: where Ray's metrics agent serves Prometheus text (Ray's ``ray_serve_*``
@@ -81,6 +118,7 @@ def deploy(config: dict, timeout_s: float = 600.0, stop: threading.Event | None 
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
+    check_job_capacity(config)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
         proxy_location=schema.proxy_location,

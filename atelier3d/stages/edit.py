@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from atelier3d.config import SIZE_MULTIPLE, EditSettings
-from atelier3d.errors import BadRequest, Unprocessable
+from atelier3d.errors import BadRequest, Unprocessable, validation_message
 
 # Images and references per edit: the first is edited, the others guide it (the Plus pipeline).
 MAX_IMAGES = 3
@@ -169,7 +169,7 @@ class EditRequest(BaseModel):
         try:
             request = cls(**fields)
         except ValidationError as exc:  # wrong types: the ApiErrors above pass through pydantic
-            raise BadRequest(f"invalid edit request: {exc}") from exc
+            raise BadRequest(validation_message(exc.errors(), "invalid edit request: ")) from None
         return request.check(settings or EditSettings())
 
     @property

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from atelier3d.config import FACE_RANGE, OCTREE_RANGE
-from atelier3d.errors import BadRequest, Unprocessable
+from atelier3d.errors import BadRequest, Unprocessable, validation_message
 
 GLB = "model/gltf-binary"
 
@@ -102,9 +102,7 @@ class MeshRequest(BaseModel):
         try:
             return cls.model_validate(fields)
         except ValidationError as exc:
-            raise Unprocessable("; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
-                for e in exc.errors()[:5])) from None
+            raise Unprocessable(validation_message(exc.errors())) from None
 
     def named_images(self) -> list[tuple[str, np.ndarray]]:
         """The parts, or the single image as one part named ``mesh``."""

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from atelier3d import rle
+from atelier3d.api.segment import MaskCandidate
+
 IMG_SIZE = 1024
 
 
@@ -120,11 +123,23 @@ class DecodeRequest:
     return_low_res: bool
 
 
+def mask_candidates(masks: np.ndarray, scores: np.ndarray) -> list[MaskCandidate]:
+    """The decoder's ``(K, H, W)`` masks and predicted IoUs as the candidates it returns: the
+    type the session stores and the API answers with."""
+    return [
+        MaskCandidate(rle=encoded, score=float(score), bbox=rle.bbox_xywh(encoded),
+                      area=rle.area(encoded))
+        for encoded, score in zip(rle.encode(masks), scores, strict=True)
+    ]
+
+
 @dataclass
 class DecodeResult:
-    rles: list[dict]
-    scores: list[float]
-    bboxes: list[list[int]]
-    areas: list[int]
+    candidates: list[MaskCandidate]
     low_res: np.ndarray | None  # (K, 256, 256) float32 logits
     decode_ms: float
+
+    @property
+    def best(self) -> int:
+        """The index of the candidate with the highest score (SAM's own choice)."""
+        return int(np.argmax([c.score for c in self.candidates]))

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -35,6 +34,13 @@ from atelier3d.models.edit.lightning import (
     is_hub_id,
     load_lightning,
     write_tiny_lightning,
+)
+from atelier3d.models.loading import (
+    file_sha256,
+    load_or_tiny,
+    resolve_device,
+    resolve_dtype,
+    tiny_dir,
 )
 from atelier3d.stages.edit import PRESETS, EditRequest
 
@@ -158,10 +164,9 @@ def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0, plus: bool = False) -
 
 def tiny_edit_dir(cache_dir: Path | None = None, plus: bool = False) -> Path:
     """The tiny Qwen-Image-Edit (``plus``: Qwen-Image-Edit-2509) pipeline, written once."""
-    path = (cache_dir or default_cache_dir()) / "editing" / (TINY_PLUS_DIR if plus else TINY_DIR)
-    if not (path / "model_index.json").exists():
-        write_tiny_edit_pipeline(path, plus=plus)
-    return path
+    folder = TINY_PLUS_DIR if plus else TINY_DIR
+    return tiny_dir(cache_dir, f"editing/{folder}", "model_index.json",
+                    lambda path: write_tiny_edit_pipeline(path, plus=plus))
 
 
 def tiny_lightning_dir(cache_dir: Path | None = None) -> Path:
@@ -203,16 +208,6 @@ class EditPipelines:
         return name, getattr(self, name)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("edit.device is cuda but no CUDA device is visible")
-    return device
-
-
 def resolve_quantization(choice: Quantization, device: str) -> str:
     resolved = choice if choice != "auto" else ("bitsandbytes_4bit" if device == "cuda" else "none")
     if resolved.startswith("bitsandbytes") and device != "cuda":
@@ -221,14 +216,6 @@ def resolve_quantization(choice: Quantization, device: str) -> str:
         raise ValueError(f"edit quantization {resolved} needs a CUDA GPU and this replica runs "
                          "on CPU: use torchao_int8wo or none on CPU")
     return resolved
-
-
-def _dtype(settings: EditSettings, device: str) -> Any:
-    import torch
-
-    name = settings.dtype if settings.dtype != "auto" else (
-        "bfloat16" if device == "cuda" else "float32")
-    return getattr(torch, name)
 
 
 def component_quantization(component: str, choice: str, dtype: Any) -> Any:
@@ -265,11 +252,7 @@ def _weights_digest(*sources: str) -> str:
         for path in sorted(root.rglob("*.safetensors")):
             blob = path.resolve().name
             if not re.fullmatch(r"[0-9a-f]{64}", blob):
-                file_digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        file_digest.update(block)
-                blob = file_digest.hexdigest()
+                blob = file_sha256(path)
             digest.update(f"{path.relative_to(root)}:{blob}\n".encode())
     return digest.hexdigest()
 
@@ -317,7 +300,7 @@ def _load(sources: EditSources, settings: EditSettings, device: str,
         QwenImageTransformer2DModel,
     )
 
-    dtype = _dtype(settings, device)
+    dtype = resolve_dtype(settings.dtype, device, on_cuda="bfloat16")
     mapping = {component: component_quantization(component, choice, dtype)
                for component, choice in quantization.items() if choice != "none"}
     # dtype at load time: loading in float32 and casting needs > 150 GB for the real model.
@@ -379,25 +362,18 @@ def load_edit_pipeline(
     machine (bitsandbytes without a GPU) raise ``ValueError`` first, and a configured Lightning
     LoRA that cannot be loaded raises ``LightningLoraError``, in every mode.
     """
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, "edit.device")
     quantization = {
         "transformer": resolve_quantization(settings.quantization, device),
         "text_encoder": resolve_quantization(settings.text_encoder_quantization, device),
     }
-    if mode == "tiny":
-        return _load(resolve_sources(settings, True, cache_dir), settings, device, quantization)
-    try:
-        return _load(resolve_sources(settings, False), settings, device, quantization)
-    except (OSError, ValueError) as exc:  # diffusers raises OSError for missing/offline repos
-        if mode == "real":
-            raise
-        logger.warning(
-            "Qwen-Image-Edit weights %s unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
-            "edits will be noise (HF_HUB_OFFLINE=%s)",
-            " + ".join(repr(m) for m in (settings.model, settings.plus_model) if m),
-            str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""),
-        )
-        return _load(resolve_sources(settings, True, cache_dir), settings, device, quantization)
+    return load_or_tiny(
+        mode,
+        lambda: _load(resolve_sources(settings, False), settings, device, quantization),
+        lambda: _load(resolve_sources(settings, True, cache_dir), settings, device, quantization),
+        weights="Qwen-Image-Edit weights "
+        + " + ".join(repr(m) for m in (settings.model, settings.plus_model) if m),
+        consequence="edits will be noise")
 
 
 class _StageReporter:

@@ -18,9 +18,7 @@ puts the azimuth-0 camera there), x to the right, and the mesh's x/y extent is t
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from atelier3d.config import MeshSettings, ModelsMode, PostprocessMethod, default_cache_dir
+from atelier3d.config import MeshSettings, ModelsMode, PostprocessMethod
 from atelier3d.errors import Unprocessable
+from atelier3d.models.loading import (
+    file_sha256,
+    load_or_tiny,
+    resolve_device,
+    resolve_dtype,
+    tiny_dir,
+)
 from atelier3d.stages.mesh import GLB, MeshRequest, alpha_box
 
 if TYPE_CHECKING:
@@ -143,10 +148,8 @@ def write_tiny_shape3d(out_dir: Path, seed: int = 0) -> Path:
 def tiny_shape3d_dir(cache_dir: Path | None = None) -> Path:
     """The tiny checkpoint's directory (written once under the cache); load it with
     ``subfolder=TINY_SUBFOLDER``."""
-    path = (cache_dir or default_cache_dir()) / "hunyuan3d" / TINY_DIR
-    if not (path / TINY_SUBFOLDER / "config.yaml").exists():
-        write_tiny_shape3d(path)
-    return path
+    return tiny_dir(cache_dir, f"hunyuan3d/{TINY_DIR}", f"{TINY_SUBFOLDER}/config.yaml",
+                    write_tiny_shape3d)
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -173,28 +176,8 @@ class ShapePipeline:
 
     def weights_sha256(self) -> str:
         if not self._digest:
-            digest = hashlib.sha256()
-            with open(self.checkpoint, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            self._digest = digest.hexdigest()
+            self._digest = file_sha256(self.checkpoint)
         return self._digest
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    import torch
-
-    if dtype == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 def paint_unavailable(device: str) -> str | None:
@@ -280,22 +263,21 @@ def load_shape_pipeline(settings: MeshSettings, mode: ModelsMode = "auto",
     be had; ``"auto"`` falls back to tiny with a loud warning. Device and dtype are passed
     explicitly (hy3dgen's defaults are cuda and fp16).
     """
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    source, subfolder = _source(settings.model), settings.subfolder
-    if mode == "tiny":
+    device = resolve_device(settings.device, "mesh.device")
+    dtype = resolve_dtype(settings.dtype, device, on_cuda="float16")
+
+    def load_named() -> tuple[str, str, Any, Path, bool]:
+        source, subfolder = _source(settings.model), settings.subfolder
+        return source, subfolder, *_load(source, subfolder, device, dtype)
+
+    def load_tiny() -> tuple[str, str, Any, Path, bool]:
         source, subfolder = str(tiny_shape3d_dir(cache_dir)), TINY_SUBFOLDER
-    try:
-        pipeline, checkpoint, trained = _load(source, subfolder, device, dtype)
-    except _LOAD_ERRORS as exc:
-        if mode != "auto":
-            raise
-        logger.warning(
-            "Hunyuan3D weights %r/%s unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
-            "meshes will be meaningless (HF_HUB_OFFLINE=%s)", settings.model, subfolder,
-            str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""))
-        source, subfolder = str(tiny_shape3d_dir(cache_dir)), TINY_SUBFOLDER
-        pipeline, checkpoint, trained = _load(source, subfolder, device, dtype)
+        return source, subfolder, *_load(source, subfolder, device, dtype)
+
+    source, subfolder, pipeline, checkpoint, trained = load_or_tiny(
+        mode, load_named, load_tiny, errors=_LOAD_ERRORS,
+        weights=f"Hunyuan3D weights {settings.model!r}/{settings.subfolder}",
+        consequence="meshes will be meaningless")
     if settings.flashvdm:
         _enable_flashvdm(pipeline, source, subfolder, device, dtype)
     painter, texture, note = _load_painter(settings, mode if trained else "tiny", device)

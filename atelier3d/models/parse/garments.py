@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from atelier3d.imaging import mask_bbox
 from atelier3d.stages.parse import GARMENT_LABELS, GROUPS, LABELS, OCCLUDER_LABELS, Part
 
 HullMethod = Literal["convex", "close"]
@@ -35,20 +36,10 @@ def feathered_alpha(region: np.ndarray, feather_px: int) -> np.ndarray:
     return np.where(region, np.maximum(np.round(ramp * 255), 1), 0).astype(np.uint8)
 
 
-def bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
-    """x0, y0, x1, y1 (exclusive) of the True pixels, or None if there are none."""
-    rows, cols = np.any(region, axis=1), np.any(region, axis=0)
-    if not rows.any():
-        return None
-    y0, y1 = np.flatnonzero(rows)[[0, -1]]
-    x0, x1 = np.flatnonzero(cols)[[0, -1]]
-    return int(x0), int(y0), int(x1) + 1, int(y1) + 1
-
-
 def cut_out(image: np.ndarray, region: np.ndarray, name: str, labels: tuple[int, ...],
             feather_px: int = 2) -> Part | None:
     """One RGBA part from a full-image region (None if the region is empty)."""
-    box = bbox(region)
+    box = mask_bbox(region)
     if box is None:
         return None
     x0, y0, x1, y1 = box
@@ -139,7 +130,7 @@ def complete_occlusion(
     # colours, never the occluder's or the background's; only the hidden pixels are kept. It
     # works on the hidden area's box plus a margin of garment: the cost follows the hole's size.
     margin = 4 * inpaint_radius + 8
-    x0, y0, x1, y1 = bbox(hidden)
+    x0, y0, x1, y1 = mask_bbox(hidden)
     h, w = region.shape
     window = np.s_[max(0, y0 - margin):min(h, y1 + margin), max(0, x0 - margin):min(w, x1 + margin)]
     unknown = (~region[window]).astype(np.uint8)

@@ -35,6 +35,7 @@ import numpy as np
 
 from atelier3d.api.parse import KEYPOINT_NAMES, Keypoint, Pose
 from atelier3d.config import ModelsMode, default_cache_dir
+from atelier3d.models.loading import file_sha256, load_or_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +107,6 @@ class Roi(NamedTuple):
         ])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class PoseWeights:
     detector: Path
@@ -126,7 +119,7 @@ class PoseWeights:
 
     @functools.cached_property
     def sha256(self) -> str:
-        both = _sha256(self.detector) + _sha256(self.landmarks)
+        both = file_sha256(self.detector) + file_sha256(self.landmarks)
         return hashlib.sha256(both.encode()).hexdigest()
 
 
@@ -149,7 +142,7 @@ def extract_from_wheel(wheel: Path, dest: Path) -> PoseWeights:
             tmp = dest / f"{name}.part{os.getpid()}"
             tmp.write_bytes(archive.read(member))
             expected = KNOWN_SHA256.get(name)
-            if "0.10.21" in wheel.name and expected and _sha256(tmp) != expected:
+            if "0.10.21" in wheel.name and expected and file_sha256(tmp) != expected:
                 tmp.unlink()
                 raise ValueError(f"{member} in {wheel.name} does not have the known digest")
             os.replace(tmp, dest / name)
@@ -365,11 +358,9 @@ def load_pose(
     There is no tiny pose model: every mode uses the real one. ``"real"`` raises when it cannot
     be had; ``"auto"`` and ``"tiny"`` warn loudly and return ``None`` (no keypoints).
     """
-    try:
-        return BlazePose(resolve_pose_weights(source, cache_dir), num_threads)
-    except (OSError, ValueError, subprocess.TimeoutExpired, zipfile.BadZipFile) as exc:
-        if mode == "real":
-            raise
-        logger.warning("pose models %r unavailable (%s): RUNNING WITHOUT POSE KEYPOINTS",
-                       source, exc)
-        return None
+    return load_or_tiny(
+        "real" if mode == "real" else "auto",  # tiny too: the real models are the only ones
+        lambda: BlazePose(resolve_pose_weights(source, cache_dir), num_threads), lambda: None,
+        weights=f"pose models {source!r}", fallback="RUNNING WITHOUT POSE KEYPOINTS",
+        consequence="parses carry no keypoints",
+        errors=(OSError, ValueError, subprocess.TimeoutExpired, zipfile.BadZipFile))

@@ -9,16 +9,15 @@ loaded model is known to be untrained.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from atelier3d.config import ModelsMode, default_cache_dir
+from atelier3d.config import ModelsMode
+from atelier3d.models.loading import file_sha256, load_or_tiny, tiny_dir
 from atelier3d.stages.parse import LABEL_IDS, LABELS
 
 logger = logging.getLogger(__name__)
@@ -79,10 +78,7 @@ def write_random_segformer_b2(out_dir: Path, seed: int = 0) -> Path:
 
 
 def tiny_segformer_dir(cache_dir: Path | None = None) -> Path:
-    path = (cache_dir or default_cache_dir()) / "parsing" / TINY_DIR
-    if not (path / "config.json").exists():
-        write_tiny_segformer(path)
-    return path
+    return tiny_dir(cache_dir, f"parsing/{TINY_DIR}", "config.json", write_tiny_segformer)
 
 
 @dataclass
@@ -100,12 +96,7 @@ class Parser:
 
     def weights_sha256(self) -> str:
         """Digest of the weight files as loaded (a local dir, or the hub cache's snapshot)."""
-        digest = hashlib.sha256()
-        for path in _weight_files(self.source):
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(*_weight_files(self.source))
 
 
 def _weight_files(source: str) -> list[Path]:
@@ -141,21 +132,14 @@ def load_parser(
     the Hugging Face cache. ``mode="tiny"`` always loads the tiny random model; ``"real"`` fails
     when the named weights cannot be had; ``"auto"`` falls back to tiny with a loud warning.
     """
-    if mode == "tiny":
-        return _from_pretrained(str(tiny_segformer_dir(cache_dir)), device)
     local = Path(model_id_or_dir).expanduser()
     source = str(local) if local.is_dir() else model_id_or_dir
-    try:
-        return _from_pretrained(source, device)
-    except (OSError, ValueError) as exc:  # transformers raises OSError for missing/offline repos
-        if mode == "real":
-            raise
-        logger.warning(
-            "SegFormer weights %r unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
-            "parse maps will be meaningless (HF_HUB_OFFLINE=%s)",
-            model_id_or_dir, str(exc).splitlines()[0], os.environ.get("HF_HUB_OFFLINE", ""),
-        )
-        return _from_pretrained(str(tiny_segformer_dir(cache_dir)), device)
+    # transformers raises OSError for missing/offline repos
+    return load_or_tiny(
+        mode, lambda: _from_pretrained(source, device),
+        lambda: _from_pretrained(str(tiny_segformer_dir(cache_dir)), device),
+        weights=f"SegFormer weights {model_id_or_dir!r}",
+        consequence="parse maps will be meaningless")
 
 
 def parse(model: Any, processor: Any, image_rgb: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ the library's own ``_build_sam`` so its state dict has the official key layout.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from atelier3d.api.common import ModelInfo
 from atelier3d.config import AppConfig, ModelsMode, default_cache_dir
+from atelier3d.models.loading import file_sha256, load_or_tiny, tiny_dir, weights_label
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,7 @@ class SamCheckpoint:
 
     @functools.cached_property
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
     def build(self):
         """Builds the torch ``Sam`` module through the library's registry, in eval mode."""
@@ -96,10 +92,9 @@ def write_random_checkpoint(path: Path, model_type: str, seed: int = 0) -> Path:
 
 
 def tiny_checkpoint(cache_dir: Path | None = None) -> SamCheckpoint:
-    path = (cache_dir or default_cache_dir()) / "sam" / TINY_NAME
-    if not path.exists():
-        write_random_checkpoint(path, "vit_tiny")
-    return SamCheckpoint(path=path, model_type="vit_tiny", trained=False)
+    folder = tiny_dir(cache_dir, "sam", TINY_NAME,
+                      lambda path: write_random_checkpoint(path / TINY_NAME, "vit_tiny"))
+    return SamCheckpoint(path=folder / TINY_NAME, model_type="vit_tiny", trained=False)
 
 
 def _download(url: str, dest: Path, timeout_s: float) -> Path:
@@ -133,34 +128,30 @@ def resolve_checkpoint(
     weights cannot be had; ``"auto"`` falls back to the tiny one with a loud warning.
     """
     cache = cache_dir or default_cache_dir()
-    if mode == "tiny":
-        return tiny_checkpoint(cache)
-    try:
-        if checkpoint in OFFICIAL_CHECKPOINTS:
-            model_type = model_type or checkpoint
-            checkpoint = OFFICIAL_CHECKPOINTS[checkpoint]
-        if checkpoint.startswith(("http://", "https://")):
-            dest = cache / "sam" / checkpoint.rsplit("/", 1)[-1]
-            if not dest.exists():
-                _download(checkpoint, dest, download_timeout_s)
-            path = dest
-        else:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"SAM checkpoint {path} does not exist")
-        model_type = model_type or _model_type_from_name(path.name)
-        trained = "random" not in path.name
-        return SamCheckpoint(path=path, model_type=model_type, trained=trained)
-    except (OSError, ValueError) as exc:
-        if mode == "real":
-            raise
-        logger.warning(
-            "SAM weights %r unavailable (%s): FALLING BACK TO TINY UNTRAINED WEIGHTS; "
-            "masks will be meaningless",
-            checkpoint,
-            exc,
-        )
-        return tiny_checkpoint(cache)
+    return load_or_tiny(
+        mode,
+        lambda: _named_checkpoint(checkpoint, model_type, cache, download_timeout_s),
+        lambda: tiny_checkpoint(cache),
+        weights=f"SAM weights {checkpoint!r}", consequence="masks will be meaningless")
+
+
+def _named_checkpoint(checkpoint: str, model_type: str | None, cache: Path,
+                      download_timeout_s: float) -> SamCheckpoint:
+    if checkpoint in OFFICIAL_CHECKPOINTS:
+        model_type = model_type or checkpoint
+        checkpoint = OFFICIAL_CHECKPOINTS[checkpoint]
+    if checkpoint.startswith(("http://", "https://")):
+        dest = cache / "sam" / checkpoint.rsplit("/", 1)[-1]
+        if not dest.exists():
+            _download(checkpoint, dest, download_timeout_s)
+        path = dest
+    else:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"SAM checkpoint {path} does not exist")
+    model_type = model_type or _model_type_from_name(path.name)
+    trained = "random" not in path.name
+    return SamCheckpoint(path=path, model_type=model_type, trained=trained)
 
 
 def sam_checkpoint(cfg: AppConfig) -> SamCheckpoint:
@@ -170,6 +161,6 @@ def sam_checkpoint(cfg: AppConfig) -> SamCheckpoint:
 def sam_info(checkpoint: SamCheckpoint) -> ModelInfo:
     return ModelInfo(
         model_type=checkpoint.model_type,
-        weights="trained" if checkpoint.trained else "untrained",
+        weights=weights_label(checkpoint.trained),
         checkpoint_sha256=checkpoint.sha256,
     )

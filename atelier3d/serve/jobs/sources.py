@@ -7,20 +7,12 @@ import numpy as np
 from atelier3d import rle
 from atelier3d.api.common import RLE, ImageSource, MaskSource
 from atelier3d.errors import BadRequest, Conflict, NotFound
-from atelier3d.imaging import decode_png
+from atelier3d.imaging import crop_with_margin, decode_png
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
 
 OBJECT_MARGIN = 0.1  # of the mask box's longer side: context around a cut-out
-
-
-def crop_with_margin(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    pad = round(margin * max(x1 - x0, y1 - y0))
-    h, w = mask.shape
-    return max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
 
 
 class SourceResolver:

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from atelier3d.api.jobs import JobSubmitted
 from atelier3d.api.mesh import MeshJobRequest
-from atelier3d.errors import BadRequest, Unprocessable
+from atelier3d.errors import BadRequest, Unprocessable, validation_message
 from atelier3d.serve.auth import client_key
 from atelier3d.serve.http import ERRORS, ApiRoute, require_json
 from atelier3d.serve.jobs.routes import IDEMPOTENCY, submitted
@@ -22,7 +22,7 @@ async def mesh_body(request: Request) -> tuple[MeshJobRequest, bytes | None]:
         try:
             return MeshJobRequest.model_validate_json(await request.body()), None
         except ValidationError as exc:
-            raise Unprocessable(_first_errors(exc)) from None
+            raise Unprocessable(validation_message(exc.errors())) from None
     form = await request.form(max_files=1, max_fields=4)
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
@@ -33,13 +33,8 @@ async def mesh_body(request: Request) -> tuple[MeshJobRequest, bytes | None]:
     try:
         body = MeshJobRequest.model_validate_json(params)
     except ValidationError as exc:
-        raise Unprocessable(_first_errors(exc)) from None
+        raise Unprocessable(validation_message(exc.errors())) from None
     return body, await upload.read()
-
-
-def _first_errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"]
-                     else e["msg"] for e in exc.errors()[:5])
 
 
 def build_mesh_router(meshing: MeshService) -> APIRouter:

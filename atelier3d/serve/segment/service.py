@@ -22,10 +22,9 @@ import numpy as np
 import ray
 
 from atelier3d import rle
-from atelier3d.api.common import RLE, MaskSource
+from atelier3d.api.common import MaskSource
 from atelier3d.api.segment import (
     CutoutRequest,
-    MaskCandidate,
     ObjectState,
     SegmentRequest,
     SegmentResponse,
@@ -45,7 +44,6 @@ from atelier3d.metrics import count_gateway_embedding
 from atelier3d.serve.faults import call_idempotent
 from atelier3d.serve.sessions import build_store
 from atelier3d.serve.sessions.session import (
-    Candidate,
     SegObject,
     Session,
     Step,
@@ -57,13 +55,6 @@ logger = logging.getLogger("ray.serve")
 
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
-
-
-def _candidate_model(candidate: Candidate) -> MaskCandidate:
-    return MaskCandidate(
-        rle=RLE(**candidate.rle), score=candidate.score, bbox=tuple(candidate.bbox),
-        area=candidate.area,
-    )
 
 
 class SegmentService:
@@ -219,13 +210,8 @@ class SegmentService:
             return_low_res=target is not None,
         )
         result = await self._decode(session, decode_request)
-        candidates = [
-            Candidate(rle=r, score=s, bbox=b, area=a)
-            for r, s, b, a in zip(
-                result.rles, result.scores, result.bboxes, result.areas, strict=True
-            )
-        ]
-        selected = int(np.argmax(result.scores))
+        candidates = result.candidates
+        selected = result.best
         step_index = None
         if target is not None:
             step = Step(
@@ -240,7 +226,7 @@ class SegmentService:
                 session_id, lambda s: s.get_object(request.object_id).push(step))
         end = time.perf_counter()
         return SegmentResponse(
-            masks=[_candidate_model(c) for c in candidates],
+            masks=candidates,
             selected=selected,
             object_id=request.object_id,
             step=step_index,
@@ -278,7 +264,7 @@ class SegmentService:
             points=list(step.points) if step else [],
             labels=list(step.labels) if step else [],
             box=step.box if step else None,
-            masks=[_candidate_model(c) for c in step.candidates] if step else [],
+            masks=list(step.candidates) if step else [],
             selected=step.selected if step else None,
         )
 
@@ -332,7 +318,7 @@ class SegmentService:
             step = session.get_object(source.object_id).current
             if step is None:
                 raise Conflict("the object has no mask yet")
-            mask_rle = step.candidates[step.selected].rle
+            mask_rle = step.candidates[step.selected].rle.model_dump()
         else:
             mask_rle = source.rle.model_dump()
         mask = rle.decode(mask_rle, session.size)
@@ -352,7 +338,7 @@ class SegmentService:
             box=np.array([dx, dy, width - dx, height - dy], np.float64), mask_logits=None,
             multimask=True, return_low_res=False,
         ))
-        mask = rle.decode(result.rles[int(np.argmax(result.scores))], (height, width))
+        mask = rle.decode(result.candidates[result.best].rle.model_dump(), (height, width))
         if not mask.any():
             raise BadRequest("no object found in the image: send a cut-out (an image with alpha) "
                              "or a session object")

@@ -16,7 +16,8 @@ import json
 import numpy as np
 
 from atelier3d.api.parse import Check, ParseResponse, Pose
-from atelier3d.serve.sessions.session import Candidate, Step, StoredParse
+from atelier3d.api.segment import MaskCandidate
+from atelier3d.serve.sessions.session import Step, StoredParse
 from atelier3d.stages.parse import ParseResult, Part
 
 META = "__meta__"
@@ -51,8 +52,7 @@ def pack_step(step: Step) -> bytes:
         "points": [list(p) for p in step.points],
         "labels": list(step.labels),
         "box": list(step.box) if step.box is not None else None,
-        "candidates": [{"rle": c.rle, "score": c.score, "bbox": list(c.bbox), "area": c.area}
-                       for c in step.candidates],
+        "candidates": [c.model_dump(mode="json") for c in step.candidates],
         "selected": step.selected,
     }
     arrays = {"low_res": shared_logits(step.low_res)} if step.low_res is not None else {}
@@ -65,8 +65,7 @@ def unpack_step(blob: bytes, uid: str) -> Step:
         points=[tuple(p) for p in meta["points"]],
         labels=list(meta["labels"]),
         box=tuple(meta["box"]) if meta["box"] is not None else None,
-        candidates=[Candidate(rle=c["rle"], score=c["score"], bbox=c["bbox"], area=c["area"])
-                    for c in meta["candidates"]],
+        candidates=[MaskCandidate.model_validate(c) for c in meta["candidates"]],
         low_res=arrays.get("low_res"),
         selected=int(meta["selected"]),
         uid=uid,

@@ -11,18 +11,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from atelier3d.api.parse import ParseResponse
+from atelier3d.api.segment import MaskCandidate
 from atelier3d.errors import NotFound
 from atelier3d.stages.parse import ParseResult
 
 T = TypeVar("T")
-
-
-@dataclass
-class Candidate:
-    rle: dict
-    score: float
-    bbox: list[int]
-    area: int
 
 
 @dataclass
@@ -32,7 +25,7 @@ class Step:
     points: list[tuple[float, float]]
     labels: list[int]
     box: tuple[float, float, float, float] | None
-    candidates: list[Candidate]
+    candidates: list[MaskCandidate]  # as the decoder made them and the API sends them
     low_res: np.ndarray  # (K, 256, 256) logits of the candidates, for refinement
     selected: int
     uid: str | None = None  # its record's id in a shared store (Redis); None until saved there

@@ -21,7 +21,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from atelier3d import samples
-from atelier3d.errors import ApiError
+from atelier3d.errors import ApiError, validation_message
 
 if TYPE_CHECKING:
     pass
@@ -83,7 +83,7 @@ def _report(name: str, exc: Exception) -> None:
     if isinstance(exc, ApiError):
         gr.Warning(exc.message)
     elif isinstance(exc, ValidationError):
-        gr.Warning("; ".join(str(err["msg"]) for err in exc.errors()))
+        gr.Warning(validation_message(exc.errors()))
     else:
         logger.error("UI handler %s failed", name, exc_info=exc)
         gr.Warning("Something went wrong on the server; please try again.")
