@@ -17,34 +17,54 @@ class ApiError(Exception):
 
 
 class BadRequest(ApiError):
+    """Input that cannot work as sent: an undecodable image, a point outside it, a
+    malformed mask."""
+
     status, code = 400, "bad_request"
 
 
 class NotFound(ApiError):
+    """An id this client cannot see: unknown, expired, or another API key's."""
+
     status, code = 404, "not_found"
 
 
 class Conflict(ApiError):
+    """A request the resource's state does not allow yet (refine an empty object), or an
+    idempotency key reused with another request."""
+
     status, code = 409, "conflict"
 
 
 class PayloadTooLarge(ApiError):
+    """Over a size limit of ``limits.*`` (bytes, pixels, points)."""
+
     status, code = 413, "payload_too_large"
 
 
 class UnsupportedMediaType(ApiError):
+    """A body whose type is not one the route reads (sniffed, never trusted from
+    the name or header)."""
+
     status, code = 415, "unsupported_media_type"
 
 
 class Unprocessable(ApiError):
+    """Well-formed but invalid values (a request model's validation)."""
+
     status, code = 422, "invalid_request"
 
 
 class TooManyRequests(ApiError):
+    """Over a fair-use rate or a quota; ``retry_after_s`` says when to come back."""
+
     status, code = 429, "too_many_requests"
 
 
 class Unavailable(ApiError):
+    """A model or queue that cannot take the request now (back-pressure, a lost replica,
+    an encode still running); retryable."""
+
     status, code = 503, "unavailable"
 
 

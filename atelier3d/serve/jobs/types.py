@@ -71,17 +71,23 @@ class JobEvent:
 
 @dataclass(frozen=True)
 class Queued(JobEvent):
+    """Accepted and waiting for a free slot of its kind."""
+
     type: ClassVar[str] = "queued"
     queue_position: int  # jobs ahead of this one
 
 
 @dataclass(frozen=True)
 class Started(JobEvent):
+    """Dispatched to a model replica."""
+
     type: ClassVar[str] = "started"
 
 
 @dataclass(frozen=True)
 class Progress(JobEvent):
+    """One step of a stage done (``step`` of ``total``), as the model reported it."""
+
     type: ClassVar[str] = "progress"
     stage: str
     step: int
