@@ -22,10 +22,8 @@ def default_cache_dir() -> Path:
 
 Quantization = Literal["auto", "bitsandbytes_4bit", "bitsandbytes_8bit", "torchao_int8wo", "none"]
 
-
 # The pipelines work on 2x2 patches of 8x-downsampled latents: sizes are multiples of 16.
 SIZE_MULTIPLE = 16
-
 
 # Qwen-Image-Edit releases trained for several input images (the Plus pipeline); the first one,
 # Qwen/Qwen-Image-Edit, was trained on one.

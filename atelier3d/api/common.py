@@ -20,7 +20,6 @@ class RLE(ApiModel):
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
-
 Point = tuple[FiniteFloat, FiniteFloat]
 
 

@@ -25,7 +25,6 @@ KEYPOINT_NAMES = (
     "right_heel", "left_foot_index", "right_foot_index",
 )
 
-
 KEYPOINT_IDS = {name: i for i, name in enumerate(KEYPOINT_NAMES)}
 
 

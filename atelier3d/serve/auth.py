@@ -30,15 +30,11 @@ from atelier3d.serve.http import error_response
 
 logger = logging.getLogger("ray.serve")
 
-
 MIN_KEY_LENGTH = 16
-
 
 SCOPE_KEY = "atelier3d.client"  # the request's client identity, in the ASGI scope
 
-
 _HEX_DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
-
 
 # The identity of the /v1 request being served; None: nothing to check.
 current_client: ContextVar[str | None] = ContextVar("atelier3d_client", default=None)

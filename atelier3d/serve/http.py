@@ -26,7 +26,6 @@ ERRORS = {
     for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
 
-
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
 

@@ -13,14 +13,11 @@ from atelier3d.errors import BadRequest, Unprocessable, validation_message
 # Images and references per edit: the first is edited, the others guide it (the Plus pipeline).
 MAX_IMAGES = 3
 
-
 MIN_IMAGE_SIDE = 16
-
 
 # The pipelines rescale every input to ~1 MP at its own aspect ratio; beyond this the short side
 # ends up a few latent patches wide.
 MAX_ASPECT = 4.0
-
 
 # Without a negative prompt the pipelines skip true CFG; Qwen's own examples pass a blank one.
 BLANK_NEGATIVE = " "

@@ -13,16 +13,12 @@ from atelier3d.errors import BadRequest, Unprocessable, validation_message
 
 GLB = "model/gltf-binary"
 
-
 # What ``GET /v1/jobs/{id}/result?format=`` offers for a mesh; all are converted from the GLB.
 FORMATS = {"glb": GLB, "obj": "model/obj", "ply": "application/ply", "stl": "model/stl"}
 
-
 MeshFormat = Literal["glb", "obj", "ply", "stl"]
 
-
 MIN_BOX_PX = 32  # a cut-out smaller than this has too few pixels for the image encoder
-
 
 MAX_PARTS = 16
 

@@ -18,34 +18,26 @@ LABELS = (
     "Bag", "Scarf",
 )
 
-
 LABEL_IDS = {name: i for i, name in enumerate(LABELS)}
-
 
 BACKGROUND, HAT, HAIR, SUNGLASSES, UPPER_CLOTHES, SKIRT, PANTS, DRESS, BELT = range(9)
 
-
 LEFT_SHOE, RIGHT_SHOE, FACE, LEFT_LEG, RIGHT_LEG, LEFT_ARM, RIGHT_ARM, BAG, SCARF = range(9, 18)
-
 
 # What the person wears or carries (cut out as garments) and what is the person's own skin.
 GARMENT_LABELS = (HAT, SUNGLASSES, UPPER_CLOTHES, SKIRT, PANTS, DRESS, BELT, LEFT_SHOE,
                   RIGHT_SHOE, BAG, SCARF)
 
-
 SKIN_LABELS = (FACE, LEFT_ARM, RIGHT_ARM, LEFT_LEG, RIGHT_LEG)
-
 
 # What typically lies in front of a garment in a frontal view, hiding part of it.
 OCCLUDER_LABELS = (HAIR, LEFT_ARM, RIGHT_ARM)
-
 
 GROUPS: dict[str, tuple[int, ...]] = {
     "clothing": GARMENT_LABELS,
     "hair": (HAIR,),
     "body-skin": SKIN_LABELS,
 }
-
 
 # One colour per label for overlays; background black. Adjacent ids differ strongly in hue.
 PALETTE = np.array(
@@ -108,10 +100,8 @@ OPENPOSE_FROM_BLAZEPOSE = (
     "left_knee", "left_ankle", "right_eye", "left_eye", "right_ear", "left_ear",
 )
 
-
 OPENPOSE_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
                   (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
-
 
 OPENPOSE_COLORS = (
     (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),

@@ -15,7 +15,6 @@ from atelier3d.api.segment import MaskCandidate
 
 IMG_SIZE = 1024
 
-
 LOW_RES = 256
 
 

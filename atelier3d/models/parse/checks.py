@@ -16,25 +16,18 @@ from atelier3d.stages import parse as atr
 
 MIN_CONFIDENCE = 0.5
 
-
 FULL_BODY_KEYPOINTS = ("nose", "left_shoulder", "right_shoulder", "left_hip", "right_hip",
                        "left_knee", "right_knee", "left_ankle", "right_ankle")
 
-
 MIN_SHOULDER_TO_TORSO = 0.4  # shoulder width / shoulder-hip height; side views fall far below
-
 
 MIN_FACE_SHARE = 0.2  # face / (face + hair) pixels; a back view shows almost only hair
 
-
 ARM_ANGLE_RANGE = (25.0, 115.0)  # upper arm vs torso, degrees: A-pose ~30-50, T-pose ~90
-
 
 MIN_ELBOW_ANGLE = 140.0  # a straight arm is 180
 
-
 BACKGROUND_TOLERANCE = 40.0  # RGB distance from the background's median colour
-
 
 MIN_PLAIN_BACKGROUND = 0.9  # share of background pixels within that tolerance
 

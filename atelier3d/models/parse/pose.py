@@ -39,23 +39,18 @@ from atelier3d.models.loading import file_sha256, load_or_tiny
 
 logger = logging.getLogger(__name__)
 
-
 POSE_SOURCE = "mediapipe==0.10.21"
 
-
 DETECTOR_FILE = "pose_detection.tflite"
-
 
 # All three variants share inputs and outputs; a directory may hold any of them.
 LANDMARK_FILES = ("pose_landmark_heavy.tflite", "pose_landmark_full.tflite",
                   "pose_landmark_lite.tflite")
 
-
 WHEEL_MEMBERS = {
     DETECTOR_FILE: "mediapipe/modules/pose_detection/pose_detection.tflite",
     "pose_landmark_full.tflite": "mediapipe/modules/pose_landmark/pose_landmark_full.tflite",
 }
-
 
 # Digests of the files in mediapipe 0.10.21, checked after extraction.
 KNOWN_SHA256 = {
@@ -63,27 +58,20 @@ KNOWN_SHA256 = {
     "pose_landmark_full.tflite": "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f",
 }
 
-
 # The models are the same in every platform's wheel; naming one lets any interpreter fetch it
 # (0.10.21 has no wheels for Python >= 3.13).
 WHEEL_PLATFORM = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                   "--implementation", "cp", "--abi", "cp311"]
 
-
 DETECTOR_SIZE = 224
-
 
 LANDMARK_SIZE = 256
 
-
 HEATMAP_KERNEL = 7
-
 
 MIN_DETECTION_SCORE = 0.5
 
-
 NMS_IOU = 0.3
-
 
 ROI_SCALE = 1.25
 

@@ -22,22 +22,17 @@ from atelier3d.stages.parse import LABEL_IDS, LABELS
 
 logger = logging.getLogger(__name__)
 
-
 HUB_ID = "mattmdjaga/segformer_b2_clothes"
-
 
 # Tiny profile (docs/architecture.md): ~0.5 M parameters, round-trips through save_pretrained.
 TINY_CONFIG = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
                    num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=64)
 
-
 # MiT-b2, the encoder of the real checkpoint (for benchmarks at full cost).
 B2_CONFIG = dict(depths=[3, 4, 6, 3], hidden_sizes=[64, 128, 320, 512],
                  num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=768)
 
-
 TINY_DIR = "segformer-tiny-random"
-
 
 B2_DIR = "segformer-b2-random"
 

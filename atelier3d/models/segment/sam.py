@@ -21,22 +21,18 @@ from atelier3d.models.loading import file_sha256, load_or_tiny, tiny_dir, weight
 
 logger = logging.getLogger(__name__)
 
-
 OFFICIAL_CHECKPOINTS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
 }
 
-
 # (embed_dim, depth, heads, global_attn_indexes): small enough to encode in well under a second on
 # two cores, but the prompt encoder and mask decoder stay full size (256 channels, 64x64 grid), so
 # the ONNX decoder graph is exactly the one real checkpoints export.
 TINY_VIT = (64, 2, 2, (1,))
 
-
 TINY_NAME = "sam_vit_tiny_random.pth"
-
 
 RANDOM_VIT_B_NAME = "sam_vit_b_random.pth"
 

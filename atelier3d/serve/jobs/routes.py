@@ -24,7 +24,6 @@ from atelier3d.stages.mesh import FORMATS, convert_mesh
 IDEMPOTENCY = Header(None, alias="Idempotency-Key", max_length=128,
                      description="the same key with the same request returns the same job")
 
-
 KEEPALIVE_S = 15.0  # SSE comment lines keep idle proxies from closing a quiet stream
 
 

@@ -32,9 +32,7 @@ from atelier3d.stages.parse import LABELS, ParseResult, colorize, render_pose_ma
 
 logger = logging.getLogger("ray.serve")
 
-
 AssetKind = Literal["parse_map", "pose_map", "zip", "part", "completed"]
-
 
 MEDIA_TYPES = {"zip": "application/zip"}  # everything else is PNG
 

@@ -53,7 +53,6 @@ from atelier3d.stages.segment import DecodeRequest, DecodeResult, mask_to_logits
 
 logger = logging.getLogger("ray.serve")
 
-
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 

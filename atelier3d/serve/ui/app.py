@@ -31,9 +31,7 @@ from atelier3d.serve.ui.studio import EditUi, Studio, edit_source
 
 logger = logging.getLogger("ray.serve")
 
-
 UNTRAINED_BANNER = "⚠️ **Running with untrained (random) weights – masks are meaningless**"
-
 
 CSS = "#overlay img { cursor: crosshair; }"
 

@@ -33,12 +33,9 @@ logger = logging.getLogger("ray.serve")
 COLOURS = [(30, 144, 255), (255, 99, 71), (60, 200, 60), (238, 130, 238), (255, 200, 0),
            (0, 206, 209)]
 
-
 POLL_S = 0.2  # how often the encode progress bar is refreshed
 
-
 EXPORT_TTL_S = 3600.0  # exported files are Gradio-cached copies; our originals go after this
-
 
 # Options every event of every tab shares (why: see ``events`` in build_ui).
 EVENTS: dict[str, Any] = {"concurrency_limit": None, "api_visibility": "private"}

@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 
 ADD, REMOVE, BOX = "add (+)", "remove (−)", "box corner"
 
-
 POSITIVE, NEGATIVE, CORNER = (0, 200, 0), (230, 0, 0), (255, 220, 0)
-
 
 THUMB_PX = 256  # candidate thumbnails: small, they only need to tell the three apart
 
