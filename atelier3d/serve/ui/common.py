@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -22,10 +22,6 @@ from pydantic import ValidationError
 
 from atelier3d import samples
 from atelier3d.errors import ApiError, validation_message
-
-if TYPE_CHECKING:
-    pass
-
 
 # One colour per object, in creation order (cycled).
 logger = logging.getLogger("ray.serve")

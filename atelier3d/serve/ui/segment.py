@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -19,10 +19,6 @@ from atelier3d.errors import ApiError
 from atelier3d.imaging import encode_png
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, client_key, guarded, with_progress
-
-if TYPE_CHECKING:
-    pass
-
 
 ADD, REMOVE, BOX = "add (+)", "remove (−)", "box corner"
 
