@@ -102,7 +102,7 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict:
 
 
 def test_ids_come_from_secrets_with_144_bits(monkeypatch):
-    from atelier3d.serve import sessions
+    from atelier3d.serve.sessions import session as sessions
 
     ids = {sessions.new_id(prefix) for prefix in ("ses", "obj", "job", "prs") * 250}
     assert len(ids) == 1000 and all(ID.match(i) for i in ids)
