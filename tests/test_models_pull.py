@@ -35,9 +35,11 @@ from tests.hub_server import HubServer, Repo
 ROOT = Path(__file__).resolve().parents[1]
 SEGFORMER = parsing.HUB_ID
 EDIT = "Qwen/Qwen-Image-Edit"
+PLUS = "Qwen/Qwen-Image-Edit-2509"
 MESH, MESH_FOLDER = "tencent/Hunyuan3D-2mini", "hunyuan3d-dit-v2-mini"
 LORA = "lightx2v/Qwen-Image-Lightning"
 LORA_FILE = "Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors"
+PLUS_LORA_FILE = "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
 MEDIAPIPE_WHEEL = "mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl"
 CARD = {"README.md": b"---\nlicense: apache-2.0\n---\n# model card\n",
         ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
@@ -85,6 +87,7 @@ def hub(tiny_dir) -> HubServer:
         SEGFORMER: Repo(_tree(parsing.tiny_segformer_dir(tiny_dir)) | CARD | {
             "pytorch_model.bin": _junk(400_000, 1), "onnx/model.onnx": _junk(300_000, 2)}),
         EDIT: Repo(_tree(qwen_edit.tiny_edit_dir(tiny_dir)) | CARD),
+        PLUS: Repo(_tree(qwen_edit.tiny_edit_dir(tiny_dir, plus=True)) | CARD),
         MESH: Repo(mesh_files | CARD | {
             f"{MESH_FOLDER}/model.fp16.ckpt": _junk(500_000, 3),
             f"{MESH_FOLDER}-turbo/config.yaml": b"model: {}\n",
@@ -92,7 +95,7 @@ def hub(tiny_dir) -> HubServer:
             "hunyuan3d-vae-v2-mini-turbo/config.yaml": b"vae: {}\n",
             "hunyuan3d-vae-v2-mini-turbo/model.fp16.safetensors": _junk(200_000, 5),
             "hunyuan3d-vae-v2-mini-turbo/model.fp16.ckpt": _junk(200_000, 8)}),
-        LORA: Repo(CARD | {LORA_FILE: _junk(100_000, 6),
+        LORA: Repo(CARD | {LORA_FILE: _junk(100_000, 6), PLUS_LORA_FILE: _junk(100_000, 9),
                            "Qwen-Image-Lightning-4steps-V1.0.safetensors": _junk(100_000, 7)}),
     }
     server = HubServer(repos=repos, files={_sam_name(sam): sam},
@@ -106,11 +109,13 @@ def hub(tiny_dir) -> HubServer:
 LOADED = {
     SEGFORMER: {"config.json", "model.safetensors", "preprocessor_config.json"},
     MESH: {f"{MESH_FOLDER}/config.yaml", f"{MESH_FOLDER}/model.fp16.safetensors"},
-    LORA: {LORA_FILE},
+    LORA: {LORA_FILE, PLUS_LORA_FILE},
 }
 
 
 def _loaded(hub: HubServer, repo: str) -> set[str]:
+    if repo == PLUS:  # only its transformer runs, beside edit.model's text encoder and VAE
+        return {name for name in hub.repos[repo].files if name.startswith("transformer/")}
     return LOADED.get(repo) or set(hub.repos[repo].files) - set(CARD)
 
 
@@ -122,7 +127,7 @@ def _config(hub: HubServer, tmp: Path) -> Path:
         "cache_dir": str(tmp / "atelier3d"),
         "sam": {"checkpoint": f"{hub.url}/files/{sam_name}"},
         "parsing": {"segformer": SEGFORMER, "pose": pose.POSE_SOURCE, "device": "cpu"},
-        "edit": {"model": EDIT, "device": "cpu", "quantization": "none",
+        "edit": {"model": EDIT, "plus_model": PLUS, "device": "cpu", "quantization": "none",
                  "text_encoder_quantization": "none",
                  "lightning_lora": {"weights": LORA, "weight_name": LORA_FILE}},
         "mesh": {"model": MESH, "subfolder": MESH_FOLDER, "device": "cpu", "flashvdm": False,
@@ -279,14 +284,14 @@ def test_what_cannot_be_fetched_is_a_clear_error(hub, tmp_path):
 def test_pull_fetches_only_what_the_loaders_read(hub, pulled):
     tmp, done = pulled.tmp, pulled.done
     gets = {t.path for t in pulled.log if t.method == "GET"}
-    fetched = {path.split("/resolve/")[1].split("/", 1)[1]: path.split("/resolve/")[0][1:]
-               for path in gets if "/resolve/" in path}
+    fetched = {(path.split("/resolve/")[0][1:], path.split("/resolve/")[1].split("/", 1)[1])
+               for path in gets if "/resolve/" in path}  # (repo, file): repos share file names
     hub_cache = tmp / "hf" / "hub"
     for repo_id, repo in hub.repos.items():
         loaded = _loaded(hub, repo_id)
         # Files with the same bytes share a blob: fetched once (Qwen's two tokenizer.json).
-        assert {n for n, r in fetched.items() if r == repo_id} <= loaded
-        assert {repo.files[n] for n, r in fetched.items() if r == repo_id} == {
+        assert {n for r, n in fetched if r == repo_id} <= loaded
+        assert {repo.files[n] for r, n in fetched if r == repo_id} == {
             repo.files[n] for n in loaded}
         snapshot = hub_cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / repo.commit
         assert {p.relative_to(snapshot).as_posix(): p.read_bytes()
@@ -320,7 +325,8 @@ def test_pull_fetches_only_what_the_loaders_read(hub, pulled):
     assert {t.method for t in hub.log[before:]} == {"HEAD"}
     # What the Gateway can ask, without network: every configured model is complete.
     status = {s.key: s for s in download_status(_app_config(pulled.config))}
-    assert set(status) == {"sam", "segformer", "pose", "edit", "lightning_lora", "mesh"}
+    assert set(status) == {"sam", "segformer", "pose", "edit", "edit_plus", "lightning_lora",
+                           "mesh"}
     assert all(s.state == "complete" and s.fraction == 1.0 for s in status.values()), status
 
 

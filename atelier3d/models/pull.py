@@ -67,7 +67,7 @@ class PullError(RuntimeError):
 class Wanted(BaseModel):
     """One model a config names, and which of its files the loader reads."""
 
-    key: str  # sam, segformer, pose, edit, lightning_lora, mesh, paint
+    key: str  # sam, segformer, pose, edit, edit_plus, lightning_lora, mesh, paint
     label: str
     kind: Literal["hub", "url", "pip"]
     source: str  # hub id, URL or pip requirement
@@ -205,10 +205,16 @@ def wanted_models(config: AppConfig) -> list[Wanted]:
     edit, mesh = config.edit, config.mesh
     if not _local(edit.model):
         wanted.append(Wanted(key="edit", label="Qwen-Image-Edit", kind="hub", source=edit.model))
+    # Multi-image edits run plus_model's transformer beside edit.model's text encoder and VAE.
+    plus = edit.plus_model
+    if plus is not None and plus != edit.model and not _local(plus):
+        wanted.append(Wanted(key="edit_plus", label="Qwen-Image-Edit (multi-image)", kind="hub",
+                             source=plus, scope=["transformer"]))
     lora = edit.lightning_lora
     if lora is not None and not _local(lora.weights):
+        files = [lora.weight_name] + ([lora.plus_weight_name] if plus is not None else [])
         wanted.append(Wanted(key="lightning_lora", label="Lightning LoRA", kind="hub",
-                             source=lora.weights, files=[lora.weight_name]))
+                             source=lora.weights, files=files))
     if not _local(mesh.model):
         turbo = next((vae for dit, vae in TURBO_VAES.items() if mesh.subfolder.startswith(dit)),
                      None)
