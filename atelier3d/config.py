@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,6 +50,42 @@ class LightningLora(BaseModel):
     steps: Literal[4, 8] = Field(8, description="the step count the LoRA was distilled for")
 
 
+class FirstBlockCache(BaseModel):
+    """diffusers' First-Block Cache: a step reuses the other blocks' residual while the first
+    block's output changed by less than ``threshold`` (relative L1) since it last ran them."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["first_block"] = "first_block"
+    threshold: float = Field(0.05, ge=0, le=1)
+
+
+class MagCache(BaseModel):
+    """diffusers' MagCache: skips steps by the magnitude ratios of the model's residuals, which
+    must be calibrated for the weights served (``mag_ratios``, interpolated to each edit's
+    step count)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["mag"] = "mag"
+    mag_ratios: list[float] = Field(min_length=2)
+    threshold: float = Field(0.06, ge=0)
+    max_skip_steps: int = Field(3, ge=1)
+    retention_ratio: float = Field(0.2, ge=0, le=1)
+
+
+class TaylorSeerCache(BaseModel):
+    """diffusers' TaylorSeer: runs the blocks every ``cache_interval`` steps and predicts the
+    steps between from a Taylor expansion of their outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["taylorseer"] = "taylorseer"
+    cache_interval: int = Field(5, ge=1)
+    disable_cache_before_step: int = Field(3, ge=0)
+    max_order: int = Field(1, ge=0, le=4)
+
+
+EditCache = Annotated[FirstBlockCache | MagCache | TaylorSeerCache, Field(discriminator="kind")]
+
+
 class EditSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -81,6 +117,10 @@ class EditSettings(BaseModel):
         "Qwen-Image-Edit-2509 expects; default: when the model's name contains 2509 or 2511"
     )
     lightning_lora: LightningLora | None = None
+    cache: EditCache | None = Field(
+        None, description="a step cache of the transformer (first_block, mag, taylorseer); "
+        "unset: every step runs every block (the measured default, benchmarks/edit_cache.py)"
+    )
     steps: int | None = Field(
         None, ge=1, description="default steps; unset: 50, or the Lightning LoRA's 4/8"
     )

@@ -27,6 +27,7 @@ import numpy as np
 
 from atelier3d.config import EditSettings, ModelsMode, Quantization, default_cache_dir
 from atelier3d.imaging import encode_png
+from atelier3d.models.edit.cache import step_cache
 from atelier3d.models.edit.lightning import (
     EDIT_2509_FILES,
     EDIT_FILES,
@@ -442,8 +443,10 @@ def run_edit(pipes: EditPipelines, request: EditRequest, reporter: Any) -> dict[
     pipe = getattr(pipes, name)
     stages = _StageReporter(reporter)
     hook = pipe.transformer.register_forward_pre_hook(stages.first_forward)
+    cache = pipes.settings.cache
     try:
-        with torch.inference_mode():
+        with step_cache(pipe.transformer, cache, kwargs["num_inference_steps"]), \
+                torch.inference_mode():
             image = pipe(
                 **kwargs,
                 generator=torch.Generator(pipes.device).manual_seed(request.seed),
@@ -459,6 +462,7 @@ def run_edit(pipes: EditPipelines, request: EditRequest, reporter: Any) -> dict[
             "seed": request.seed, "steps": kwargs["num_inference_steps"],
             "true_cfg_scale": kwargs["true_cfg_scale"], "width": image.width,
             "height": image.height, "pipeline": name, "preset": request.preset,
-            "model": pipes.name, "timings_ms": {k: round(v, 1) for k, v in timings.items()},
+            "model": pipes.name, "cache": cache.kind if cache else None,
+            "timings_ms": {k: round(v, 1) for k, v in timings.items()},
         },
     }
