@@ -33,7 +33,7 @@ from atelier3d.config import MeshSettings
 from atelier3d.models.mesh import hunyuan3d as H
 from atelier3d.samples import drawn_character, drawn_character_labels
 from atelier3d.stages.mesh import MeshRequest
-from benchmarks.common import DEFAULT_CACHE, REPO, RESULTS_DIR, percentiles, png_bytes
+from benchmarks.common import DEFAULT_CACHE, RESULTS_DIR, percentiles, png_bytes
 
 
 def character_cutout() -> np.ndarray:
@@ -176,12 +176,12 @@ def main() -> int:
         name = "mesh"
         results = direct(args)
         print_direct(results)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    # --out may lie anywhere (outside the repository too): print it as given, never relative.
     out = (args.out or RESULTS_DIR / f"{name}.json").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
                                "results": results}, indent=2))
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {out}")
     return 0
 
 
