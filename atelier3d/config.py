@@ -220,7 +220,7 @@ class MeshSettings(BaseModel):
     postprocess: PostprocessMethod = Field(
         "fast", description="mesh clean-up (floaters, degenerate faces, decimation to "
         "target_face_count): fast (numpy/scipy and fast-simplification) or pymeshlab (hy3dgen's "
-        "own filters, the reference: 10-15x slower on 0.3-1.2 M faces, benchmarks/README.md)"
+        "own filters, the reference: about 10x the CPU time at 1.2 M faces, benchmarks/results/mesh_postprocess.json)"
     )
 
 
