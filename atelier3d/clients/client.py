@@ -19,7 +19,11 @@ awaitables::
 Request bodies are the server's own pydantic models (:mod:`atelier3d.serve.schemas`), so an
 invalid prompt fails here, before any request, with a ``ValueError`` (pydantic's
 ``ValidationError``). Errors the server answers (``{"error": {"code", "message"}}``) raise
-:class:`ApiError`; 503 answers that carry ``Retry-After`` are retried a bounded number of times.
+:class:`ApiError`. Retried a bounded number of times, after ``Retry-After`` or a growing backoff:
+429 answers and connections that could not be made (the server did nothing), and 503 answers
+carrying ``Retry-After`` and dropped connections for requests that may be repeated (reads, and
+submissions, which carry an idempotency key). A dropped job event stream resumes after the last
+event it delivered.
 """
 
 from __future__ import annotations
@@ -444,6 +448,10 @@ class ProgressBar:
 
 
 JOB_ENDS = ("succeeded", "failed", "cancelled")
+# Transport errors: the request never reached the server, or the connection dropped after it was
+# sent (the server may have acted on it).
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def _event_of(line: str) -> dict | None:
@@ -520,15 +528,30 @@ class _Endpoints:
     def _send(self, call: Call) -> Any:
         raise NotImplementedError
 
+    def _backoff(self, attempt: int, at_least: float = 0.0) -> float:
+        return min(max(at_least, self.backoff_s * 2**attempt), self.max_retry_delay_s)
+
     def _retry_delay(self, call: Call, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying ``response`` (attempt 0 is the first), or None."""
-        if not call.retry or response.status_code != 503 or attempt >= self.retries:
+        if attempt >= self.retries:
             return None
         retry_after = _retry_after(response)
-        if retry_after is None:
+        if response.status_code == 429:  # refused before the request was read: always safe
+            return self._backoff(attempt, retry_after or 0.0)
+        if response.status_code != 503 or not call.retry or retry_after is None:
             return None
-        backoff = self.backoff_s * 2**attempt
-        return min(max(retry_after, backoff), self.max_retry_delay_s)
+        return self._backoff(attempt, retry_after)
+
+    def _failure_delay(self, call: Call | None, error: httpx.TransportError,
+                       attempt: int) -> float | None:
+        """Seconds to wait before retrying after a transport ``error``, or None to raise it.
+        ``call`` None: a job's event stream, which resumes where it stopped."""
+        if attempt >= self.retries:
+            return None
+        if isinstance(error, NOT_SENT) or (
+                isinstance(error, DROPPED) and (call is None or call.retry)):
+            return self._backoff(attempt)
+        return None
 
     @staticmethod
     def _http_options(base_url: str, timeout: float | httpx.Timeout | None,
@@ -616,21 +639,40 @@ class Client(_Endpoints):
 
     def _send(self, call: Call) -> Any:
         for attempt in itertools.count():
-            response = self._http.request(call.method, call.url, **call.kwargs)
-            if (delay := self._retry_delay(call, response, attempt)) is None:
-                return call.parse(response)
+            try:
+                response = self._http.request(call.method, call.url, **call.kwargs)
+            except httpx.TransportError as error:
+                if (delay := self._failure_delay(call, error, attempt)) is None:
+                    raise
+            else:
+                if (delay := self._retry_delay(call, response, attempt)) is None:
+                    return call.parse(response)
             time.sleep(delay)
 
     def job_events(self, job_id: str, after: int = -1):
-        """The job's progress events (dicts) as they happen, until its last one."""
-        with self._http.stream("GET", _job_url(job_id, "events"), params={"after": after},
-                               timeout=httpx.Timeout(None, connect=30)) as response:
-            if not response.is_success:
-                response.read()
-                raise _error_of(response)
-            for line in response.iter_lines():
-                if (event := _event_of(line)) is not None:
-                    yield event
+        """The job's progress events (dicts) as they happen, until its last one; a dropped
+        stream is reopened after the last event seen (``retries`` times in a row at most)."""
+        failures = 0
+        while True:
+            try:
+                with self._http.stream("GET", _job_url(job_id, "events"),
+                                       params={"after": after},
+                                       timeout=httpx.Timeout(None, connect=30)) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise _error_of(response)
+                    for line in response.iter_lines():
+                        if (event := _event_of(line)) is not None:
+                            after, failures = event["seq"], 0
+                            yield event
+                            if event["type"] in JOB_ENDS:
+                                return
+                raise httpx.RemoteProtocolError("the event stream closed before the job ended")
+            except httpx.TransportError as error:
+                if (delay := self._failure_delay(None, error, failures)) is None:
+                    raise
+                failures += 1
+                time.sleep(delay)
 
     def wait_job(self, job_id: str, progress: Callable[[dict], None] | None = None) -> JobState:
         """Follows the job to its end (``progress`` sees each event, e.g. a
@@ -657,21 +699,39 @@ class AsyncClient(_Endpoints):
 
     async def _send(self, call: Call) -> Any:
         for attempt in itertools.count():
-            response = await self._http.request(call.method, call.url, **call.kwargs)
-            if (delay := self._retry_delay(call, response, attempt)) is None:
-                return call.parse(response)
+            try:
+                response = await self._http.request(call.method, call.url, **call.kwargs)
+            except httpx.TransportError as error:
+                if (delay := self._failure_delay(call, error, attempt)) is None:
+                    raise
+            else:
+                if (delay := self._retry_delay(call, response, attempt)) is None:
+                    return call.parse(response)
             await asyncio.sleep(delay)
 
     async def job_events(self, job_id: str, after: int = -1):
-        """The job's progress events (dicts) as they happen, until its last one."""
-        async with self._http.stream("GET", _job_url(job_id, "events"), params={"after": after},
-                                     timeout=httpx.Timeout(None, connect=30)) as response:
-            if not response.is_success:
-                await response.aread()
-                raise _error_of(response)
-            async for line in response.aiter_lines():
-                if (event := _event_of(line)) is not None:
-                    yield event
+        """The job's progress events; see :meth:`Client.job_events`."""
+        failures = 0
+        while True:
+            try:
+                async with self._http.stream("GET", _job_url(job_id, "events"),
+                                             params={"after": after},
+                                             timeout=httpx.Timeout(None, connect=30)) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise _error_of(response)
+                    async for line in response.aiter_lines():
+                        if (event := _event_of(line)) is not None:
+                            after, failures = event["seq"], 0
+                            yield event
+                            if event["type"] in JOB_ENDS:
+                                return
+                raise httpx.RemoteProtocolError("the event stream closed before the job ended")
+            except httpx.TransportError as error:
+                if (delay := self._failure_delay(None, error, failures)) is None:
+                    raise
+                failures += 1
+                await asyncio.sleep(delay)
 
     async def wait_job(self, job_id: str,
                        progress: Callable[[dict], None] | None = None) -> JobState:
