@@ -39,6 +39,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     port = config.get("http_options", {}).get("port", 8000)
     host = config.get("http_options", {}).get("host", "127.0.0.1")
+    apps = [AppConfig.model_validate(app.get("args") or {}) for app in config["applications"]]
+    real = [app for app in apps if app.models == "real"]
+    background = None
+    if real:
+        if not args.verbose:  # a line per request would drown the progress bars
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+        try:
+            background = pull.pull_for_serving(real, sys.stderr)
+        except (pull.PullError, OSError, httpx.HTTPError) as exc:
+            print(f"atelier3d serve: the weights cannot be pulled: {exc}", file=sys.stderr)
+            return 1
+        # Pulled (or being pulled) by this process: a replica that went to the hub itself would
+        # download unseen, and race the pull.
+        runner.load_from_cache_only(config)
     stop_event = threading.Event()
 
     def on_signal(*_) -> None:
@@ -53,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner.init_ray(num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                         metrics_port=args.metrics_port)
         install_handlers()  # ray.init replaces the SIGTERM handler with one that just dies
-        runner.deploy(config, stop=stop_event)
+        runner.deploy(config, stop=stop_event,
+                      busy=background.running if background is not None else None)
         if not stop_event.is_set():
             print(f"atelier3d is serving the UI and API on http://{host}:{port} (Ctrl-C stops)",
                   flush=True)

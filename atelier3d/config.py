@@ -220,7 +220,8 @@ class MeshSettings(BaseModel):
     postprocess: PostprocessMethod = Field(
         "fast", description="mesh clean-up (floaters, degenerate faces, decimation to "
         "target_face_count): fast (numpy/scipy and fast-simplification) or pymeshlab (hy3dgen's "
-        "own filters, the reference: about 10x the CPU time at 1.2 M faces, benchmarks/results/mesh_postprocess.json)"
+        "own filters, the reference: about 10x the CPU time at 1.2 M faces, "
+        "benchmarks/results/mesh_postprocess.json)"
     )
 
 

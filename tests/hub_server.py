@@ -10,8 +10,10 @@ loopback, serving files from memory.
 - ``GET /simple/{project}/`` and ``/packages/{wheel}``: a PEP 503 package index (``pip download``).
 
 File bodies honour ``Range: bytes=N-`` (206 + ``Content-Range``). Every request is logged with
-the bytes its body carried. ``stall_after[name] = n`` makes the server send ``n`` bytes of that
-file's body and then hold the connection until ``release()``: a download caught halfway.
+the bytes its body carried. ``stall(name, n)`` makes the server send ``n`` bytes of that file's
+body and then hold the connection until ``release()``: a download caught halfway. With
+``keepalive_s`` it sends one more byte that often while it holds, so a client's read timeout
+(a minute for ``models pull``) never ends the wait.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class HubServer:
     files: dict[str, bytes] = field(default_factory=dict)  # /files/{name}
     packages: dict[str, dict[str, bytes]] = field(default_factory=dict)  # project -> wheels
     stall_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes, then hold
+    keepalive_s: float | None = None  # while holding: a byte this often (None: silence)
     log: list[Transfer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -113,10 +116,12 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def stall(self, name: str, after_bytes: int) -> None:
-        """The next body of ``name`` stops after ``after_bytes`` until :meth:`release`."""
+    def stall(self, name: str, after_bytes: int, keepalive_s: float | None = None) -> None:
+        """The next body of ``name`` stops after ``after_bytes`` until :meth:`release` (sending
+        a byte every ``keepalive_s`` meanwhile, where given)."""
         self._release.clear()
         self.stall_after[name] = after_bytes
+        self.keepalive_s = keepalive_s
 
     def release(self) -> None:
         """Lets stalled bodies go on (to a client that may be gone) and stalls no more."""
@@ -235,4 +240,8 @@ class HubServer:
             offset = end
             if stall is not None and offset == stall:
                 handler.wfile.flush()
-                self._release.wait()
+                while not self._release.wait(self.keepalive_s) and offset < len(data) - 1:
+                    handler.wfile.write(data[offset:offset + 1])  # still here: one byte
+                    handler.wfile.flush()
+                    transfer.body_bytes += 1
+                    offset += 1

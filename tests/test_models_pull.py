@@ -9,9 +9,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -20,16 +22,18 @@ from typing import NamedTuple
 import httpx
 import pytest
 import yaml
+from playwright.sync_api import sync_playwright
 
 from atelier3d.config import AppConfig
 from atelier3d.models.edit import qwen_image_edit as qwen_edit
 from atelier3d.models.mesh import hunyuan3d
 from atelier3d.models.parse import pose
 from atelier3d.models.parse import segformer as parsing
-from atelier3d.models.pull import download_status, human_bytes
+from atelier3d.models.pull import download_status, human_bytes, pull_for_serving
 from atelier3d.models.segment.sam import TINY_NAME
+from atelier3d.pull_status import PullFailed, downloading_message, read_status, wait_for_weights
 from atelier3d.serve.runner import load_serve_config
-from tests.helpers import free_port
+from tests.helpers import assert_error, free_port
 from tests.hub_server import HubServer, Repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,3 +525,138 @@ def test_the_progress_api_loads_without_torch():
     done = subprocess.run([sys.executable, "-c", check], env=os.environ | {
         "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.browser
+def test_serve_real_pulls_what_is_missing_and_says_how_far(hub, tmp_path):
+    """``atelier3d serve --models real`` on an empty cache: it pulls the models itself, with
+    progress bars in its log; while the SAM checkpoint is held halfway, /readyz answers 503
+    naming it with its percentage and the UI banner says the same; released, the replicas load
+    from the cache (offline: not one request of theirs reaches the hub) and /readyz is green."""
+    raw = yaml.safe_load(_config(hub, tmp_path).read_text())
+    raw["applications"][0]["args"]["edit"]["lightning_lora"] = None  # placeholder bytes (above)
+    config = tmp_path / "serve-pull.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    sam_name, sam = next(iter(hub.files.items()))
+    hub.stall(sam_name, len(sam) // 2, keepalive_s=5)  # held halfway, however long the start
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    before = len(hub.log)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "atelier3d", "serve", "--config", str(config),
+             "--models", "real", "--port", str(port)],
+            env=_env(tmp_path, hub.url) | {"ATELIER3D_RAY_LOGS": "0"}, stdout=out,
+            stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+
+    def readyz_until(accept, timeout: float) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                reply = httpx.get(f"{url}/readyz", timeout=15)
+                if accept(reply):
+                    return reply
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+
+    try:
+        reply = readyz_until(lambda r: "downloading model weights" in r.text, timeout=600)
+        message = assert_error(reply, 503, "unavailable")["message"]
+        seen = re.search(rf"SAM checkpoint \({re.escape(hub.url)}/files/{sam_name}\): (\d+)% "
+                         rf"of {re.escape(human_bytes(len(sam)))}", message)
+        assert seen and 0 < int(seen[1]) < 100, message
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                                 headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url, timeout=180_000)
+            banner = page.locator("#weights-banner")
+            banner.wait_for(state="visible", timeout=180_000)
+            shown = banner.inner_text()
+            assert "downloading model weights" in shown and seen[0] in shown, shown
+            hub.release()
+            readyz_until(lambda r: r.status_code == 200 and r.json()["ready"], timeout=400)
+            # The open page follows: its banner now says the weights are random (tiny ones).
+            page.wait_for_function(
+                "() => document.querySelector('#weights-banner')?.innerText"
+                ".includes('untrained (random) weights')", timeout=180_000)
+            browser.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        hub.release()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert f"{sam_name}: 100%" in text and "pulled: " in text, text[-4000:]
+    assert text.index("not on disk yet: ") < text.index("total: ") < text.index("pulled: ")
+    seen_by_hub = hub.log[before:]
+    # Each body came once, from its start, to the pull; the replicas, offline, asked nothing (a
+    # hub download asks for the file's etag with a HEAD on /resolve/ first).
+    bodies = [t.path for t in seen_by_hub if t.method == "GET"
+              and t.path.startswith(("/lfs/", "/files/", "/packages/"))]
+    assert len(bodies) == len(set(bodies)), bodies
+    assert not [t for t in seen_by_hub if t.method == "HEAD" and "/resolve/" in t.path]
+    assert all(s.state == "complete" for s in download_status(_app_config(config)))
+
+
+def test_replicas_wait_for_the_pull_beside_them_and_hear_of_its_failure(hub, tmp_path):
+    """What ``serve`` starts (``pull_for_serving``) and what a model replica does before loading
+    (``wait_for_weights``), in this process: the SAM checkpoint is the one model to fetch (the
+    others are local paths), held halfway, then damaged."""
+    sam_name, sam = next(iter(hub.files.items()))
+    local = str(tmp_path)  # a local path: nothing to fetch
+
+    def config(cache: str) -> AppConfig:
+        return AppConfig.model_validate({
+            "models": "real", "cache_dir": str(tmp_path / cache),
+            "sam": {"checkpoint": f"{hub.url}/files/{sam_name}"},
+            "parsing": {"segformer": local, "pose": local},
+            "edit": {"model": local, "plus_model": None, "lightning_lora": None},
+            "mesh": {"model": local}})
+
+    whole = config("whole")
+    assert [m.key for m in download_status(whole)] == ["sam"]
+    hub.stall(sam_name, len(sam) // 2)
+    try:
+        log = io.StringIO()
+        background = pull_for_serving([whole], log)
+        assert background is not None and background.running()
+        waiting = threading.Thread(target=wait_for_weights, args=(whole.cache_path, ["sam"]))
+        waiting.start()
+        _wait(lambda: "50% of" in (downloading_message(whole.cache_path) or ""),
+              what="the status at the held byte")
+        message = downloading_message(whole.cache_path)
+        assert message == (f"downloading model weights: SAM checkpoint ({hub.url}/files/"
+                           f"{sam_name}): 50% of {human_bytes(len(sam))}. The models start once "
+                           "their weights are on disk."), message
+        assert waiting.is_alive()
+        wait_for_weights(whole.cache_path, ["segformer"])  # not this pull's: no wait
+        hub.release()
+        waiting.join(60)
+        assert not waiting.is_alive() and not background.running()
+        assert read_status(whole.cache_path).state == "done"
+        assert downloading_message(whole.cache_path) is None
+        assert "not on disk yet: SAM checkpoint" in log.getvalue() and "pulled: " in log.getvalue()
+        # Everything on disk: serve pulls nothing, and forgets the last pull's status.
+        assert pull_for_serving([whole], log) is None and read_status(whole.cache_path) is None
+
+        # Other bytes of the same size: the digest in the file's name does not match; the pull
+        # fails and the replica waiting for SAM hears why, instead of loading or waiting on.
+        damaged = config("damaged")
+        hub.files[sam_name] = bytes(len(sam))
+        background = pull_for_serving([damaged], log)
+        with pytest.raises(PullFailed, match=rf"the weights of SAM checkpoint could not be "
+                           rf"pulled: {sam_name}: digest \w+ does not match"):
+            wait_for_weights(damaged.cache_path, ["sam"])
+        assert read_status(damaged.cache_path).state == "failed"
+    finally:
+        hub.files[sam_name] = sam
+        hub.release()

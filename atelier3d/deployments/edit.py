@@ -25,6 +25,7 @@ from atelier3d.stages.edit import EditRequest
 @serve.deployment(name="ImageEditor")
 class ImageEditor(JobModel):
     memory_label = "image_editor"
+    weights = ("edit", "edit_plus", "lightning_lora")
 
     def load(self, cfg: AppConfig) -> str:
         pipes = self.pipes = load_edit_pipeline(cfg.edit, cfg.models, cfg.cache_path)

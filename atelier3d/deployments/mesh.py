@@ -26,6 +26,7 @@ from atelier3d.stages.mesh import MeshRequest
 @serve.deployment(name="Shape3D")
 class Shape3D(JobModel):
     memory_label = "shape3d"
+    weights = ("mesh", "paint")
 
     def load(self, cfg: AppConfig) -> str:
         self.settings = cfg.mesh

@@ -29,6 +29,7 @@ from atelier3d.models.parse.checks import run_checks
 from atelier3d.models.parse.garments import complete_parts, extract_parts
 from atelier3d.models.parse.pose import load_pose
 from atelier3d.models.parse.segformer import load_parser, parse
+from atelier3d.pull_status import wait_for_weights
 from atelier3d.stages.parse import GARMENT_LABELS, LABELS, ParseResult
 
 logger = logging.getLogger("ray.serve")
@@ -69,6 +70,7 @@ def _validate(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None) ->
 class HumanParser:
     def __init__(self, config: dict) -> None:
         cfg = AppConfig.model_validate(config)
+        wait_for_weights(cfg.cache_path, ["segformer", "pose"])  # a pull beside the server
         settings = cfg.parsing
         device = resolve_device(settings.device, "parsing.device")
         self.parser = load_parser(settings.segformer, cfg.models, cfg.cache_path, device)

@@ -23,6 +23,7 @@ from atelier3d.errors import EmbeddingLostError
 from atelier3d.metrics import count_embedding_lookup, observe_stage
 from atelier3d.models.segment.sam import sam_checkpoint, sam_info
 from atelier3d.optimizations.segment_onnx import cached_decoder_onnx
+from atelier3d.pull_status import wait_for_weights
 from atelier3d.stages.segment import (
     DecodeRequest,
     DecodeResult,
@@ -44,6 +45,7 @@ class DecoderUserConfig(BaseModel):
 class SamDecoder:
     def __init__(self, config: dict) -> None:
         cfg = AppConfig.model_validate(config)
+        wait_for_weights(cfg.cache_path, ["sam"])  # a pull beside the server
         self.checkpoint = sam_checkpoint(cfg)
         self.onnx_paths = {
             multimask: cached_decoder_onnx(

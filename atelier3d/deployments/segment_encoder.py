@@ -16,6 +16,7 @@ from atelier3d.deployments.user_config import TorchUserConfig
 from atelier3d.metrics import observe_stage, report_gpu_memory
 from atelier3d.models.loading import resolve_device, resolve_dtype, weights_label
 from atelier3d.models.segment.sam import sam_checkpoint, sam_info
+from atelier3d.pull_status import wait_for_weights
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,6 +37,7 @@ class SamEncoder:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         cfg = AppConfig.model_validate(config)
+        wait_for_weights(cfg.cache_path, ["sam"])  # a pull beside the server
         self.checkpoint = sam_checkpoint(cfg)
         self.device = torch.device(resolve_device("auto", "sam"))
         dtype = resolve_dtype(cfg.sam.encoder_dtype, self.device.type, on_cuda="bfloat16")

@@ -29,6 +29,7 @@ from typing import Any
 from atelier3d.config import AppConfig
 from atelier3d.deployments.user_config import TorchUserConfig
 from atelier3d.metrics import report_gpu_memory
+from atelier3d.pull_status import wait_for_weights
 
 logger = logging.getLogger("ray.serve")
 
@@ -107,11 +108,14 @@ class JobModel:
     ``user_config``, one pipeline call at a time (a lock), and the call's events streamed."""
 
     memory_label: str  # how report_gpu_memory names the deployment
+    weights: tuple[str, ...]  # the models it loads, as a pull names them (pull_status)
 
     def __init__(self, config: dict) -> None:
         self._lock = threading.Lock()
         self.reconfigure({})  # usable without a user_config (and in-process, without Serve)
-        described = self.load(AppConfig.model_validate(config))
+        cfg = AppConfig.model_validate(config)
+        wait_for_weights(cfg.cache_path, self.weights)  # a pull beside the server
+        described = self.load(cfg)
         logger.info("%s ready: %s", type(self).__name__, described)
 
     def load(self, cfg: AppConfig) -> str:

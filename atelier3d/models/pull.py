@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -43,6 +44,13 @@ from atelier3d.config import AppConfig
 from atelier3d.models.mesh.hunyuan3d import CKPT_NAME, TURBO_VAES
 from atelier3d.models.parse import pose
 from atelier3d.models.segment.sam import OFFICIAL_CHECKPOINTS
+from atelier3d.pull_status import (
+    ModelProgress,
+    PullStatus,
+    clear_status,
+    human_bytes,
+    write_status,
+)
 
 MANIFEST_NAME = "pull-manifest.json"
 # What no loader reads: model cards, licences, images, git attributes.
@@ -130,6 +138,12 @@ class ModelPlan(BaseModel):
         return all(f.is_complete() for f in self.files) and (
             self.ref is None or (self.ref.is_file() and self.ref.read_text() == self.commit))
 
+    def progress(self) -> ModelProgress:
+        present = self.present_bytes()
+        state = "complete" if self.is_complete() else "partial" if present else "missing"
+        return ModelProgress(key=self.key, label=self.label, source=self.source, state=state,
+                             total_bytes=self.total_bytes, present_bytes=present)
+
 
 class PullPlan(BaseModel):
     models: list[ModelPlan]
@@ -146,32 +160,6 @@ def missing_bytes(files: list[PlannedFile]) -> int:
     """What is left to download; files with the same bytes share one blob, fetched once."""
     unique = {f.path: f for f in files}.values()
     return sum((f.size or 0) - f.present_bytes() for f in unique)
-
-
-class ModelProgress(BaseModel):
-    """How much of one configured model is on disk."""
-
-    key: str
-    label: str
-    source: str
-    state: Literal["complete", "partial", "missing", "unknown"]  # unknown: never planned here
-    total_bytes: int | None
-    present_bytes: int
-
-    @property
-    def fraction(self) -> float | None:
-        if self.state == "complete":
-            return 1.0
-        return self.present_bytes / self.total_bytes if self.total_bytes else None
-
-    def describe(self) -> str:
-        """One line for a status page: ``Qwen-Image-Edit (Qwen/...): 43% of 53.80 GiB``."""
-        head = f"{self.label} ({self.source})"
-        if self.state == "unknown":
-            return f"{head}: not pulled on this machine (`atelier3d models pull`)"
-        if self.fraction is None:
-            return f"{head}: {self.state}"
-        return f"{head}: {self.fraction:.0%} of {human_bytes(self.total_bytes)}"
 
 
 # ---- what a config names ------------------------------------------------------------------------
@@ -353,16 +341,6 @@ def plan_pull(configs: list[AppConfig], api: HfApi | None = None,
 def _client() -> httpx.Client:
     # No overall timeout: a file takes as long as it takes; a stalled connection does not.
     return httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0, connect=20.0))
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "size unknown"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def describe(plan: PullPlan) -> str:
@@ -558,7 +536,7 @@ def pull(plan: PullPlan, cache: Path, out: TextIO, verify_present: bool = False,
     return received
 
 
-# ---- progress, for the Gateway ------------------------------------------------------------------
+# ---- progress, and pulling for serve ------------------------------------------------------------
 
 def download_status(config: AppConfig) -> list[ModelProgress]:
     """How much of each downloadable model ``config`` names is on disk, from the last pull's
@@ -572,9 +550,78 @@ def download_status(config: AppConfig) -> list[ModelProgress]:
             status.append(ModelProgress(key=want.key, label=want.label, source=want.source,
                                         state="unknown", total_bytes=None, present_bytes=0))
             continue
-        present = model.present_bytes()
-        state = "complete" if model.is_complete() else "partial" if present else "missing"
-        status.append(ModelProgress(key=want.key, label=want.label, source=want.source,
-                                    state=state, total_bytes=model.total_bytes,
-                                    present_bytes=present))
+        status.append(model.progress())
     return status
+
+
+STATUS_INTERVAL_S = 1.0  # how often a pull beside the server rewrites its status
+
+
+class BackgroundPull:
+    """A pull running beside the server (``atelier3d serve``): its files fetched by threads of
+    this process with their progress bars in ``out`` (the server's log), its progress written to
+    the status file every second for ``/readyz``, the UI banner and the model replicas waiting
+    for their weights (``atelier3d.pull_status``)."""
+
+    def __init__(self, plan: PullPlan, cache: Path, out: TextIO, jobs: int = 4) -> None:
+        self.plan, self.cache, self.out, self.jobs = plan, cache, out, jobs
+        self.finished = threading.Event()
+        self.error: str | None = None
+        self.received = 0
+
+    def start(self) -> BackgroundPull:
+        self._report("running")
+        threading.Thread(target=self._fetch, name="pull", daemon=True).start()
+        threading.Thread(target=self._keep_reporting, name="pull-status", daemon=True).start()
+        return self
+
+    def running(self) -> bool:
+        return not self.finished.is_set()
+
+    def _report(self, state: str) -> None:
+        write_status(self.cache, PullStatus(
+            state=state, updated=time.time(), error=self.error,
+            models=[model.progress() for model in self.plan.models]))
+
+    def _fetch(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.received = pull(self.plan, self.cache, self.out, jobs=self.jobs)
+        except (PullError, OSError, httpx.HTTPError) as exc:
+            self.error = str(exc) or type(exc).__name__
+            print(f"atelier3d serve: the pull failed: {self.error}", file=self.out, flush=True)
+        else:
+            print(f"pulled: {human_bytes(self.received)} received in "
+                  f"{time.perf_counter() - started:.1f} s; the models load from the cache",
+                  file=self.out, flush=True)
+        finally:
+            self.finished.set()
+
+    def _keep_reporting(self) -> None:
+        while not self.finished.wait(STATUS_INTERVAL_S):
+            self._report("running")
+        self._report("failed" if self.error else "done")
+
+
+def pull_for_serving(configs: list[AppConfig], out: TextIO) -> BackgroundPull | None:
+    """What ``serve`` does before deploying real weights: where a configured model is not
+    completely on disk, print the plan (every file and the total to download) and start
+    fetching it beside the deploy; return that pull, or None where everything is there.
+    Raises :class:`PullError` where the plan cannot be made (an unknown repo, no network)."""
+    cache = configs[0].cache_path
+    missing = [m for config in configs for m in download_status(config)
+               if m.state != "complete"]
+    if not missing:
+        clear_status(cache)
+        return None
+    if constants.HF_HUB_OFFLINE:
+        print("HF_HUB_OFFLINE is set: nothing is pulled; the replicas load what the cache "
+              "holds of " + "; ".join(m.describe() for m in missing), file=out, flush=True)
+        clear_status(cache)
+        return None
+    print("not on disk yet: " + "; ".join(m.describe() for m in missing)
+          + ". Pulling them now: their progress is in this log, on /readyz and in the UI.",
+          file=out, flush=True)
+    plan = plan_pull(configs)
+    print(describe(plan), file=out, flush=True)
+    return BackgroundPull(plan, cache, out).start()

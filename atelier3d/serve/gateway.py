@@ -80,7 +80,7 @@ class Gateway:
         self.meshing = MeshService(self.service, self.jobs, sources, shape3d)
         self.health = Health({"sam_encoder": encoder, "sam_decoder": decoder,
                               "human_parser": parser, "image_editor": editor,
-                              "shape3d": shape3d})
+                              "shape3d": shape3d}, cache=self.config.cache_path)
 
     def __serve_build_asgi_app__(self):
         jobs = (self.jobs, self.editing, self.meshing)

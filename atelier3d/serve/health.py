@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from fastapi import APIRouter
 from ray import serve
@@ -10,14 +11,24 @@ from ray.serve.handle import DeploymentHandle
 
 from atelier3d.api.common import ModelInfo, ReadyInfo
 from atelier3d.errors import Unavailable
+from atelier3d.pull_status import downloading_message
 
 
 class Health:
     """Readiness of the model deployments behind the Gateway: ``handles`` maps the name
-    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle."""
+    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle; ``cache`` is where
+    a pull that ``atelier3d serve`` runs beside the replicas keeps its progress."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle], cache: Path | None = None) -> None:
         self.handles = handles
+        self.cache = cache
+
+    async def downloading(self) -> str | None:
+        """Each model whose weights the server is still pulling, with its percentage (the
+        replicas that load them wait); None when no pull runs."""
+        if self.cache is None:
+            return None
+        return await asyncio.to_thread(downloading_message, self.cache)
 
     async def ready(self) -> ReadyInfo:
         async def info(handle) -> ModelInfo:
@@ -49,6 +60,9 @@ class Health:
         # for, rather than let their info() below time out anonymously.
         waiting = await asyncio.to_thread(without_replicas)
         if waiting:
+            downloading = await self.downloading()
+            if downloading:  # what those replicas wait for
+                raise Unavailable(downloading, retry_after_s=5)
             raise Unavailable("model deployments without a running replica: " + "; ".join(waiting),
                               retry_after_s=5)
         try:

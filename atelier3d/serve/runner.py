@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -52,6 +53,15 @@ def load_serve_config(
             # Replicas run in other working directories: a relative cache dir means this one's.
             args["cache_dir"] = str(Path(args["cache_dir"]).expanduser().resolve())
     return config
+
+
+def load_from_cache_only(config: dict) -> None:
+    """The replicas of applications with ``models: real`` load their weights from the local
+    cache only (``HF_HUB_OFFLINE=1`` in their environment): ``serve`` has pulled them."""
+    for app in config["applications"]:
+        if (app.get("args") or {}).get("models") == "real":
+            env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # Which model deployment runs each kind of job (the Gateway's job queues, ``jobs.<kind>``).
@@ -109,9 +119,11 @@ def init_ray(num_cpus: float | None = None, num_gpus: float | None = None,
         )
 
 
-def deploy(config: dict, timeout_s: float = 600.0, stop: threading.Event | None = None) -> None:
+def deploy(config: dict, timeout_s: float = 600.0, stop: threading.Event | None = None,
+           busy: Callable[[], bool] | None = None) -> None:
     """Deploys every application of the Serve config ``config`` and waits until they run, or
-    until ``stop`` is set (a SIGTERM while replicas load weights)."""
+    until ``stop`` is set (a SIGTERM while replicas load weights). While ``busy()`` (a pull
+    the replicas wait for) the ``timeout_s`` does not run: it counts from its end."""
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
@@ -137,6 +149,8 @@ def deploy(config: dict, timeout_s: float = 600.0, stop: threading.Event | None 
         failed = [n for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
         if failed:
             raise RuntimeError(f"{failed[0]} failed: {statuses[failed[0]].message}")
+        if busy is not None and busy():
+            deadline = time.monotonic() + timeout_s
         if time.monotonic() > deadline:
             raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
         if pause.wait(0.5):

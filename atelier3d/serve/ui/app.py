@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
+from atelier3d.errors import Unavailable
 from atelier3d.serve.auth import ui_login
 from atelier3d.serve.health import Health
 from atelier3d.serve.parse.service import ParseService
@@ -32,6 +33,9 @@ from atelier3d.serve.ui.studio import EditUi, Studio, edit_source
 logger = logging.getLogger("ray.serve")
 
 UNTRAINED_BANNER = "⚠️ **Running with untrained (random) weights – masks are meaningless**"
+# While the server pulls weights the banner says how far (/readyz's words), refreshed this often.
+LOADING_BANNER = "⏳ The model weights are on disk; the models are loading."
+BANNER_POLL_S = 2.0
 
 CSS = "#overlay img { cursor: crosshair; }"
 
@@ -60,14 +64,38 @@ def build_ui(health: Health, service: SegmentService, parsing: ParseService | No
                 _job_tabs(service, parsing, jobs, exports, tabs, [state, parse.state, edit_state],
                           parse)
 
-        @guarded()
-        async def on_load() -> dict:
-            if "weights" not in weights:
-                weights["weights"] = (await health.ready()).weights
-            untrained = weights["weights"] == "untrained"
-            return gr.update(visible=untrained, value=UNTRAINED_BANNER if untrained else "")
+        poll = gr.Timer(BANNER_POLL_S, active=False)
 
-        demo.load(on_load, None, [banner], concurrency_limit=None, show_progress="hidden",
+        async def show_banner(polling: bool) -> tuple[dict, gr.Timer]:
+            downloading = await health.downloading()
+            if downloading:
+                return gr.update(visible=True, value=f"⏳ {downloading}"), gr.Timer(active=True)
+            if "weights" not in weights:
+                try:
+                    weights["weights"] = (await health.ready()).weights
+                except Unavailable:
+                    if not polling:
+                        raise
+                    # Pulled, the replicas now load: no toast every poll, the banner says so.
+                    return gr.update(visible=True, value=LOADING_BANNER), gr.Timer(active=True)
+            untrained = weights["weights"] == "untrained"
+            return (gr.update(visible=untrained, value=UNTRAINED_BANNER if untrained else ""),
+                    gr.Timer(active=False))
+
+        def unchanged(_: UiState | None) -> tuple[dict, dict]:
+            return gr.skip(), gr.skip()
+
+        @guarded(unchanged)
+        async def on_load() -> tuple[dict, gr.Timer]:
+            return await show_banner(polling=False)
+
+        @guarded(unchanged)
+        async def on_poll() -> tuple[dict, gr.Timer]:
+            return await show_banner(polling=True)
+
+        demo.load(on_load, None, [banner, poll], concurrency_limit=None, show_progress="hidden",
+                  api_visibility="private")
+        poll.tick(on_poll, None, [banner, poll], concurrency_limit=None, show_progress="hidden",
                   api_visibility="private")
     return demo
 
