@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     # torch and the model libraries load here, not for every command of the CLI
     from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
-    from atelier3d.models.mesh import hunyuan3d
+    from atelier3d.models.mesh import hunyuan3d, paint
     from atelier3d.models.parse import segformer as parsing
     from atelier3d.models.segment.sam import (
         RANDOM_VIT_B_NAME,
@@ -104,6 +104,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     print(f"Qwen-Image-Lightning tiny (its edit LoRA files): {tiny_lightning_dir(out)}")
     shape = hunyuan3d.tiny_shape3d_dir(out) / hunyuan3d.TINY_SUBFOLDER
     print(f"Hunyuan3D tiny (hy3dgen layout): {shape}")
+    print(f"Hunyuan3D-Paint tiny ({paint.PAINT_SUBFOLDER}, {paint.DELIGHT_SUBFOLDER} layouts): "
+          f"{paint.tiny_paint_dir(out)}")
     if args.full_size:
         path = write_random_checkpoint(out / "sam" / RANDOM_VIT_B_NAME, "vit_b")
         print(f"SAM vit_b, random weights: {path}")

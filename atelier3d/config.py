@@ -199,9 +199,9 @@ class MeshSettings(BaseModel):
         "on an H200 with random weights it was 10x slower than dense (benchmarks/README.md)"
     )
     texture: Literal["auto", "paint", "project", "none"] = Field(
-        "auto", description="paint: Hunyuan3D-Paint (CUDA and hy3dgen's compiled "
-        "custom_rasterizer); project: colours projected from the input view; auto: paint where "
-        "it can run, else project"
+        "auto", description="paint: Hunyuan3D-Paint on mesh.device (a torch rasterizer stands "
+        "in for hy3dgen's compiled custom_rasterizer where it is missing); project: colours "
+        "projected from the input view; auto: paint on CUDA, else project (saying why)"
     )
     paint_model: str = Field(
         "tencent/Hunyuan3D-2", description="hub id or local directory with "

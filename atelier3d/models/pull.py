@@ -24,7 +24,6 @@ not fully on disk and how much of them is.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import threading
@@ -41,7 +40,8 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from atelier3d.config import AppConfig
-from atelier3d.models.mesh.hunyuan3d import CKPT_NAME, TURBO_VAES
+from atelier3d.models.loading import resolve_device
+from atelier3d.models.mesh.hunyuan3d import CKPT_NAME, TURBO_VAES, paint_unavailable
 from atelier3d.models.parse import pose
 from atelier3d.models.segment.sam import OFFICIAL_CHECKPOINTS
 from atelier3d.pull_status import (
@@ -212,10 +212,12 @@ def wanted_models(config: AppConfig) -> list[Wanted]:
                              files=[f"{mesh.subfolder}/config.yaml",
                                     f"{mesh.subfolder}/{CKPT_NAME}"],
                              optional_files=optional))
-    # Painting runs where hy3dgen's compiled rasterizer is installed (texture: auto) or where the
-    # config insists on it; elsewhere its ~10 GB would never be read.
+    # Painting runs on CUDA (texture: auto) or where the config insists on it; elsewhere its
+    # ~10 GB would never be read.
+    # (a configured cuda is taken at its word: weights may be pulled on a machine without one)
+    device = resolve_device("auto", "mesh.device") if mesh.device == "auto" else mesh.device
     paints = mesh.texture == "paint" or (
-        mesh.texture == "auto" and importlib.util.find_spec("custom_rasterizer") is not None)
+        mesh.texture == "auto" and paint_unavailable(device) is None)
     if paints and not _local(mesh.paint_model):
         wanted.append(Wanted(key="paint", label="Hunyuan3D-Paint", kind="hub",
                              source=mesh.paint_model, scope=list(PAINT_FOLDERS)))

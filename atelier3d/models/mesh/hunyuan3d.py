@@ -181,14 +181,12 @@ class ShapePipeline:
 
 
 def paint_unavailable(device: str) -> str | None:
-    """Why Hunyuan3D-Paint cannot run here, or ``None`` when it can."""
+    """Why ``texture: auto`` projects instead of painting here, or ``None`` when it paints.
+    Hunyuan3D-Paint runs on any device (``models/mesh/paint.py``, hy3dgen's pipeline with a torch
+    rasterizer where the compiled one is missing); ``auto`` paints on CUDA."""
     if device != "cuda":
-        return "Hunyuan3D-Paint needs CUDA"
-    try:
-        import custom_rasterizer  # noqa: F401  (hy3dgen's compiled CUDA rasterizer)
-        import xatlas  # noqa: F401
-    except ImportError as exc:
-        return f"hy3dgen's compiled rasterizer is not installed ({exc})"
+        return ("Hunyuan3D-Paint paints on CUDA under texture: auto; on the CPU its multiview "
+                "diffusion takes minutes even with tiny weights (texture: paint forces it)")
     return None
 
 
@@ -235,16 +233,23 @@ def _enable_flashvdm(pipeline: Any, source: str, subfolder: str, device: str,
                                          topk_mode="mean", mc_algo="mc")
 
 
-def _load_painter(settings: MeshSettings, mode: ModelsMode,
-                  device: str) -> tuple[Any, Literal["paint", "project", "none"], str]:
+def _load_painter(settings: MeshSettings, mode: ModelsMode, device: str,
+                  cache_dir: Path | None) -> tuple[Any, Literal["paint", "project", "none"], str]:
     if settings.texture in ("project", "none"):
         return None, settings.texture, ""
-    reason = "the tiny profile has no paint model" if mode == "tiny" else paint_unavailable(device)
+    trained = mode != "tiny"
+    reason = None if settings.texture == "paint" else paint_unavailable(device)
     if reason is None:
-        try:
-            from hy3dgen.texgen import Hunyuan3DPaintPipeline
+        # hy3dgen.texgen and the diffusers pipelines load here, only where texturing paints
+        from atelier3d.models.mesh import paint
 
-            painter = Hunyuan3DPaintPipeline.from_pretrained(_source(settings.paint_model))
+        try:
+            if trained:
+                painter = paint.load_paint_pipeline(_source(settings.paint_model), device)
+            else:
+                painter = paint.load_paint_pipeline(
+                    str(paint.tiny_paint_dir(cache_dir)), device,
+                    render_size=paint.TINY_RENDER_SIZE, texture_size=paint.TINY_RENDER_SIZE)
             return painter, "paint", ""
         except _LOAD_ERRORS as exc:
             reason = f"paint weights {settings.paint_model!r} unavailable ({exc})"
@@ -280,7 +285,8 @@ def load_shape_pipeline(settings: MeshSettings, mode: ModelsMode = "auto",
         consequence="meshes will be meaningless")
     if settings.flashvdm:
         _enable_flashvdm(pipeline, source, subfolder, device, dtype)
-    painter, texture, note = _load_painter(settings, mode if trained else "tiny", device)
+    painter, texture, note = _load_painter(settings, mode if trained else "tiny", device,
+                                           cache_dir)
     return ShapePipeline(pipeline=pipeline, source=source, subfolder=subfolder,
                          checkpoint=checkpoint, trained=trained, device=device,
                          flashvdm=settings.flashvdm, texture=texture, texture_note=note,
@@ -571,5 +577,7 @@ def generate(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
             final.append(_texture(model, mesh, rgba))
             stages.done("texture", k)
     timings = {stage: round(ms, 1) for stage, ms in stages.timings_ms.items()}
+    if texture == "project" and model.texture_note:
+        meta["texture_note"] = model.texture_note  # why it projects rather than paints
     return {"media_type": GLB, "data": to_glb(placed(final)),
             "meta": {**meta, "texture": texture, "timings_ms": timings}}
