@@ -1,6 +1,7 @@
 """Hunyuan3D-Paint from this project's install: tiny random weights in the official
 ``hunyuan3d-paint-v2-0`` / ``hunyuan3d-delight-v2-0`` layouts, loaded by hy3dgen's own loaders,
-and hy3dgen's ``Hunyuan3DPaintPipeline.__call__`` run end to end on the CPU on a tiny mesh."""
+and hy3dgen's ``Hunyuan3DPaintPipeline.__call__`` run end to end on the CPU, inside the Shape3D
+deployment's class and directly."""
 
 from __future__ import annotations
 
@@ -38,21 +39,6 @@ def test_tiny_paint_weights_are_in_the_official_layouts(tiny_paint):
     assert paint.is_random_init(str(tiny_paint))
 
 
-def test_hy3dgen_paint_pipeline_textures_a_mesh_on_the_cpu(tiny_paint):
-    painter = paint.load_paint_pipeline(str(tiny_paint), "cpu", render_size=32, texture_size=32)
-    assert isinstance(painter, paint.Hunyuan3DPaintPipeline)
-    mesh = trimesh.creation.icosphere(subdivisions=1)
-    textured = painter(mesh, image=Image.fromarray(cutout(64, 48, (6, 8, 42, 56))))
-    # xatlas unwrapped it (seams split vertices) and the texture is the baked, inpainted map
-    assert isinstance(textured.visual, trimesh.visual.TextureVisuals)
-    assert len(textured.faces) == 80 and len(textured.vertices) >= 42
-    uv = np.asarray(textured.visual.uv)
-    assert uv.shape == (len(textured.vertices), 2) and uv.min() >= 0 and uv.max() <= 1
-    texture = np.asarray(textured.visual.material.image)
-    assert texture.shape == (32, 32, 3)
-    assert texture.std() > 0  # random weights paint noise, but paint: not a flat fill
-
-
 def test_shape3d_paints_and_its_glb_equals_the_paint_pipeline_called_directly(tiny_paint):
     """The Shape3D deployment's class in-process with ``texture: paint`` on the CPU and the tiny
     weights: its textured GLB is the shape it streamed, painted by hy3dgen's pipeline called
@@ -85,9 +71,12 @@ def test_shape3d_paints_and_its_glb_equals_the_paint_pipeline_called_directly(ti
     assert isinstance(textured.visual, trimesh.visual.TextureVisuals)
     np.testing.assert_array_equal(textured.faces, painted.faces)
     np.testing.assert_allclose(textured.visual.uv, painted.visual.uv, atol=1e-6)
-    np.testing.assert_array_equal(
-        np.asarray(textured.visual.material.baseColorTexture.convert("RGB")),
-        np.asarray(painted.visual.material.image.convert("RGB")))
+    texture = np.asarray(textured.visual.material.baseColorTexture.convert("RGB"))
+    np.testing.assert_array_equal(texture, np.asarray(painted.visual.material.image.convert("RGB")))
+    # xatlas unwrapped it and the texture is the baked, inpainted map: random weights paint
+    # noise, but paint (not a flat fill)
+    uv = np.asarray(textured.visual.uv)
+    assert uv.min() >= 0 and uv.max() <= 1 and texture.std() > 0
 
 
 async def _collect(deployment, request: MeshRequest) -> list[dict]:
