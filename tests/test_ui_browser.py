@@ -543,7 +543,7 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
     wait_text(page, "#edit-status", "the source of the next edit")
     preset = page.locator("#edit-preset input")
     until_kept(lambda: (preset.click(), page.get_by_role("option", name="Free").click()),
-               lambda: preset.input_value() == "free", "the preset")
+               lambda: preset.input_value() == "Free", "the preset")
     prompt = page.locator("#edit-prompt textarea")
     until_kept(lambda: prompt.fill("make the shirt red"),
                lambda: prompt.input_value() == "make the shirt red", "the prompt")
@@ -622,7 +622,8 @@ def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
     check_glb(page.request.get(models[-1]).body())
     # The viewer drew it: its canvas is not one flat colour.
     canvas = page.locator("#mesh-viewer canvas")
-    expect(canvas).to_have_count(1)
+    # The viewer makes a new canvas for each model it is given (the shape, then the asset).
+    expect(canvas).to_have_count(1, timeout=TIMEOUT_MS)
     wait_drawn(canvas)
 
     # Downloads: GLB, and the API's conversions of it.
