@@ -80,6 +80,17 @@ def test_refused_uploads_read_as_the_apis_plain_sentences(
         wait_status(page, "Upload an image or pick an example to start")
         for close in page.locator("[data-testid=toast-close]").all():
             close.click()
+    # The 3D tab's own upload too: a text file named .png reads as the API's sentence.
+    notes = tmp_path / "notes.png"
+    tab(page, "3D").click()
+    page.locator("#mesh-upload input[type=file]").set_input_files(str(notes))
+    wait_picked(page, "mesh-source", "Uploaded image (below)")
+    page.locator("#mesh-run").click()
+    expected = sentence(api_refusal(server, "notes.png", notes.read_bytes()))
+    text = page.locator("[data-testid=toast-text]", has_text=expected).first.inner_text()
+    assert "/tmp" not in text and "gradio" not in text, text
+    tab(page, "Segment").click()
+
     # A photo over the pixel limit (4 MP here) is offered to be scaled down to fit, and then used.
     side = np.linspace(0, 255, 2100, dtype=np.uint8)
     big = np.dstack([np.tile(side, (2000, 1))] * 3)
