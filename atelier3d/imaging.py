@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -97,6 +98,23 @@ def decode_image(data: bytes, max_pixels: int, keep_alpha: bool = False,
     except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a 400
         detail = str(exc)[:200] or type(exc).__name__
         raise BadRequest(f"the image is corrupt or truncated: {detail}") from exc
+
+
+DOWNSCALE_MAX_PIXELS = 50_000_000  # the largest image the UI offers to scale down (150 MB RGB)
+
+
+def downscaled(data: bytes, max_pixels: int,
+               max_source_pixels: int = DOWNSCALE_MAX_PIXELS) -> np.ndarray:
+    """An upload over the pixel limit, scaled down to fit ``max_pixels`` (the UI offers it
+    instead of only refusing). It is decoded with ``max_source_pixels`` as its limit, with
+    every check of :func:`decode_image`."""
+    rgb = decode_image(data, max_source_pixels)
+    height, width = rgb.shape[:2]
+    scale = math.sqrt(max_pixels / (height * width))
+    if scale >= 1:
+        return rgb
+    size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -542,8 +542,8 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
     wait_picked(page, "edit-source", first)
     wait_text(page, "#edit-status", "the source of the next edit")
     preset = page.locator("#edit-preset input")
-    until_kept(lambda: (preset.click(), page.get_by_role("option", name="free").click()),
-               lambda: preset.input_value() == "free", "the preset")
+    until_kept(lambda: (preset.click(), page.get_by_role("option", name="Free").click()),
+               lambda: preset.input_value() == "Free", "the preset")
     prompt = page.locator("#edit-prompt textarea")
     until_kept(lambda: prompt.fill("make the shirt red"),
                lambda: prompt.input_value() == "make the shirt red", "the prompt")
@@ -616,23 +616,26 @@ def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
     assert_real_progress(progress_texts(page, "mesh-viewer"), MESH_STAGES, MESH_STEPS, least=4)
     # The untextured shape showed first, then the finished asset.
     models = page.evaluate("window.models")
-    assert models[0].endswith("shape.glb") and models[-1].endswith("mesh.glb"), models
+    # Named after the image and the source (the upload was character.png).
+    assert models[0].endswith("character-object1.shape.glb"), models
+    assert models[-1].endswith("character-object1.glb"), models
     check_glb(page.request.get(models[-1]).body())
     # The viewer drew it: its canvas is not one flat colour.
     canvas = page.locator("#mesh-viewer canvas")
-    expect(canvas).to_have_count(1)
+    # The viewer makes a new canvas for each model it is given (the shape, then the asset).
+    expect(canvas).to_have_count(1, timeout=TIMEOUT_MS)
     wait_drawn(canvas)
 
     # Downloads: GLB, and the API's conversions of it.
     links = page.locator("#mesh-download a[download]")
     expect(links).to_have_count(4)
     names = {links.nth(i).get_attribute("download") for i in range(4)}
-    assert names == {"mesh.glb", "mesh.obj", "mesh.ply", "mesh.stl"}
+    assert names == {f"character-object1.{fmt}" for fmt in ("glb", "obj", "ply", "stl")}
     with page.expect_download(timeout=TIMEOUT_MS) as info:
-        page.locator("#mesh-download a[download='mesh.glb']").click()
+        page.locator("#mesh-download a[download='character-object1.glb']").click()
     glb = check_glb(Path(info.value.path()).read_bytes())
     with page.expect_download(timeout=TIMEOUT_MS) as info:
-        page.locator("#mesh-download a[download='mesh.obj']").click()
+        page.locator("#mesh-download a[download='character-object1.obj']").click()
     obj = trimesh.load(info.value.path(), file_type="obj", force="mesh")
     assert len(obj.faces) == sum(len(g.faces) for g in glb.geometry.values())
 
@@ -642,14 +645,20 @@ def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
         assert re.search(rf"{stage}\s+\d+\.\d\d s", table), table
     page.screenshot(path=str(MESH_SCREENSHOT), full_page=True)
 
-    # Cancel: a long run stops at its next step.
+    # Cancel: a long run stops at its next step. Cancel is offered only while a job runs, and
+    # a new job clears the last one's downloads and times.
+    expect(page.locator("#mesh-cancel")).to_be_disabled()
     set_number(page, "mesh-steps", 150)
     record_progress(page, "mesh-viewer")
     page.locator("#mesh-run").click()
+    expect(page.locator("#mesh-download a[download]")).to_have_count(0)
+    expect(page.locator("#mesh-timings")).not_to_contain_text("Total")
+    wait_text(page, "#mesh-status", "Making a 3D asset of Object 1 cut-out")
     page.wait_for_function("() => window.progress['mesh-viewer'].some("
                            "t => t.startsWith('Denoising'))", timeout=TIMEOUT_MS)
     page.locator("#mesh-cancel").click()
     wait_text(page, "#mesh-status", "The 3D job was cancelled")
+    expect(page.locator("#mesh-cancel")).to_be_disabled()
     steps = [int(m.group(1)) for t in progress_texts(page, "mesh-viewer")
              if (m := re.match(r"Denoising (\d+)/150", t))]
     assert steps and max(steps) < 150

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,6 +66,29 @@ class ReplicaHeaders:
         await self.app(scope, receive, send_named)
 
 
+class ClientGone:
+    """A client that went away reads as ``http.disconnect``, as the ASGI spec says. Ray Serve's
+    ``receive`` raises ``TaskCancelledError`` instead, which a streaming response (Gradio's
+    heartbeat, the queue's event stream) lets out as an error with a traceback in the log on
+    every reload of the page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def receive_or_gone() -> Message:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_gone, send)
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
@@ -89,4 +113,5 @@ class Gateway:
             app = mount_ui(app, self.health, self.service, self.parsing, jobs)
         replica, node = replica_identity()
         app.add_middleware(ReplicaHeaders, replica=replica, node=node)
+        app.add_middleware(ClientGone)
         return app

@@ -5,7 +5,9 @@
 Sessions, objects and their undo history live on the server (the same state the /v1 API uses), so
 every view is re-rendered from the ``ObjectState`` the service returns. The per-tab ``gr.State``
 only holds what the server does not: the ids, the image (to draw overlays), and the first corner
-of a box that is being drawn.
+of a box that is being drawn. Those states are the browser's workspace (:mod:`.workspace`): the
+page's load event puts them back after a reload, and each tab shows again what it showed,
+following a job that still runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
@@ -23,12 +25,19 @@ from atelier3d.serve.health import Health
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.routes import JobServices
 from atelier3d.serve.segment.service import SegmentService
-from atelier3d.serve.ui.common import ExportDir, UiState, guarded
+from atelier3d.serve.ui.common import EVENTS, ExportDir, Restore, UiState, guarded
 from atelier3d.serve.ui.edit import edit_tab
 from atelier3d.serve.ui.mesh import mesh_tab
 from atelier3d.serve.ui.parse import ParseTab, parse_tab
 from atelier3d.serve.ui.segment import segment_tab
 from atelier3d.serve.ui.studio import EditUi, Studio, edit_source
+from atelier3d.serve.ui.workspace import (
+    UiCookieMiddleware,
+    Workspace,
+    Workspaces,
+    build_files_router,
+    cookie_token,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,33 +49,40 @@ BANNER_POLL_S = 2.0
 CSS = "#overlay img { cursor: crosshair; }"
 
 
-def build_ui(health: Health, service: SegmentService, parsing: ParseService | None = None,
-             jobs: JobServices | None = None) -> gr.Blocks:
+def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
+             parsing: ParseService | None = None, jobs: JobServices | None = None) -> gr.Blocks:
     """The Segment tab, then Body & garments (with ``parsing``), then Edit and 3D (with
     ``jobs``, which need ``parsing`` too: their sources include the parse's parts)."""
     if jobs is not None and parsing is None:
         raise ValueError("the Edit and 3D tabs need the parsing service")
-    exports = ExportDir()
+    exports = workspaces.exports
     weights: dict[str, str] = {}  # cached answer of health.ready(): weights never change
 
     with gr.Blocks(title="atelier3d", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         banner = gr.Markdown(visible=False, elem_id="weights-banner")
         state = gr.State(UiState())
+        # The states the load event replaces with the workspace's, in Workspace's order.
+        states: list[gr.State | None] = [state, None, None, None]
+        restores: list[Restore] = []
         if jobs is not None:
             # Here, not in the Edit tab: both job tabs use it, and a gr.Tabs takes only tabs.
-            edit_state = gr.State(EditUi())
+            states[2] = gr.State(EditUi())
         with gr.Tabs() as tabs:
             with gr.Tab("Segment", id="segment"):
-                segment_tab(service, state, exports)
+                restores.append(segment_tab(service, state, exports))
             if parsing is not None:
                 parse = parse_tab(parsing, state, exports, sends=jobs is not None)
+                states[1] = parse.state
+                restores.append(parse.restore)
             if jobs is not None:
-                _job_tabs(service, parsing, jobs, exports, tabs, [state, parse.state, edit_state],
-                          parse)
+                states[3], job_restores = _job_tabs(service, parsing, jobs, exports, tabs,
+                                                    [state, parse.state, states[2]], parse)
+                restores += job_restores
 
         poll = gr.Timer(BANNER_POLL_S, active=False)
 
-        async def show_banner(polling: bool) -> tuple[dict, gr.Timer]:
+        async def show_banner() -> tuple[dict, gr.Timer]:
+            """The banner, and whether to poll again: while weights download or models load."""
             downloading = await health.downloading()
             if downloading:
                 return gr.update(visible=True, value=f"⏳ {downloading}"), gr.Timer(active=True)
@@ -74,36 +90,48 @@ def build_ui(health: Health, service: SegmentService, parsing: ParseService | No
                 try:
                     weights["weights"] = (await health.ready()).weights
                 except Unavailable:
-                    if not polling:
-                        raise
                     # Pulled, the replicas now load: no toast every poll, the banner says so.
                     return gr.update(visible=True, value=LOADING_BANNER), gr.Timer(active=True)
             untrained = weights["weights"] == "untrained"
             return (gr.update(visible=untrained, value=UNTRAINED_BANNER if untrained else ""),
                     gr.Timer(active=False))
 
+        @guarded()
+        async def on_load(request: gr.Request) -> tuple:
+            workspace = workspaces.of(cookie_token({"cookie": request.headers.get("cookie")}),
+                                      getattr(request, "username", None))
+            workspace.ui.reloaded = (workspace.ui.session_id is not None
+                                     or workspace.mesh.job_id is not None)
+            return *await show_banner(), *_kept(workspace, states)
+
         def unchanged(_: UiState | None) -> tuple[dict, dict]:
             return gr.skip(), gr.skip()
 
         @guarded(unchanged)
-        async def on_load() -> tuple[dict, gr.Timer]:
-            return await show_banner(polling=False)
-
-        @guarded(unchanged)
         async def on_poll() -> tuple[dict, gr.Timer]:
-            return await show_banner(polling=True)
+            return await show_banner()
 
-        demo.load(on_load, None, [banner, poll], concurrency_limit=None, show_progress="hidden",
-                  api_visibility="private")
-        poll.tick(on_poll, None, [banner, poll], concurrency_limit=None, show_progress="hidden",
-                  api_visibility="private")
+        kept = [s for s in states if s is not None]
+        load = demo.load(on_load, None, [banner, poll, *kept], **EVENTS, show_progress="hidden")
+        poll.tick(on_poll, None, [banner, poll], **EVENTS, show_progress="hidden")
+        # Each tab shows again what it showed, side by side: a tab following a job for minutes
+        # must not hold up the others.
+        for restore in restores:
+            load.then(restore.fn, restore.inputs, restore.outputs, **EVENTS)
     return demo
 
 
+def _kept(workspace: Workspace, states: list[gr.State | None]) -> list:
+    values = [workspace.ui, workspace.parse, workspace.edit, workspace.mesh]
+    return [value for value, state in zip(values, states, strict=True) if state is not None]
+
+
 def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
-              exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab) -> None:
+              exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab
+              ) -> tuple[gr.State, list[Restore]]:
     """The Edit and 3D tabs, and the buttons that send images to them from the tabs before;
-    ``states``: the Segment, Body & garments and Edit tabs' states."""
+    ``states``: the Segment, Body & garments and Edit tabs' states. Returns the 3D tab's state
+    and both tabs' restores."""
     job_service, editing, meshing = jobs
     studio = Studio(service, parsing, job_service, editing.resolver, exports, tabs, *states)
     edit = edit_tab(studio, editing)
@@ -114,6 +142,7 @@ def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
     studio.link_send(edit.to_3d, mesh.picker,
                      lambda ui, pui, eui: edit_source(eui.shown) if eui.shown else None,
                      "Run an edit (or pick one from the history) first.")
+    return mesh.state, [edit.restore, mesh.restore]
 
 
 class _UiMount(Mount):
@@ -134,7 +163,8 @@ def mount_ui(app: FastAPI, health: Health, service: SegmentService,
              parsing: ParseService | None = None, jobs: JobServices | None = None) -> FastAPI:
     """Mounts the UI at ``/``; routes already on ``app`` (/v1, /docs, /healthz) match first."""
     config = service.config
-    demo = build_ui(health, service, parsing, jobs)
+    workspaces = Workspaces(service, ExportDir())
+    demo = build_ui(health, service, workspaces, parsing, jobs)
     # Gradio serves only the files its events returned (copied into its cache, deleted after
     # an hour by delete_cache): no allowed_paths (tests/test_auth.py checks that the weights
     # cache, the tree and system files are not served). Not blocked_paths on the cache folder
@@ -150,5 +180,17 @@ def mount_ui(app: FastAPI, health: Health, service: SegmentService,
     mount = app.router.routes[-1]  # mount_gradio_app appends its Mount last
     if not isinstance(mount, Mount) or mount.path != "":
         raise RuntimeError(f"expected Gradio's mount at / as the last route, found {mount!r}")
-    app.router.routes[-1] = _UiMount("/", app=mount.app, name=mount.name)
+    gradio_app = mount.app
+    app.router.routes[-1] = _UiMount("/", app=gradio_app, name=mount.name)
+
+    def user_of(request: Request) -> str | None:
+        """The UI login's user of a request, as Gradio's own routes find it."""
+        token = (request.cookies.get(f"access-token-{gradio_app.cookie_id}")
+                 or request.cookies.get(f"access-token-unsecure-{gradio_app.cookie_id}"))
+        return gradio_app.tokens.get(token) if token else None
+
+    # Before the UI's mount, which matches every other path.
+    files = build_files_router(workspaces, user_of)
+    app.router.routes[-1:-1] = files.routes
+    app.add_middleware(UiCookieMiddleware)
     return app

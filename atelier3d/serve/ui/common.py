@@ -1,12 +1,16 @@
-"""What every tab of the UI shares: the Segment tab's state, guarded handlers, exports."""
+"""What every tab of the UI shares: the Segment tab's state, guarded handlers, the image upload,
+and the files offered for download."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import html
 import inspect
 import logging
+import secrets
 import shutil
 import tempfile
 import time
@@ -14,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import gradio as gr
 import numpy as np
@@ -51,6 +56,14 @@ class UiState:
     objects: list[str] = field(default_factory=list)  # object ids, in creation order
     object_id: str | None = None
     corner: tuple[float, float] | None = None  # first click of a box in "box corner" mode
+    image_name: str = "image"  # the uploaded file's name without suffix: names the downloads
+    too_big: UploadedFile | None = None  # an upload over the pixel limit, offered to downscale
+    # Set by the page's load event: whether this workspace had a session then, so the tabs have
+    # something to show again (and nothing to redo when the page is new).
+    reloaded: bool = False
+    # What this tab offers for download, by file id (served by ``ui.workspace``'s route to
+    # the browser that owns it, while the session lasts).
+    offered: dict[str, OfferedFile] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     def start(self, session_id: str | None, image: np.ndarray | None,
@@ -58,6 +71,10 @@ class UiState:
         self.session_id, self.image, self.corner = session_id, image, None
         self.objects = [object_id] if object_id else []
         self.object_id = object_id
+
+    def file_stem(self, what: str) -> str:
+        """How a download is named: the image, then what it is (``character-object1``)."""
+        return f"{self.image_name}-{what}".lower().replace(" ", "")
 
     def colour(self, object_id: str) -> tuple[int, int, int]:
         return COLOURS[self.objects.index(object_id) % len(COLOURS)]
@@ -70,13 +87,23 @@ def _skip(_: UiState | None = None) -> dict:
     return gr.skip()
 
 
+def sentence(message: str) -> str:
+    """An API error message as the UI shows it: a sentence (capital first, full stop last)."""
+    message = message.strip()
+    if not message:
+        return message
+    message = message[0].upper() + message[1:]
+    return message if message.endswith((".", "!", "?", ")")) else message + "."
+
+
 def _report(name: str, exc: Exception) -> None:
-    """Shows a handler's error as a warning toast: ``ApiError``s carry a message meant for users;
-    anything else is logged and reported generically."""
+    """Shows a handler's error as a warning toast: ``ApiError``s carry a message meant for users
+    (the same the API answers with its 4xx); anything else is logged and reported generically,
+    so no path or internal name reaches the page."""
     if isinstance(exc, ApiError):
-        gr.Warning(exc.message)
+        gr.Warning(sentence(exc.message))
     elif isinstance(exc, ValidationError):
-        gr.Warning(validation_message(exc.errors()))
+        gr.Warning(sentence(validation_message(exc.errors())))
     else:
         logger.error("UI handler %s failed", name, exc_info=exc)
         gr.Warning("Something went wrong on the server; please try again.")
@@ -137,15 +164,33 @@ class ExportDir:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="atelier3d-ui-"))
 
-    def write(self, files: dict[str, bytes]) -> list[str]:
+    def write(self, files: dict[str, bytes], prefix: str = "export-") -> list[str]:
         self._prune()
-        folder = Path(tempfile.mkdtemp(dir=self.root, prefix="export-"))
+        folder = Path(tempfile.mkdtemp(dir=self.root, prefix=prefix))
         paths = []
         for name, data in files.items():
             path = folder / name
             path.write_bytes(data)
             paths.append(str(path))
         return paths
+
+    def offer(self, ui: UiState, files: dict[str, bytes]) -> list[OfferedFile]:
+        """Writes ``files`` and lists them as offered by ``ui``'s tab, for its session."""
+        offered = []
+        # Not pruned by age as exports are: they go with their session (``drop``).
+        for name, path in zip(files, self.write(files, prefix="offer-"), strict=True):
+            file = OfferedFile(secrets.token_urlsafe(18), ui.session_id, name, Path(path))
+            ui.offered[file.file_id] = file
+            offered.append(file)
+        return offered
+
+    def drop(self, ui: UiState, session_id: str | None = None) -> None:
+        """Forgets (and deletes) what ``ui`` offered of ``session_id``, which has gone (of every
+        session, and of none, without it)."""
+        for file_id, file in list(ui.offered.items()):
+            if session_id is None or file.session_id == session_id:
+                del ui.offered[file_id]
+                shutil.rmtree(file.path.parent, ignore_errors=True)
 
     def _prune(self) -> None:
         cutoff = time.time() - EXPORT_TTL_S
@@ -163,6 +208,84 @@ class ExportDir:
             Image.fromarray(image).save(path)
             out.append((name, str(path)))
         return out
+
+
+@dataclass
+class OfferedFile:
+    """A file the UI offers for download: its own random id, the session it belongs to (it goes
+    with it), the name it downloads as, and where it lies."""
+
+    file_id: str
+    session_id: str | None  # None: a 3D asset of an uploaded image, made outside any session
+    name: str
+    path: Path
+
+    @property
+    def url(self) -> str:
+        # Relative to the page, so the UI works behind a path prefix too.
+        return f"{FILES_ROUTE.lstrip('/')}/{self.file_id}/{quote(self.name)}"
+
+
+FILES_ROUTE = "/ui-files"  # where ``ui.workspace`` serves the offered files
+
+
+def links(files: list[OfferedFile], label: str) -> dict:
+    """The update showing ``files`` as download links (an HTML list, hidden when empty)."""
+    if not files:
+        return gr.update(value="", visible=False)
+    items = "".join(f'<li><a href="{html.escape(f.url)}" download="{html.escape(f.name)}">'
+                    f"{html.escape(f.name)}</a></li>" for f in files)
+    return gr.update(value=f'<div class="downloads"><strong>{html.escape(label)}</strong>'
+                           f"<ul>{items}</ul></div>", visible=True)
+
+
+def hidden_links() -> dict:
+    return links([], "")
+
+
+@dataclass
+class UploadedFile:
+    """An upload as it arrived: the server's decoder reads it, not Gradio's."""
+
+    path: str | None
+    name: str
+    data_url: str | None = None
+
+    def read(self) -> bytes:
+        if self.data_url is not None:  # a pasted image comes as a data: URL
+            return base64.b64decode(self.data_url.partition(",")[2] or "")
+        return Path(self.path).read_bytes()
+
+    @property
+    def stem(self) -> str:
+        stem = Path(self.name).stem or "image"
+        return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:40] or "image"
+
+
+def uploaded_file(payload: dict | None) -> UploadedFile | None:
+    """An image upload as an event with ``preprocess=False`` gets it (Gradio's ``ImageData`` as
+    a dict), undecoded: the server decodes it as ``/v1`` does, with its limits and its plain 4xx
+    messages, where Gradio's own decoding shows its exception text (with the server's file path)
+    for a file that is not an image, and a bare "Error" for a truncated one."""
+    if not payload:
+        return None
+    name = payload.get("orig_name") or "image"
+    url = payload.get("url") or ""
+    if url.startswith("data:"):
+        return UploadedFile(None, name, data_url=url)
+    if not payload.get("path"):
+        return None
+    return UploadedFile(payload["path"], name)
+
+
+@dataclass
+class Restore:
+    """What a tab shows again after a reload: ``fn(*inputs)`` (a guarded handler) gives
+    ``outputs``; run once the page's load event has put the workspace's states back."""
+
+    fn: Callable[..., Any]
+    inputs: list[Any]
+    outputs: list[Any]
 
 
 def client_key(request: gr.Request | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import gradio as gr
@@ -20,13 +21,14 @@ from atelier3d.config import SIZE_MULTIPLE
 from atelier3d.errors import NotFound
 from atelier3d.imaging import decode_png
 from atelier3d.serve.edit.service import EditService
-from atelier3d.serve.ui.common import EVENTS, UiState, client_key, guarded
+from atelier3d.serve.ui.common import EVENTS, Restore, UiState, client_key, guarded
 from atelier3d.serve.ui.parse import ParseUi
 from atelier3d.serve.ui.studio import (
     Edit,
     EditUi,
     Picker,
     Studio,
+    cancel_button,
     edit_source,
     optional,
     outcome,
@@ -44,6 +46,20 @@ PROMPT_LEN = 40  # of the prompt, in an edit's label
 class EditTab:
     picker: Picker
     to_3d: gr.Button  # "Use this for 3D": the 3D tab links it to its picker
+    restore: Restore
+
+
+def preset_words(name: str) -> str:
+    """A preset as the picker shows it: its name in words."""
+    return name.replace("_", " ").capitalize().replace("T pose", "T-pose")
+
+
+def preset_text(name: str) -> str:
+    """What a preset adds to the prompt, shown under the picker."""
+    prompt = PRESETS[name].prompt if name in PRESETS else ""
+    if not prompt:
+        return "*Adds nothing: your prompt is the whole instruction.*"
+    return f"*Adds to the prompt:* “{prompt}”"
 
 
 def _edit(job_id: str, history: list[Edit], body: EditJobRequest, source_label: str) -> Edit:
@@ -68,8 +84,9 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                 source = gr.Dropdown(label="Source", choices=[], elem_id="edit-source")
                 preview = gr.Image(label="Source image", interactive=False, format="png",
                                    height=200, elem_id="edit-preview")
-                preset = gr.Dropdown(list(PRESETS), value="full_body", label="Preset",
-                                     elem_id="edit-preset")
+                preset = gr.Dropdown([(preset_words(name), name) for name in PRESETS],
+                                     value="full_body", label="Preset", elem_id="edit-preset")
+                preset_info = gr.Markdown(preset_text("full_body"), elem_id="edit-preset-text")
                 prompt = gr.Textbox(label="Prompt (added to the preset's; needed for free)",
                                     lines=2, elem_id="edit-prompt")
                 with gr.Accordion("Parameters", open=False, elem_id="edit-parameters"):
@@ -86,14 +103,15 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                                            elem_id="edit-height")
                 with gr.Row():
                     run = gr.Button("Run the edit", variant="primary", elem_id="edit-run")
-                    cancel = gr.Button("Cancel", elem_id="edit-cancel")
+                    cancel = gr.Button("Cancel", interactive=False, elem_id="edit-cancel")
                 status = gr.Markdown("Pick a source, a preset and a prompt, then run.",
                                      elem_id="edit-status")
             with gr.Column(scale=2):
                 compare = gr.ImageSlider(label="Before / after", type="numpy", format="png",
                                          interactive=False, height=520, elem_id="edit-compare")
+                # height "auto": it grows with the history, so no label is read by scrolling.
                 history = gr.Gallery(label="Edits of this image (click one to edit it further)",
-                                     columns=5, height=200, allow_preview=False,
+                                     columns=4, height="auto", allow_preview=False,
                                      object_fit="contain", format="png", elem_id="edit-history")
                 to_3d = gr.Button("Use this for 3D", interactive=False, elem_id="edit-to-3d")
     picker = Picker("edit", source)
@@ -103,15 +121,9 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
     async def result(edit: Edit) -> np.ndarray:
         return await asyncio.to_thread(decode_png, jobs.result(edit.job_id).data)
 
-    async def gallery(eui: EditUi) -> list[tuple[np.ndarray, str]]:
-        """The history's results; edits the session no longer keeps leave it."""
-        shown = []
-        for edit in list(eui.edits):
-            try:
-                shown.append((await result(edit), edit.label))
-            except NotFound:
-                eui.edits.remove(edit)
-        return shown
+    async def gallery(ui: UiState, eui: EditUi) -> list[tuple[np.ndarray, str]]:
+        """The history's results."""
+        return [(await result(edit), edit.label) for edit in studio.done_edits(ui, eui)]
 
     async def before_after(ui: UiState, edit: Edit) -> tuple[np.ndarray | None, np.ndarray]:
         before = None
@@ -123,14 +135,32 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                    source_wanted: str | None) -> tuple:
         """Every output but the progress, for ``edit`` shown in the before/after view."""
         eui.shown = edit
-        pictures = await gallery(eui)
+        pictures = await gallery(ui, eui)
         return (
             note,
             await before_after(ui, edit),
-            gr.update(value=pictures, selected_index=eui.edits.index(edit)),
+            gr.update(value=pictures,
+                      selected_index=studio.done_edits(ui, eui).index(edit)),
             await studio.picker_update(picker, ui, pui, eui, source_wanted),
             gr.update(interactive=True),
+            cancel_button(False),
         )
+
+    async def follow(ui: UiState, pui: ParseUi, eui: EditUi, edit: Edit,
+                     progress: gr.Progress) -> AsyncIterator[tuple]:
+        """Follows ``edit``'s job with the progress bar, then shows it (as it was run, or after
+        a reload found it running)."""
+        job = jobs.get(edit.job_id)
+        yield (f"Editing: **{edit.label}**…", *[gr.skip()] * 4, cancel_button(True))
+        async for _ in track(jobs, job, progress):
+            pass
+        failed = outcome(job, "edit")
+        if failed is not None:
+            yield (failed, *[gr.skip()] * 4, cancel_button(False))
+            return
+        seconds = job.finished_at - job.started_at
+        note = f"**{edit.label}** · done in {seconds:.1f} s"
+        yield await view(ui, pui, eui, edit, note, source_key(edit.source))
 
     @guarded(lock=False)  # an edit takes a while: the tab's other events must not wait
     async def on_run(ui: UiState, pui: ParseUi, eui: EditUi, key: str | None, preset_name: str,
@@ -138,10 +168,12 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                      steps_value: float | None, cfg_value: float | None,
                      width_value: float | None, height_value: float | None,
                      request: gr.Request,
-                     progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+                     progress: gr.Progress = gr.Progress()  # noqa: B008
+                     ) -> AsyncIterator[tuple]:
         if ui.session_id is None or key is None:
             gr.Info("Upload an image in the Segment tab first.")
-            return gr.skip()
+            yield gr.skip()
+            return
         body = EditJobRequest(
             session_id=ui.session_id, source=source_of(key), preset=preset_name,
             prompt=prompt_text or "", negative_prompt=(negative_text or "").strip() or None,
@@ -152,30 +184,49 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
         source_label = await studio.label(ui, pui, eui, key)
         job = await editing.submit(body, client=client_key(request))
         eui.job_id = job.job_id
-        async for _ in track(jobs, job, progress):
-            pass
-        failed = outcome(job, "edit")
-        if failed is not None:
-            return failed, *[gr.skip()] * 4
+        # In the history from now on: a reload finds it, running or done.
         history = eui.history(body.session_id)
         edit = _edit(job.job_id, history, body, source_label)
         history.append(edit)
-        seconds = job.finished_at - job.started_at
-        note = f"**{edit.label}** · done in {seconds:.1f} s"
-        return await view(ui, pui, eui, edit, note, key)
+        async for update in follow(ui, pui, eui, edit, progress):
+            yield update
+
+    @guarded(lock=False)
+    async def on_restore(ui: UiState, pui: ParseUi, eui: EditUi,
+                         progress: gr.Progress = gr.Progress()  # noqa: B008
+                         ) -> AsyncIterator[tuple]:
+        """After a reload: the edit running then, followed again; or the one shown then."""
+        if not ui.reloaded:
+            yield gr.skip()
+            return
+        edits = eui.history(ui.session_id)
+        job = studio.running_job(eui)
+        running = next((e for e in edits if job and e.job_id == job.job_id), None)
+        if running is not None and not job.finished:
+            async for update in follow(ui, pui, eui, running, progress):
+                yield update
+            return
+        done = studio.done_edits(ui, eui)
+        if not done:
+            yield gr.skip()
+            return
+        shown = eui.shown if eui.shown in done else done[-1]
+        yield await view(ui, pui, eui, shown, f"**{shown.label}** · restored after a reload",
+                         source_key(edit_source(shown)))
 
     @guarded()
     async def on_history(ui: UiState, pui: ParseUi, eui: EditUi, evt: gr.SelectData) -> tuple:
-        edits = eui.history(ui.session_id)
+        edits = studio.done_edits(ui, eui)
         if int(evt.index) >= len(edits):
             return gr.skip()
         edit = edits[int(evt.index)]
         note = f"**{edit.label}** · the source of the next edit"
         return await view(ui, pui, eui, edit, note, source_key(edit_source(edit)))
 
-    outputs = [status, compare, history, source, to_3d]
+    outputs = [status, compare, history, source, to_3d, cancel]
     events = {**EVENTS, "show_progress_on": [compare]}
+    preset.change(preset_text, [preset], [preset_info], **EVENTS, show_progress="hidden")
     run.click(on_run, [*studio.states, source, preset, prompt, negative, seed, steps, cfg, width,
                        height], outputs, **events)
     history.select(on_history, studio.states, outputs, **events)
-    return EditTab(picker, to_3d)
+    return EditTab(picker, to_3d, Restore(on_restore, studio.states, outputs))

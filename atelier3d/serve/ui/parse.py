@@ -9,6 +9,7 @@ the skeleton are toggled, without parsing again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
 from dataclasses import dataclass
@@ -17,9 +18,19 @@ import gradio as gr
 import numpy as np
 
 from atelier3d.api.parse import ParseRequest, ParseResponse
+from atelier3d.errors import NotFound
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.sessions.session import StoredParse
-from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, guarded, with_progress
+from atelier3d.serve.ui.common import (
+    EVENTS,
+    ExportDir,
+    Restore,
+    UiState,
+    guarded,
+    hidden_links,
+    links,
+    with_progress,
+)
 from atelier3d.stages.parse import LABEL_IDS, PALETTE, ParseResult, colorize, render_pose_map
 
 TINT = 0.55  # opacity of the label colours over the image
@@ -43,6 +54,7 @@ class ParseTab:
     state: gr.State  # ParseUi
     send_edit: gr.Button
     send_3d: gr.Button
+    restore: Restore
 
 
 # ---- drawing ----------------------------------------------------------------------------------
@@ -146,11 +158,8 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
                                          image_mode="RGBA", interactive=False, format="png",
                                          height=260, elem_id="part-completed")
                 with gr.Row():
-                    part_files = gr.File(label="This part (PNG)", file_count="multiple",
-                                         interactive=False, visible=False,
-                                         elem_id="part-download")
-                    zip_file = gr.File(label="All cut-outs (ZIP)", interactive=False,
-                                       visible=False, elem_id="parts-zip")
+                    part_files = gr.HTML(visible=False, elem_id="part-download")
+                    zip_file = gr.HTML(visible=False, elem_id="parts-zip")
 
     part_outputs = [original, completed, part_files]
     view_outputs = [pstate, status, overlay, labels, legend, checks, parts, zip_file,
@@ -162,10 +171,10 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
             return None
         return parsing.get(pui.session_id, pui.parse_id)
 
-    async def part_view(pui: ParseUi) -> tuple:
+    async def part_view(ui: UiState, pui: ParseUi) -> tuple:
         """The chosen part large, its completed version, and both as files."""
         if pui.part is None:
-            return (None, None, gr.update(value=None, visible=False))
+            return (None, None, hidden_links())
         result = parsing.get(pui.session_id, pui.parse_id).result
         part = next(p for p in result.parts if p.name == pui.part)
         kinds = {"part": ".png"}
@@ -175,8 +184,30 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
         for kind, suffix in kinds.items():
             data, _ = await parsing.asset(pui.session_id, pui.parse_id, kind, part.name)
             files[part.name.lower() + suffix] = data
-        paths = await asyncio.to_thread(exports.write, files)
-        return (part.rgba, result.completed.get(part.name), gr.update(value=paths, visible=True))
+        offered = await asyncio.to_thread(exports.offer, ui, files)
+        return (part.rgba, result.completed.get(part.name), links(offered, "This part (PNG)"))
+
+    async def parse_view(ui: UiState, pui: ParseUi, current: StoredParse) -> tuple:
+        """Every output of the tab, for the parse ``current`` that ``pui`` shows."""
+        response, result = current.response, current.result
+        image = await asyncio.to_thread(render_overlay, ui.image, result, response.labels, True)
+        zip_bytes, _ = await parsing.asset(pui.session_id, pui.parse_id, "zip")
+        stem = ui.file_stem(f"{pui.object_label}-parts")
+        (zipped,) = await asyncio.to_thread(exports.offer, ui, {f"{stem}.zip": zip_bytes})
+        gallery = [(part.rgba, _caption(response, i)) for i, part in enumerate(result.parts)]
+        names = [part.name for part in result.parts]
+        return (
+            pui,
+            _status(pui, response),
+            image,
+            gr.update(choices=response.labels, value=response.labels),
+            _legend(response.labels),
+            _checks(response),
+            gr.update(value=gallery,
+                      selected_index=names.index(pui.part) if pui.part in names else None),
+            links([zipped], "All cut-outs (ZIP)"),
+            *await part_view(ui, pui),
+        )
 
     @guarded()
     async def on_parse(ui: UiState, pui: ParseUi, complete_occlusions: bool,
@@ -199,23 +230,19 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
         pui.session_id, pui.parse_id = ui.session_id, response.parse_id
         pui.object_label = ui.label(ui.object_id)
         pui.part = response.parts[0].name if response.parts else None
-        result = parsing.get(pui.session_id, pui.parse_id).result
-        image = await asyncio.to_thread(render_overlay, ui.image, result, response.labels, True)
-        zip_bytes, _ = await parsing.asset(pui.session_id, pui.parse_id, "zip")
-        stem = pui.object_label.lower().replace(" ", "-")
-        (zip_path,) = await asyncio.to_thread(exports.write, {f"parts-{stem}.zip": zip_bytes})
-        gallery = [(part.rgba, _caption(response, i)) for i, part in enumerate(result.parts)]
-        return (
-            pui,
-            _status(pui, response),
-            image,
-            gr.update(choices=response.labels, value=response.labels),
-            _legend(response.labels),
-            _checks(response),
-            gr.update(value=gallery, selected_index=0 if gallery else None),
-            gr.update(value=zip_path, visible=True),
-            *await part_view(pui),
-        )
+        return await parse_view(ui, pui, parsing.get(pui.session_id, pui.parse_id))
+
+    @guarded()
+    async def on_restore(ui: UiState, pui: ParseUi) -> tuple:
+        """The parse shown before a reload, if its session still keeps it."""
+        if not ui.reloaded:
+            return gr.skip()
+        current = None
+        with contextlib.suppress(NotFound):  # a session keeps its last few parses only
+            current = stored(ui, pui)
+        if current is None:
+            return gr.skip()
+        return await parse_view(ui, pui, current)
 
     @guarded()
     async def on_toggle(ui: UiState, pui: ParseUi, shown: list[str], show_skeleton: bool):
@@ -231,7 +258,7 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
         if current is None:
             return gr.skip()
         pui.part = current.response.parts[int(evt.index)].name
-        return await part_view(pui)
+        return await part_view(ui, pui)
 
     events = {**EVENTS, "show_progress_on": [overlay]}
     # Toggling re-draws from the toggles' state when it runs: only the last one of a quick series
@@ -241,4 +268,4 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
     for toggle in (labels, skeleton):
         toggle.input(on_toggle, [state, pstate, labels, skeleton], [overlay], **quiet)
     parts.select(on_part, [state, pstate], part_outputs, **quiet)
-    return ParseTab(pstate, send_edit, send_3d)
+    return ParseTab(pstate, send_edit, send_3d, Restore(on_restore, [state, pstate], view_outputs))

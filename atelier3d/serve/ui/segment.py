@@ -15,10 +15,22 @@ from PIL import Image, ImageDraw
 
 from atelier3d import rle
 from atelier3d.api.segment import CutoutRequest, MaskCandidate, ObjectState, SegmentRequest
-from atelier3d.errors import ApiError
-from atelier3d.imaging import encode_png
+from atelier3d.errors import ApiError, PayloadTooLarge
+from atelier3d.imaging import downscaled, encode_png
 from atelier3d.serve.segment.service import SegmentService
-from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, client_key, guarded, with_progress
+from atelier3d.serve.ui.common import (
+    EVENTS,
+    ExportDir,
+    Restore,
+    UiState,
+    client_key,
+    guarded,
+    hidden_links,
+    links,
+    sentence,
+    uploaded_file,
+    with_progress,
+)
 
 ADD, REMOVE, BOX = "add (+)", "remove (−)", "box corner"
 
@@ -117,11 +129,17 @@ def _describe(ui: UiState, obj: ObjectState) -> str:
 
 
 def _empty_view(ui: UiState | None = None) -> tuple:
-    """The view without an image; also what a failed upload leaves behind."""
+    """The view without an image."""
     message = "Upload an image or pick an example to start."
     return (ui or UiState(), None, [], message, gr.update(choices=[], value=None),
             gr.update(interactive=False), gr.update(interactive=False),
             gr.update(interactive=False))
+
+
+def _refused_view(ui: UiState | None = None) -> tuple:
+    """What a refused upload leaves: the empty view, and the upload cleared (the warning says
+    why it was refused)."""
+    return (*_empty_view(ui), None, gr.update(visible=False))
 
 
 async def _view(service: SegmentService, ui: UiState, obj: ObjectState | None = None,
@@ -161,13 +179,29 @@ async def _wait_encoded(service: SegmentService, session_id: str,
                         "Encoding the image")
 
 
-def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) -> None:
+async def _first_object(service: SegmentService, ui: UiState, progress: gr.Progress,
+                        start: float) -> tuple:
+    """Waits for the session's encode, then makes its first object: the view of a new image
+    (also after a reload in the middle of the encode); ``start``: when the upload began, so the
+    time to ready counts the decode too."""
+    session_id = ui.session_id
+    await _wait_encoded(service, session_id, progress)
+    obj = await service.create_object(session_id)
+    ui.objects, ui.object_id = [obj.object_id], obj.object_id
+    height, width = ui.image.shape[:2]
+    note = f"image {width}×{height} ready in {time.monotonic() - start:.1f} s"
+    return await _view(service, ui, obj, note)
+
+
+def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) -> Restore:
     """The Segment tab's components and events; call inside its ``gr.Tab``."""
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            upload = gr.Image(label="Image", type="numpy", image_mode="RGB",
-                              sources=["upload", "clipboard"], height=260,
-                              elem_id="upload")
+            # Its events take the upload undecoded (preprocess=False): see uploaded_file.
+            upload = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                              height=260, elem_id="upload")
+            downscale = gr.Button("Downscale it to fit and use it", visible=False,
+                                  elem_id="downscale")
             example_files = exports.examples()
             gr.Examples(
                 examples=[[path] for _, path in example_files],
@@ -185,42 +219,84 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
                 reset = gr.Button("Reset", interactive=False, elem_id="reset")
             export = gr.Button("Export cut-out + RLE", variant="primary",
                                elem_id="export")
-            # Hidden until the first export: empty file boxes take a lot of room.
-            cutout_file = gr.File(label="Cut-out (PNG)", interactive=False,
-                                  visible=False, elem_id="cutout-download")
-            rle_file = gr.File(label="Mask (RLE JSON)", interactive=False,
-                               visible=False, elem_id="rle-download")
+            # Hidden until the first export.
+            cutout_file = gr.HTML(visible=False, elem_id="cutout-download")
+            rle_file = gr.HTML(visible=False, elem_id="rle-download")
         with gr.Column(scale=2):
             status = gr.Markdown("Upload an image or pick an example to start.",
                                  elem_id="status")
             overlay = gr.Image(label="Click on the image to segment",
                                interactive=False, buttons=["fullscreen"],
                                height=560, elem_id="overlay")
+            # height "auto": the three thumbnails and their scores show without scrolling.
             candidates = gr.Gallery(label="Candidates (click to choose)",
-                                    columns=3, height=220, allow_preview=False,
+                                    columns=3, height="auto", allow_preview=False,
                                     object_fit="contain", elem_id="candidates")
     view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset]
 
-    @guarded(fallback=_empty_view)
-    async def on_image(image: np.ndarray | None, ui: UiState, request: gr.Request,
-                       progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
-        # A new image replaces this tab's session: free the old one now, not at its TTL.
+    async def open_image(ui: UiState, data: bytes, name: str, request: gr.Request,
+                         progress: gr.Progress, start: float) -> tuple:
+        """A new session for the image ``data`` (decoded by the server, as /v1 does: a refused
+        one reads as the API's 4xx), shown once encoded, with its first object."""
+        info = await service.create_session(data, client=client_key(request))
+        # Owned from here on, so the next upload deletes it even if this one fails below.
+        ui.start(info.session_id, service.store.get(info.session_id).image, None)
+        ui.image_name = name
+        return (*await _first_object(service, ui, progress, start), gr.skip(),
+                gr.update(visible=False))
+
+    async def forget(ui: UiState) -> None:
+        """A new image replaces this tab's session: the old one is freed now, not at its TTL."""
         if ui.session_id is not None:
             with contextlib.suppress(ApiError):  # NotFound: it expired already
                 await service.delete_session(ui.session_id)
         ui.start(None, None, None)
-        if image is None:
-            return _empty_view(ui)
-        png = await asyncio.to_thread(encode_png, np.ascontiguousarray(image))
-        info = await service.create_session(png, client=client_key(request))
-        # Owned from here on, so the next upload deletes it even if this one fails below.
-        ui.session_id = info.session_id
+
+    @guarded(fallback=_refused_view)
+    async def on_image(payload: dict | None, ui: UiState, request: gr.Request,
+                       progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        await forget(ui)
+        upload = uploaded_file(payload)
+        if upload is None:
+            return (*_empty_view(ui), gr.skip(), gr.skip())
         start = time.monotonic()
-        await _wait_encoded(service, info.session_id, progress)
-        obj = await service.create_object(info.session_id)
-        ui.start(info.session_id, image, obj.object_id)
-        note = f"image {info.width}×{info.height} ready in {time.monotonic() - start:.1f} s"
-        return await _view(service, ui, obj, note)
+        data = await asyncio.to_thread(upload.read)
+        ui.too_big = None
+        try:
+            return await open_image(ui, data, upload.stem, request, progress, start)
+        except PayloadTooLarge as exc:
+            if "pixels" not in exc.message:
+                raise
+            ui.too_big = upload  # over the pixel limit: offered to downscale
+            gr.Warning(f"{sentence(exc.message)} Downscale it to fit, or upload a smaller one.")
+            return (*_empty_view(ui), None, gr.update(visible=True))
+
+    @guarded(fallback=_refused_view)
+    async def on_downscale(ui: UiState, request: gr.Request,
+                           progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        if ui.too_big is None:
+            return (*_empty_view(ui), gr.skip(), gr.update(visible=False))
+        upload, ui.too_big = ui.too_big, None
+        await forget(ui)
+        start = time.monotonic()
+        max_pixels = service.config.limits.max_pixels
+        data = await asyncio.to_thread(upload.read)
+        smaller = await asyncio.to_thread(downscaled, data, max_pixels)
+        png = await asyncio.to_thread(encode_png, np.ascontiguousarray(smaller))
+        return await open_image(ui, png, upload.stem, request, progress, start)
+
+    @guarded(fallback=_empty_view)
+    async def on_restore(ui: UiState,
+                         progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        """The tab as it was before a reload: the image, its objects, the current one."""
+        if not ui.reloaded:
+            return gr.skip()
+        if ui.session_id is None or service.store.find(ui.session_id) is None:
+            ui.start(None, None, None)
+            return _empty_view(ui)
+        if ui.object_id is None:  # reloaded while the image was encoding
+            return await _first_object(service, ui, progress, time.monotonic())
+        return await _view(service, ui, note="restored after a reload")
 
     @guarded()
     async def on_click(ui: UiState, click_mode: str, evt: gr.SelectData) -> tuple:
@@ -301,12 +377,12 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
         )
         chosen = obj.masks[obj.selected]
         mask_json = {"object_id": ui.object_id, **chosen.model_dump(mode="json")}
-        stem = ui.label(ui.object_id).lower().replace(" ", "-")
-        paths = await asyncio.to_thread(exports.write, {
-            f"cutout-{stem}.png": png,
-            f"mask-{stem}.rle.json": json.dumps(mask_json, indent=1).encode(),
+        stem = ui.file_stem(ui.label(ui.object_id))
+        cutout, mask = await asyncio.to_thread(exports.offer, ui, {
+            f"{stem}.png": png,
+            f"{stem}.rle.json": json.dumps(mask_json, indent=1).encode(),
         })
-        return tuple(gr.update(value=path, visible=True) for path in paths)
+        return links([cutout], "Cut-out (PNG)"), links([mask], "Mask (RLE JSON)")
 
     # Every handler only awaits the service (the models run in other deployments), so none
     # needs the queue's default limit of one at a time: one tab's encode must not hold up
@@ -316,7 +392,9 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
     # They are also kept out of Gradio's API ("private"): the programmatic API is /v1.
     events: dict[str, Any] = {**EVENTS, "show_progress_on": [overlay]}
     clicks: dict[str, Any] = {**events, "trigger_mode": "multiple", "show_progress": "minimal"}
-    upload.change(on_image, [upload, state], view_outputs, **events)
+    upload.change(on_image, [upload, state], [*view_outputs, upload, downscale], **events,
+                  preprocess=False)
+    downscale.click(on_downscale, [state], [*view_outputs, upload, downscale], **events)
     overlay.select(on_click, [state, mode], view_outputs, **clicks)
     candidates.select(on_pick, [state], view_outputs, **clicks)
     new_object.click(on_new_object, [state], view_outputs, **events)
@@ -324,3 +402,7 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
     for button, action in ((undo, "undo"), (redo, "redo"), (reset, "reset")):
         button.click(make_edit(action), [state], view_outputs, **clicks)
     export.click(on_export, [state], [cutout_file, rle_file], **events)
+    # A new image: the previous image's files are not offered with it.
+    upload.change(lambda: (hidden_links(), hidden_links()), None, [cutout_file, rle_file],
+                  **events, show_progress="hidden")
+    return Restore(on_restore, [state], view_outputs)

@@ -41,6 +41,14 @@ class Running:
 
 
 @dataclass
+class MeshRun(Running):
+    """The 3D tab's job, and what it is of: its status line and its downloads' names."""
+
+    what: str = ""
+    stem: str = "mesh"
+
+
+@dataclass
 class Edit:
     job_id: str
     number: int  # "Edit N", counted in its session; numbers stay when old edits are dropped
@@ -62,6 +70,11 @@ class EditUi(Running):
         if session_id != self.session_id:
             self.session_id, self.edits, self.shown = session_id, [], None
         return self.edits
+
+
+def cancel_button(running: bool) -> dict:
+    """Cancel is offered only while a job runs."""
+    return gr.update(interactive=running)
 
 
 def seed_and_steps(prefix: str) -> tuple[gr.Number, gr.Number]:
@@ -196,8 +209,24 @@ class Studio:
                 label = f"{pui.object_label} · {part.name}" + (" (completed)" if completed else "")
                 out.append((label, source_key(source)))
         out += [(edit.label, source_key(edit_source(edit)))
-                for edit in eui.history(ui.session_id)]
+                for edit in self.done_edits(ui, eui)]
         return out
+
+    def done_edits(self, ui: UiState, eui: EditUi) -> list[Edit]:
+        """The session's edits that have a result, oldest first. An edit joins the history when
+        it is submitted (so a reload finds it while it runs); it leaves when it failed, was
+        cancelled, or its session no longer keeps it."""
+        done = []
+        for edit in list(eui.history(ui.session_id)):
+            try:
+                job = self.jobs.get(edit.job_id)
+            except NotFound:
+                job = None
+            if job is not None and job.status == "succeeded":
+                done.append(edit)
+            elif job is None or job.finished:
+                eui.edits.remove(edit)
+        return done
 
     async def label(self, ui: UiState, pui: ParseUi, eui: EditUi, key: str) -> str:
         """How the picker names the source ``key``."""
@@ -251,6 +280,14 @@ class Studio:
             return update, gr.Tabs(selected=picker.tab_id)
 
         button.click(on_send, self.states, [picker.dropdown, self.tabs], **EVENTS)
+
+    def running_job(self, run: Running) -> Job | None:
+        """The job ``run`` follows, while the server still has it."""
+        if run.job_id is None:
+            return None
+        with contextlib.suppress(NotFound):
+            return self.jobs.get(run.job_id)
+        return None
 
     def link_cancel(self, button: gr.Button, running: gr.State, what: str) -> None:
         @guarded()
