@@ -182,6 +182,11 @@ class MeshSettings(BaseModel):
         "target_face_count): fast (numpy/scipy and fast-simplification) or pymeshlab (hy3dgen's "
         "own filters, the reference: 10-15x slower on 0.3-1.2 M faces, benchmarks/README.md)"
     )
+    stages: Literal["split", "single"] = Field(
+        "split", description="split: a job's accelerator half (denoising to surface extraction) "
+        "runs on Shape3D and its CPU half (clean-up, texture projection, GLB export) on "
+        "MeshFinish, so Shape3D starts the next job meanwhile; single: the whole job on Shape3D"
+    )
 
 
 class _Strict(BaseModel):

@@ -14,10 +14,13 @@ from atelier3d.errors import Unavailable
 
 class Health:
     """Readiness of the model deployments behind the Gateway: ``handles`` maps the name
-    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle."""
+    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle; ``without_model``
+    deployments (MeshFinish) report no model, but need a running replica all the same."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle],
+                 without_model: list[DeploymentHandle] | None = None) -> None:
         self.handles = handles
+        self.without_model = without_model or []
 
     async def ready(self) -> ReadyInfo:
         async def info(handle) -> ModelInfo:
@@ -29,7 +32,7 @@ class Health:
             scheduled, Serve's message names the resources it asks for and those available."""
             applications = serve.status().applications
             lines = []
-            for handle in self.handles.values():
+            for handle in [*self.handles.values(), *self.without_model]:
                 app = applications.get(handle.app_name)
                 status = app.deployments.get(handle.deployment_name) if app else None
                 if status is None:
