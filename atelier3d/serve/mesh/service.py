@@ -30,6 +30,16 @@ PARAMS = ("seed", "steps", "guidance_scale", "octree_resolution", "num_chunks",
           "target_face_count", "texture")
 
 
+def mesh_kind(config: AppConfig, shape3d, mesh_finish=None) -> JobKind:
+    """Mesh jobs as the config says: both halves on Shape3D (``mesh.stages: single``, or
+    without a MeshFinish), or the second on MeshFinish (``split``)."""
+    settings = config.jobs.mesh
+    if config.mesh.stages == "split" and mesh_finish is not None:
+        return JobKind("mesh", settings,
+                       lambda request: SplitMeshStream(shape3d, mesh_finish, request), MESH_STAGES)
+    return streaming_kind("mesh", settings, shape3d, "generate", MESH_STAGES)
+
+
 class MeshService:
     def __init__(self, segmentation: SegmentService, jobs: JobService,
                  resolver: SourceResolver, shape3d, mesh_finish=None) -> None:
@@ -38,12 +48,7 @@ class MeshService:
         self.store = segmentation.store
         self.jobs = jobs
         self.resolver = resolver
-        settings = self.config.jobs.mesh
-        if self.config.mesh.stages == "split" and mesh_finish is not None:
-            jobs.register(JobKind("mesh", settings, lambda request: SplitMeshStream(
-                shape3d, mesh_finish, request), MESH_STAGES))
-        else:
-            jobs.register(streaming_kind("mesh", settings, shape3d, "generate", MESH_STAGES))
+        jobs.register(mesh_kind(self.config, shape3d, mesh_finish))
 
     async def _with_alpha(self, image: np.ndarray) -> np.ndarray:
         """RGBA as is; RGB gets SAM's cut-out of its main object first."""
