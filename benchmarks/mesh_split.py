@@ -53,7 +53,7 @@ MODES = ("single", "split")
 def app_config(args: argparse.Namespace, mode: str, concurrency: int) -> AppConfig:
     return AppConfig.model_validate({
         "models": "tiny", "cache_dir": str(args.cache_dir),
-        "mesh": {"device": "cpu", "postprocess": args.postprocess, "stages": mode},
+        "mesh": {"device": args.device, "postprocess": args.postprocess, "stages": mode},
         "jobs": {"mesh": {"max_running": concurrency, "max_queued": 64}}})
 
 
@@ -108,19 +108,25 @@ def main() -> None:
     parser.add_argument("--octree", type=int, default=64)
     parser.add_argument("--target-faces", type=int, default=2000)
     parser.add_argument("--postprocess", choices=["fast", "pymeshlab"], default="pymeshlab")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="Shape3D's (MeshFinish never uses one)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--machine", default="CPU VM, 2 cores, x86-64, shared with other jobs",
+                        help="what the result file says the machine was")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "mesh_split.json")
     args = parser.parse_args()
 
     os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")
     info = machine_info()
-    runner.init_ray()
+    runner.init_ray(num_gpus=1 if args.device == "cuda" else None)
     # Both modes on the same two replicas: the mode is the Gateway's (its job kind), so the
     # comparison is not one of two deployments' placement or warm-up.
     section = model_slice(app_config(args, "split", 1), "mesh")
     most = max(args.concurrency)
+    gpus = 1 if args.device == "cuda" else 0
     shape3d = serve.run(Shape3D.options(num_replicas=1, max_ongoing_requests=most + 1,
-                                        ray_actor_options={"num_cpus": 1}).bind(section),
+                                        ray_actor_options={"num_cpus": 1, "num_gpus": gpus}
+                                        ).bind(section),
                         name="bench-shape3d", route_prefix=None)
     finish = serve.run(MeshFinish.options(num_replicas=1, max_ongoing_requests=most,
                                           ray_actor_options={"num_cpus": 1}).bind(section),
@@ -154,9 +160,10 @@ def main() -> None:
         print(f"{row['mode']:>6} x{row['concurrency']}: {row['meshes_per_hour']:8.1f} meshes/h, "
               f"GPU stage idle {row['gpu_stage_idle_fraction']:.0%}")
     out = {
-        "machine": {**info, "description": "CPU VM, 2 cores, x86-64, shared with other jobs"},
-        "weights": "tiny random Hunyuan3D-2 (atelier3d models make-tiny), on the CPU",
-        "setup": {"shape3d_replicas": 1, "mesh_finish_replicas": 1, "steps": args.steps,
+        "machine": {**info, "description": args.machine},
+        "weights": f"tiny random Hunyuan3D-2 (atelier3d models make-tiny), on {args.device}",
+        "setup": {"device": args.device, "shape3d_replicas": 1, "mesh_finish_replicas": 1,
+                  "steps": args.steps,
                   "octree_resolution": args.octree, "target_face_count": args.target_faces,
                   "postprocess": args.postprocess, "jobs_per_slot": args.jobs_per_slot,
                   "torch_threads": 1},
