@@ -22,6 +22,7 @@ from atelier3d.deployments.mesh import Shape3D
 from atelier3d.deployments.mesh_finish import MeshFinish
 from atelier3d.serve.app import model_slice
 from atelier3d.serve.jobs.service import JobService
+from atelier3d.serve.jobs.types import Artifact
 from atelier3d.serve.mesh.service import mesh_kind
 from atelier3d.serve.sessions.memory import MemorySessionStore
 from atelier3d.stages.mesh import MeshRequest
@@ -101,15 +102,21 @@ def one_replica_each(server, tiny_dir):
 def test_next_jobs_gpu_half_runs_while_the_previous_finishes_on_the_cpu(one_replica_each):
     config, shape3d, finish = one_replica_each
 
-    async def two_jobs() -> tuple[list, list]:
+    request = MeshRequest.build(image=IMAGE, target_face_count=500, **PARAMS)
+
+    async def build() -> MeshRequest:
+        return request
+
+    def job_service(stages: str) -> JobService:
         jobs = JobService(config.jobs, MemorySessionStore(ttl_s=600, max_sessions=8,
                                                           max_per_client=8))
-        jobs.register(mesh_kind(config, shape3d, finish))
-        request = MeshRequest.build(image=IMAGE, target_face_count=500, **PARAMS)
+        chosen = config.model_copy(update={"mesh": config.mesh.model_copy(
+            update={"stages": stages})})
+        jobs.register(mesh_kind(chosen, shape3d, finish))
+        return jobs
 
-        async def build() -> MeshRequest:
-            return request
-
+    async def two_jobs() -> tuple[list, list[Artifact]]:
+        jobs = job_service("split")
         seen: list[tuple[float, int, dict]] = []
 
         async def follow(index: int, job_id: str) -> None:
@@ -120,6 +127,12 @@ def test_next_jobs_gpu_half_runs_while_the_previous_finishes_on_the_cpu(one_repl
                      for i in range(2)]
         await asyncio.gather(*(follow(i, job.job_id) for i, job in enumerate(submitted)))
         return seen, [job.result for job in submitted]
+
+    async def whole_job_on_shape3d() -> tuple[list[str], Artifact]:
+        jobs = job_service("single")
+        job = await jobs.submit("mesh", build, {}, session=None, client="test")
+        events = [event async for event in jobs.follow(job.job_id)]
+        return [e.get("stage", e["type"]) for e in events], job.result
 
     seen, results = asyncio.run(two_jobs())
 
@@ -133,3 +146,7 @@ def test_next_jobs_gpu_half_runs_while_the_previous_finishes_on_the_cpu(one_repl
     assert first(1, "succeeded") > first(0, "succeeded")
     # the same request twice: the same GLB, neither corrupted by the other
     assert results[0].data == results[1].data and results[0].meta["faces"] <= 500 * 1.02
+    # mesh.stages: single, the path before the split, is still there and makes the same GLB
+    stages, single = asyncio.run(whole_job_on_shape3d())
+    assert stages[-3:] == ["artifact", "texture", "succeeded"]
+    assert single.data == results[0].data
