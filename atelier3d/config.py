@@ -223,6 +223,11 @@ class MeshSettings(BaseModel):
         "own filters, the reference: about 10x the CPU time at 1.2 M faces, "
         "benchmarks/results/mesh_postprocess.json)"
     )
+    stages: Literal["split", "single"] = Field(
+        "split", description="split: a job's accelerator half (denoising to surface extraction) "
+        "runs on Shape3D and its CPU half (clean-up, texture projection, GLB export) on "
+        "MeshFinish, so Shape3D starts the next job meanwhile; single: the whole job on Shape3D"
+    )
 
 
 class _Strict(BaseModel):

@@ -114,12 +114,14 @@ def field_paths(value, path: str = ""):
 def app_deployment_names() -> set[str]:
     from atelier3d.deployments.edit import ImageEditor
     from atelier3d.deployments.mesh import Shape3D
+    from atelier3d.deployments.mesh_finish import MeshFinish
     from atelier3d.deployments.parse import HumanParser
     from atelier3d.deployments.segment_decoder import SamDecoder
     from atelier3d.deployments.segment_encoder import SamEncoder
     from atelier3d.serve.gateway import Gateway
 
-    return {d.name for d in (Gateway, SamEncoder, SamDecoder, HumanParser, ImageEditor, Shape3D)}
+    return {d.name for d in (Gateway, SamEncoder, SamDecoder, HumanParser, ImageEditor, Shape3D,
+                             MeshFinish)}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -135,28 +137,39 @@ def test_config_validates(name):
     assert encoder["max_ongoing_requests"] >= encoder["user_config"]["max_batch_size"]
 
     # One job at a time per model replica (a lock), one slot left for /readyz's info(); each
-    # Gateway replica dispatches its own jobs.
+    # Gateway replica dispatches its own jobs. MeshFinish has no info(), and takes at least
+    # what its Shape3D hands it.
     gateways = deployments(config)["Gateway"]["num_replicas"]
-    for kind, model in JOB_DEPLOYMENTS.items():
+    for kind, (model, *later_stages) in JOB_DEPLOYMENTS.items():
+        dispatched = config["applications"][0]["args"]["jobs"][kind]["max_running"] * gateways
         deployment = deployments(config)[model]
         slots = reachable_replicas(deployment) * (deployment["max_ongoing_requests"] - 1)
-        assert config["applications"][0]["args"]["jobs"][kind]["max_running"] * gateways == slots
+        assert dispatched == slots
+        for name in later_stages:
+            stage = deployments(config)[name]
+            assert reachable_replicas(stage) * stage["max_ongoing_requests"] >= dispatched
     check_job_capacity(config)  # what deploying it checks
 
 
 def test_max_running_beyond_the_model_replicas_is_refused():
     config = load_serve_config(CONFIGS / "local.yaml", args_override={
-        "jobs": {"mesh": {"max_running": 3}}})
-    # Shape3D: 1 replica x max_ongoing_requests 2 cannot take 3 jobs at once
-    with pytest.raises(ValueError, match=r"jobs.mesh.max_running 3 .* Shape3D takes at most 2"):
+        "jobs": {"mesh": {"max_running": 4}}})
+    # Shape3D: 1 replica x max_ongoing_requests 3 cannot take 4 jobs at once
+    with pytest.raises(ValueError, match=r"jobs.mesh.max_running 4 .* Shape3D takes at most 3"):
         check_job_capacity(config)
     for deployment in deployments(config).values():
         if deployment["name"] == "Shape3D":
-            deployment["num_replicas"] = 2  # 2 x 2 = 4 >= 3
+            deployment["num_replicas"] = 2  # 2 x 3 = 6 >= 4
+    # MeshFinish: 1 replica x 2 cannot take 4 either (a split job's second half)
+    with pytest.raises(ValueError, match=r"max_running 4 .* MeshFinish takes at most 2"):
+        check_job_capacity(config)
+    for deployment in deployments(config).values():
+        if deployment["name"] == "MeshFinish":
+            deployment["num_replicas"] = 2
     check_job_capacity(config)
     # two Gateway replicas dispatch twice as many
     deployments(config)["Gateway"]["num_replicas"] = 2
-    with pytest.raises(ValueError, match="jobs.mesh.max_running 3 x 2 Gateway replica"):
+    with pytest.raises(ValueError, match="jobs.mesh.max_running 4 x 2 Gateway replica"):
         check_job_capacity(config)
 
 
@@ -166,7 +179,7 @@ def test_gpu_profile_sizes_every_deployment(name):
         options = deployment["ray_actor_options"]
         assert {"num_cpus", "num_gpus"} <= set(options), deployment["name"]
         assert {"max_ongoing_requests", "max_queued_requests"} <= set(deployment)
-        if deployment["name"] == "Gateway":
+        if deployment["name"] in ("Gateway", "MeshFinish"):
             assert options["num_gpus"] == 0  # a GPU share would only keep a model out
         else:
             # fractional: a share of one card, so Ray packs replicas onto it
@@ -354,6 +367,6 @@ def test_each_model_deployment_is_bound_to_its_own_config_section_only():
     other = bound_args({"models": "tiny", "ui": False, "fair_use": {"exempt": ["10.0.0.0/8"]},
                         "limits": {"max_points": 8}, "mesh": {"steps": 12}})
     changed = {name for name in base if base[name] != other[name]}
-    assert changed == {"Gateway", "Shape3D"}
+    assert changed == {"Gateway", "Shape3D", "MeshFinish"}  # a mesh job's two halves
     assert set(base["SamEncoder"][0]) == {"models", "cache_dir", "sam"}
     assert base["SamEncoder"] == base["SamDecoder"]

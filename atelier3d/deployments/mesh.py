@@ -5,6 +5,12 @@
 ``texture``), the untextured mesh as the ``shape`` artifact (GLB), then the textured GLB as the
 result. hy3dgen keeps per-call state on the pipeline object (the scheduler's timesteps and step
 index): calls on one replica are serialised by a lock, a cancelled one stops at its next step.
+
+``shape`` is a job's accelerator half only (``mesh.stages: split``): its events up to
+``mesh_extraction``, then a result whose ``surfaces`` is a reference to the raw surfaces in the
+object store, for ``MeshFinish.finish`` (``atelier3d.deployments.mesh_finish``). The lock is
+free as soon as the surfaces are extracted, so the next job's denoising starts while MeshFinish
+cleans up this one. A job that paints finishes here (the paint pipeline is on this replica).
 """
 
 from __future__ import annotations
@@ -13,14 +19,15 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+import ray
 from ray import serve
 
 from atelier3d.api.common import ModelInfo
 from atelier3d.config import AppConfig
-from atelier3d.deployments.streaming import JobModel
+from atelier3d.deployments.streaming import JobModel, ProgressReporter
 from atelier3d.models.loading import weights_label
-from atelier3d.models.mesh.hunyuan3d import generate, load_shape_pipeline
-from atelier3d.stages.mesh import MeshRequest
+from atelier3d.models.mesh.hunyuan3d import extract_surfaces, finish, generate, load_shape_pipeline
+from atelier3d.stages.mesh import SURFACES, MeshRequest
 
 
 @serve.deployment(name="Shape3D")
@@ -49,5 +56,18 @@ class Shape3D(JobModel):
     async def generate(self, request: MeshRequest) -> AsyncIterator[dict]:
         work = self.stream(lambda reporter: generate(self.model, request, reporter, self.settings))
         async with aclosing(work) as events:
+            async for event in events:
+                yield event
+
+    async def shape(self, request: MeshRequest) -> AsyncIterator[dict]:
+        def work(reporter: ProgressReporter) -> dict:
+            surfaces = extract_surfaces(self.model, request, reporter, self.settings)
+            if surfaces.texture == "paint":
+                return finish(surfaces, reporter, self.model)
+            # Owned by this replica: freed once MeshFinish has read it and the Gateway dropped it
+            return {"media_type": SURFACES, "data": b"", "meta": {},
+                    "surfaces": ray.put(surfaces)}
+
+        async with aclosing(self.stream(work)) as events:
             async for event in events:
                 yield event

@@ -11,6 +11,7 @@ from ray.serve import Application
 from atelier3d.config import AppConfig
 from atelier3d.deployments.edit import ImageEditor
 from atelier3d.deployments.mesh import Shape3D
+from atelier3d.deployments.mesh_finish import MeshFinish
 from atelier3d.deployments.parse import HumanParser
 from atelier3d.deployments.segment_decoder import SamDecoder
 from atelier3d.deployments.segment_encoder import SamEncoder
@@ -33,4 +34,8 @@ def build_app(args: dict | None = None) -> Application:
     parser = HumanParser.bind(model_slice(config, "parsing"))
     editor = ImageEditor.bind(model_slice(config, "edit"))
     shape3d = Shape3D.bind(model_slice(config, "mesh"))
-    return Gateway.bind(config.model_dump(mode="json"), encoder, decoder, parser, editor, shape3d)
+    # Bound whatever mesh.stages says: the Serve YAMLs size it, and Serve refuses a config that
+    # sizes a deployment the application lacks. It loads no model (it idles under `single`).
+    mesh_finish = MeshFinish.bind(model_slice(config, "mesh"))
+    return Gateway.bind(config.model_dump(mode="json"), encoder, decoder, parser, editor, shape3d,
+                        mesh_finish)

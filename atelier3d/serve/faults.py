@@ -21,9 +21,10 @@ logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 # ActorDiedError and ActorUnavailableError are RayActorErrors; a worker or node crash can also
-# surface on its own.
+# surface on its own. OwnerDiedError: the replica that held an object another one was reading
+# (a split mesh job's surfaces, on Shape3D) is gone.
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                ray.exceptions.NodeDiedError)
+                ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError)
 RETRY_AFTER_S = 2.0  # about what Serve takes to route around a dead replica
 
 

@@ -93,7 +93,8 @@ class ClientGone:
 @serve.ingress()
 class Gateway:
     def __init__(self, config: dict, encoder: DeploymentHandle, decoder: DeploymentHandle,
-                 parser: DeploymentHandle, editor: DeploymentHandle, shape3d: DeploymentHandle):
+                 parser: DeploymentHandle, editor: DeploymentHandle, shape3d: DeploymentHandle,
+                 mesh_finish: DeploymentHandle | None = None):
         self.config = AppConfig.model_validate(config)
         self.service = SegmentService(self.config, encoder, decoder)
         self.parsing = ParseService(self.service, parser)
@@ -101,10 +102,11 @@ class Gateway:
         self.jobs = JobService(self.config.jobs, self.service.store, self.fair_use)
         sources = SourceResolver(self.service, self.jobs)
         self.editing = EditService(self.service, self.jobs, sources, editor)
-        self.meshing = MeshService(self.service, self.jobs, sources, shape3d)
+        self.meshing = MeshService(self.service, self.jobs, sources, shape3d, mesh_finish)
         self.health = Health({"sam_encoder": encoder, "sam_decoder": decoder,
                               "human_parser": parser, "image_editor": editor,
-                              "shape3d": shape3d}, cache=self.config.cache_path)
+                              "shape3d": shape3d}, cache=self.config.cache_path,
+                              without_model=[mesh_finish] if mesh_finish is not None else [])
 
     def __serve_build_asgi_app__(self):
         jobs = (self.jobs, self.editing, self.meshing)

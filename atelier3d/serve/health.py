@@ -16,11 +16,16 @@ from atelier3d.pull_status import downloading_message
 
 class Health:
     """Readiness of the model deployments behind the Gateway: ``handles`` maps the name
-    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle; ``cache`` is where
-    a pull that ``atelier3d serve`` runs beside the replicas keeps its progress."""
+    ``/readyz`` reports (``sam_encoder``, ...) to each deployment's handle; ``without_model``
+    deployments (MeshFinish) report no model, but need a running replica all the same;
+    ``cache`` is where a pull that ``atelier3d serve`` runs beside the replicas keeps its
+    progress."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle], cache: Path | None = None) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle],
+                 without_model: list[DeploymentHandle] | None = None,
+                 cache: Path | None = None) -> None:
         self.handles = handles
+        self.without_model = without_model or []
         self.cache = cache
 
     async def downloading(self) -> str | None:
@@ -40,7 +45,7 @@ class Health:
             scheduled, Serve's message names the resources it asks for and those available."""
             applications = serve.status().applications
             lines = []
-            for handle in self.handles.values():
+            for handle in [*self.handles.values(), *self.without_model]:
                 app = applications.get(handle.app_name)
                 status = app.deployments.get(handle.deployment_name) if app else None
                 if status is None:

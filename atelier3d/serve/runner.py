@@ -64,8 +64,10 @@ def load_from_cache_only(config: dict) -> None:
             env.setdefault("HF_HUB_OFFLINE", "1")
 
 
-# Which model deployment runs each kind of job (the Gateway's job queues, ``jobs.<kind>``).
-JOB_DEPLOYMENTS = {"edit": "ImageEditor", "mesh": "Shape3D"}
+# Which model deployments run each kind of job (the Gateway's job queues, ``jobs.<kind>``); all
+# of a kind's running jobs may be in any one of them at once (a split mesh job is on Shape3D,
+# then on MeshFinish).
+JOB_DEPLOYMENTS = {"edit": ("ImageEditor",), "mesh": ("Shape3D", "MeshFinish")}
 SERVE_MAX_ONGOING_REQUESTS = 5  # Ray Serve's default, where a config leaves it out
 
 
@@ -86,7 +88,8 @@ def check_job_capacity(config: dict) -> None:
         deployments = {d["name"]: d for d in app.get("deployments", [])}
         jobs = AppConfig.model_validate(app.get("args", {})).jobs
         gateways = reachable_replicas(deployments.get("Gateway", {}))
-        for kind, name in JOB_DEPLOYMENTS.items():
+        for kind, name in ((kind, name) for kind, names in JOB_DEPLOYMENTS.items()
+                           for name in names):
             model = deployments.get(name, {})
             replicas = reachable_replicas(model)
             ongoing = int(model.get("max_ongoing_requests", SERVE_MAX_ONGOING_REQUESTS))

@@ -12,6 +12,9 @@ from atelier3d.config import FACE_RANGE, OCTREE_RANGE
 from atelier3d.errors import BadRequest, Unprocessable, validation_message
 
 GLB = "model/gltf-binary"
+# The media type of the result that ends a split mesh job's first half (``Shape3D.shape``): its
+# ``surfaces`` is an ObjectRef of the raw surfaces, which the Gateway hands to MeshFinish unread.
+SURFACES = "application/x-atelier3d-surfaces"
 
 # What ``GET /v1/jobs/{id}/result?format=`` offers for a mesh; all are converted from the GLB.
 FORMATS = {"glb": GLB, "obj": "model/obj", "ply": "application/ply", "stl": "model/stl"}

@@ -11,6 +11,12 @@ conditioner, then the diffusion loop, whose callback reports each step), then th
 decoder and its surface extractor as ``_export`` chains them. The result is what one
 ``pipeline(image)`` call returns, with a progress report between the stages.
 
+A job has two halves that need different resources: :func:`extract_surfaces` (conditioning,
+denoising, volume decoding, surface extraction: the accelerator) and :func:`finish` (clean-up,
+texture projection, GLB export: the CPU). :func:`generate` runs both in one process; the
+deployments run them in two (``Shape3D.shape``, ``MeshFinish.finish``), the surfaces handed over
+as arrays (:class:`Surfaces`).
+
 Frames: hy3dgen's meshes are y-up, the input view looking at the +z side (its texture renderer
 puts the azimuth-0 camera there), x to the right, and the mesh's x/y extent is the cut-out's box
 (the image processor crops to it). Vertex colours are projected and parts aligned in that frame.
@@ -497,8 +503,8 @@ class _Stages:
         self.reporter.report("denoise", part * self.steps + step, self.parts * self.steps)
 
 
-def _shape(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stages,
-           part: int) -> trimesh.Trimesh:
+def _surface(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stages,
+             part: int) -> trimesh.Trimesh:
     pipeline = model.pipeline
     latents = diffuse(pipeline, rgba, params.seed, params.steps, params.guidance_scale,
                       on_conditioned=lambda: stages.done("conditioning", part),
@@ -509,43 +515,86 @@ def _shape(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stag
     mesh = extract_surface(pipeline, grid, params.octree_resolution, params.mc_level)
     del grid  # up to (octree + 1)^3 floats
     stages.done("mesh_extraction", part)
-    mesh = postprocess(mesh, params.target_face_count, params.postprocess)
-    stages.done("postprocess", part)
     return mesh
 
 
 def _texture(model: ShapePipeline, mesh: trimesh.Trimesh, rgba: np.ndarray) -> trimesh.Trimesh:
-    import trimesh
     from PIL import Image
 
     if model.texture == "paint":
         x0, y0, x1, y1 = alpha_box(rgba)
         return model.painter(mesh, image=Image.fromarray(np.ascontiguousarray(
             rgba[y0:y1, x0:x1])))
+    return project_texture(mesh, rgba)
+
+
+def project_texture(mesh: trimesh.Trimesh, rgba: np.ndarray) -> trimesh.Trimesh:
+    """A copy of ``mesh`` with vertex colours projected from the input view."""
+    import trimesh
+
     colored = mesh.copy()
     colored.visual = trimesh.visual.ColorVisuals(
         colored, vertex_colors=project_colors(colored.vertices, rgba))
     return colored
 
 
-def generate(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
-             settings: MeshSettings) -> dict:
-    """One job: a mesh per part (the image is one part named ``mesh``), post-processed; the
-    untextured GLB as the ``shape`` artifact as soon as it exists; then textured (vertex colours
-    projected from the view, or painted) unless the request or the server says none.
+@dataclass
+class Surfaces:
+    """What a job's first half hands its second: each part's marching-cubes surface as arrays
+    (through Ray's object store they are read in place, not copied or encoded), its cut-out, and
+    what the second half needs to finish the job as one process would."""
 
-    Progress: ``conditioning``, ``denoise`` (every step), ``volume_decode``, ``mesh_extraction``,
-    ``postprocess`` per part, then ``texture`` per part. Returns the result event's fields. Calls
-    on one pipeline must not overlap (hy3dgen keeps the scheduler's state on it).
-    """
+    names: list[str]
+    images: list[np.ndarray]  # (H, W, 4) uint8 cut-outs
+    vertices: list[np.ndarray]  # (N, 3) float
+    faces: list[np.ndarray]  # (M, 3) int
+    layered: bool
+    params: Params
+    texture: Literal["paint", "project", "none"]  # what this job's texturing is
+    texture_note: str  # why it projects rather than paints, where it does
+    trained: bool
+    timings_ms: dict[str, float]  # the first half's stages
+
+
+def extract_surfaces(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
+                     settings: MeshSettings) -> Surfaces:
+    """A job's first half, on the model's device: per part, conditioning, denoising (every
+    step reported), volume decoding and surface extraction. Calls on one pipeline must not
+    overlap (hy3dgen keeps the scheduler's state on it)."""
     params = resolve_params(request, settings)
     named = request.named_images()
     stages = _Stages(reporter, len(named), params.steps, model.device)
-    shapes = [_shape(model, rgba, params, stages, k) for k, (_, rgba) in enumerate(named)]
+    meshes = [_surface(model, rgba, params, stages, k) for k, (_, rgba) in enumerate(named)]
+    return Surfaces(
+        names=[name for name, _ in named], images=[rgba for _, rgba in named],
+        vertices=[np.asarray(m.vertices) for m in meshes],
+        faces=[np.asarray(m.faces) for m in meshes], layered=request.parts is not None,
+        params=params, texture=model.texture if request.texture else "none",
+        texture_note=model.texture_note, trained=model.trained, timings_ms=dict(stages.timings_ms))
 
-    layered = request.parts is not None
-    if layered:  # one frame for all parts, as they lie in the image
-        boxes = [alpha_box(rgba) for _, rgba in named]
+
+def finish(surfaces: Surfaces, reporter: Reporter, painter: ShapePipeline | None = None) -> dict:
+    """A job's second half, on the CPU: each part post-processed, the untextured GLB as the
+    ``shape`` artifact as soon as it exists, then textured (vertex colours projected from the
+    view; painted by ``painter``'s paint pipeline where the job paints) unless it has none.
+    Progress: ``postprocess`` per part, then ``texture`` per part. Returns the result event's
+    fields."""
+    import trimesh
+
+    if surfaces.texture == "paint" and painter is None:
+        raise ValueError("a painted job finishes where its paint pipeline is")
+    params, names = surfaces.params, surfaces.names
+    stages = _Stages(reporter, len(names), params.steps, "cpu")
+    stages.timings_ms.update(surfaces.timings_ms)
+    shapes = []
+    for k, (vertices, faces) in enumerate(zip(surfaces.vertices, surfaces.faces, strict=True)):
+        # copies: arrays read from the object store are read-only
+        surface = trimesh.Trimesh(np.array(vertices), np.array(faces), process=False)
+        shapes.append(postprocess(surface, params.target_face_count, params.postprocess))
+        stages.done("postprocess", k)
+
+    if surfaces.layered:  # one frame for all parts, as they lie in the image
+        boxes = [alpha_box(rgba) for rgba in surfaces.images]
         frame = (min(b[0] for b in boxes), min(b[1] for b in boxes),
                  max(b[2] for b in boxes), max(b[3] for b in boxes))
         placements = [image_frame(mesh, box, frame) for mesh, box in zip(shapes, boxes,
@@ -555,29 +604,37 @@ def generate(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
 
     def placed(meshes: list[trimesh.Trimesh]) -> list[tuple[str, trimesh.Trimesh]]:
         return [(name, mesh.copy().apply_transform(matrix))
-                for (name, _), mesh, matrix in zip(named, meshes, placements, strict=True)]
+                for name, mesh, matrix in zip(names, meshes, placements, strict=True)]
 
     counts = [{"name": name, "vertices": len(m.vertices), "faces": len(m.faces)}
-              for (name, _), m in zip(named, shapes, strict=True)]
+              for name, m in zip(names, shapes, strict=True)]
     meta: dict[str, Any] = {
         "vertices": sum(c["vertices"] for c in counts), "faces": sum(c["faces"] for c in counts),
         "seed": params.seed, "steps": params.steps, "octree_resolution": params.octree_resolution,
-        "weights": "trained" if model.trained else "untrained",
+        "weights": "trained" if surfaces.trained else "untrained",
     }
-    if layered:
+    if surfaces.layered:
         meta["parts"] = counts
     reporter.artifact("shape", GLB, to_glb(placed(shapes)),
                       {**meta, "texture": "none", "timings_ms": dict(stages.timings_ms)})
 
-    texture = model.texture if request.texture else "none"
     final = shapes
-    if texture != "none":
+    if surfaces.texture != "none":
         final = []
-        for k, ((_, rgba), mesh) in enumerate(zip(named, shapes, strict=True)):
-            final.append(_texture(model, mesh, rgba))
+        for k, (rgba, mesh) in enumerate(zip(surfaces.images, shapes, strict=True)):
+            final.append(_texture(painter, mesh, rgba) if surfaces.texture == "paint"
+                         else project_texture(mesh, rgba))
             stages.done("texture", k)
     timings = {stage: round(ms, 1) for stage, ms in stages.timings_ms.items()}
-    if texture == "project" and model.texture_note:
-        meta["texture_note"] = model.texture_note  # why it projects rather than paints
+    if surfaces.texture == "project" and surfaces.texture_note:
+        meta["texture_note"] = surfaces.texture_note
     return {"media_type": GLB, "data": to_glb(placed(final)),
-            "meta": {**meta, "texture": texture, "timings_ms": timings}}
+            "meta": {**meta, "texture": surfaces.texture, "timings_ms": timings}}
+
+
+def generate(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
+             settings: MeshSettings) -> dict:
+    """One job in this process: :func:`extract_surfaces`, then :func:`finish`. Progress:
+    ``conditioning``, ``denoise`` (every step), ``volume_decode``, ``mesh_extraction`` per part,
+    then ``postprocess`` per part, then ``texture`` per part."""
+    return finish(extract_surfaces(model, request, reporter, settings), reporter, model)

@@ -1,4 +1,6 @@
-"""The meshing service: images of a session (or an upload) to 3D assets, as Shape3D jobs."""
+"""The meshing service: images of a session (or an upload) to 3D assets, as mesh jobs: on
+Shape3D alone (``mesh.stages: single``), or its accelerator half on Shape3D and its CPU half on
+MeshFinish (``split``, see ``split``)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from atelier3d.errors import BadRequest
 from atelier3d.imaging import decode_image
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.sources import SourceResolver, job_sources
-from atelier3d.serve.jobs.types import Job, streaming_kind
+from atelier3d.serve.jobs.types import Job, JobKind, streaming_kind
+from atelier3d.serve.mesh.split import SplitMeshStream
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
 from atelier3d.stages.mesh import MeshRequest
@@ -27,16 +30,25 @@ PARAMS = ("seed", "steps", "guidance_scale", "octree_resolution", "num_chunks",
           "target_face_count", "texture")
 
 
+def mesh_kind(config: AppConfig, shape3d, mesh_finish=None) -> JobKind:
+    """Mesh jobs as the config says: both halves on Shape3D (``mesh.stages: single``, or
+    without a MeshFinish), or the second on MeshFinish (``split``)."""
+    settings = config.jobs.mesh
+    if config.mesh.stages == "split" and mesh_finish is not None:
+        return JobKind("mesh", settings,
+                       lambda request: SplitMeshStream(shape3d, mesh_finish, request), MESH_STAGES)
+    return streaming_kind("mesh", settings, shape3d, "generate", MESH_STAGES)
+
+
 class MeshService:
     def __init__(self, segmentation: SegmentService, jobs: JobService,
-                 resolver: SourceResolver, shape3d) -> None:
+                 resolver: SourceResolver, shape3d, mesh_finish=None) -> None:
         self.segmentation = segmentation
         self.config: AppConfig = segmentation.config
         self.store = segmentation.store
         self.jobs = jobs
         self.resolver = resolver
-        jobs.register(streaming_kind("mesh", self.config.jobs.mesh, shape3d, "generate",
-                                     MESH_STAGES))
+        jobs.register(mesh_kind(self.config, shape3d, mesh_finish))
 
     async def _with_alpha(self, image: np.ndarray) -> np.ndarray:
         """RGBA as is; RGB gets SAM's cut-out of its main object first."""
