@@ -26,6 +26,7 @@ GPU_PROFILES_BY_MIN_GIB: tuple[tuple[float, str], ...] = (
 # The kernel driver's files: without them no CUDA device exists (containers get them mounted).
 NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl")
 NVIDIA_SMI_QUERY = ["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
+NVIDIA_SMI_PROCESSES = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
 
 
 class Gpu(BaseModel):
@@ -102,3 +103,27 @@ def choose_profile(gpus: list[Gpu]) -> ProfileChoice:
         reason=f"profile {LOCAL_PROFILE}: {cards}, less than the {min_gib:.0f} GiB that the "
                f"smallest GPU profile ({profile}) needs, so the models run on the CPU "
                f"(--config picks a profile)")
+
+
+def gpu_memory_by_process() -> dict[int, float] | None:
+    """MiB of GPU memory each process holds now, by pid, as the driver counts it (CUDA context,
+    caching allocators and ONNX Runtime's arena included; summed over cards), or None where no
+    GPU can be read (no nvidia-smi, or it fails). In a container with its own pid namespace the
+    driver may report the host's pids."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return None
+    try:
+        result = subprocess.run([nvidia_smi, *NVIDIA_SMI_PROCESSES], capture_output=True,
+                                text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    usage: dict[int, float] = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) == 2 and cells[0].isdigit():
+            try:
+                usage[int(cells[0])] = usage.get(int(cells[0]), 0.0) + float(cells[1])
+            except ValueError:  # "[N/A]" where the driver cannot tell
+                continue
+    return usage
