@@ -118,12 +118,21 @@ def gpu_memory_by_process() -> dict[int, float] | None:
                                 text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
+    return memory_by_pid(result.stdout)
+
+
+def memory_by_pid(nvidia_smi_csv: str) -> dict[int, float]:
+    """Parses ``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits``:
+    MiB per pid, summed over the cards a process uses; rows the driver cannot tell (``[N/A]``)
+    are left out."""
     usage: dict[int, float] = {}
-    for line in result.stdout.splitlines():
+    for line in nvidia_smi_csv.splitlines():
         cells = [cell.strip() for cell in line.split(",")]
-        if len(cells) == 2 and cells[0].isdigit():
-            try:
-                usage[int(cells[0])] = usage.get(int(cells[0]), 0.0) + float(cells[1])
-            except ValueError:  # "[N/A]" where the driver cannot tell
-                continue
+        if len(cells) != 2 or not cells[0].isdigit():
+            continue
+        try:
+            mib = float(cells[1])
+        except ValueError:
+            continue
+        usage[int(cells[0])] = usage.get(int(cells[0]), 0.0) + mib
     return usage
