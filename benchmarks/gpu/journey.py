@@ -371,10 +371,20 @@ def mixed_users(base_url: str, sizes: Sizes) -> dict[str, Any]:
     latency per request class (a request under way at the end is waited for)."""
     latencies: dict[str, list[float]] = {kind: [] for kind in sizes.users}
     errors: dict[str, list[str]] = {kind: [] for kind in sizes.users}
-    ready = threading.Barrier(sum(sizes.users.values()) + 1)
-    deadline: list[float] = []
+    clock: list[float] = []  # the start and the deadline, set once every user has a session
+    ready = threading.Barrier(sum(sizes.users.values()), action=lambda: clock.extend(
+        [time.perf_counter(), time.perf_counter() + sizes.mixed_s]))
+
+    failures: list[str] = []
 
     def user(kind: str, index: int) -> None:
+        try:
+            one_user(kind, index)
+        except Exception as exc:  # noqa: BLE001 - reported below, after every thread ended
+            failures.append(f"{kind} user {index}: {exc!r}"[:300])
+            ready.abort()  # the others must not wait at the start for this one
+
+    def one_user(kind: str, index: int) -> None:
         with Client(base_url, timeout=1800) as client:
             session = client.create_session(drawn_character(), wait=True)
             obj = client.create_object(session.session_id)
@@ -382,7 +392,7 @@ def mixed_users(base_url: str, sizes: Sizes) -> dict[str, Any]:
             rgba = character_rgba()
             ready.wait()
             n = 0
-            while time.perf_counter() < deadline[0]:
+            while time.perf_counter() < clock[1]:
                 started = time.perf_counter()
                 try:
                     if kind == "click":
@@ -404,12 +414,11 @@ def mixed_users(base_url: str, sizes: Sizes) -> dict[str, Any]:
                for kind, count in sizes.users.items() for i in range(count)]
     for thread in threads:
         thread.start()
-    ready.wait()  # every user has its session: the clock starts now
-    started = time.perf_counter()
-    deadline.append(started + sizes.mixed_s)
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError("mixed users failed: " + "; ".join(failures))
+    elapsed = time.perf_counter() - clock[0]
     return {"users": sizes.users, "duration_s": sizes.mixed_s, "elapsed_s": elapsed,
             "classes": {kind: {**percentiles(values), "per_s": len(values) / elapsed,
                                "errors": len(errors[kind]), "first_errors": errors[kind][:3]}

@@ -48,7 +48,7 @@ PY
 if [[ -n $missing ]]; then
   echo "journey: skipped, this image lacks: $missing"
 else
-  # full-size weights (~65 GB) go to the largest scratch space; they are written once per machine
+  # full-size weights (~64 GB) go to the largest scratch space; they are written once per machine
   pose=(); [[ -d .gpu/pose ]] && pose=(--pose .gpu/pose)  # BlazePose's models, carried
   LD_LIBRARY_PATH=$gl run journey "${JOURNEY_S:-540}" \
     --weights-dir "${JOURNEY_WEIGHTS:-/tmp/journey-weights}" "${pose[@]}"
