@@ -495,7 +495,10 @@ def main() -> int:
     started = time.perf_counter()
     weights = tiny_weights(root, pose) if args.dry_run else full_weights(root, pose)
     report["weights_s"] = time.perf_counter() - started
-    report["weights_paths"] = asdict(weights)
+    # Relative to the checkout where inside it: the report names no machine's directories.
+    report["weights_paths"] = {name: str(Path(value).relative_to(REPO))
+                               if Path(value).is_relative_to(REPO) else value
+                               for name, value in asdict(weights).items()}
     # The weights' root is the serve cache too: the ONNX decoder exported there once is reused.
     config = serve_config(weights, runner.packaged_config_path(profile.file), free_port(), root,
                           gpu)
