@@ -19,7 +19,7 @@ def test_journey_dry_run(tiny_dir, tmp_path):
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu/journey.py", "--dry-run", "--weights-dir", str(tiny_dir),
          "--mixed-s", "2"],
-        cwd=ROOT, env=driver_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=driver_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads((tmp_path / "journey_dry_run.json").read_text())
 
