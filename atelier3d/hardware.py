@@ -1,5 +1,5 @@
-"""The machine's GPUs, and the packaged Serve profile that fits them (``atelier3d serve``'s
-default when no ``--config`` is given)."""
+"""The machine's GPUs, the memory each process holds on them, and the packaged Serve profile
+that fits them (``atelier3d serve``'s default when no ``--config`` is given)."""
 
 from __future__ import annotations
 
