@@ -1,5 +1,5 @@
-"""The machine's GPUs, and the packaged Serve profile that fits them (``atelier3d serve``'s
-default when no ``--config`` is given)."""
+"""The machine's GPUs, the memory each process holds on them, and the packaged Serve profile
+that fits them (``atelier3d serve``'s default when no ``--config`` is given)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ GPU_PROFILES_BY_MIN_GIB: tuple[tuple[float, str], ...] = (
 # The kernel driver's files: without them no CUDA device exists (containers get them mounted).
 NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl")
 NVIDIA_SMI_QUERY = ["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
+NVIDIA_SMI_PROCESSES = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
 
 
 class Gpu(BaseModel):
@@ -102,3 +103,36 @@ def choose_profile(gpus: list[Gpu]) -> ProfileChoice:
         reason=f"profile {LOCAL_PROFILE}: {cards}, less than the {min_gib:.0f} GiB that the "
                f"smallest GPU profile ({profile}) needs, so the models run on the CPU "
                f"(--config picks a profile)")
+
+
+def gpu_memory_by_process() -> dict[int, float] | None:
+    """MiB of GPU memory each process holds now, by pid, as the driver counts it (CUDA context,
+    caching allocators and ONNX Runtime's arena included; summed over cards), or None where no
+    GPU can be read (no nvidia-smi, or it fails). In a container with its own pid namespace the
+    driver may report the host's pids."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return None
+    try:
+        result = subprocess.run([nvidia_smi, *NVIDIA_SMI_PROCESSES], capture_output=True,
+                                text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return memory_by_pid(result.stdout)
+
+
+def memory_by_pid(nvidia_smi_csv: str) -> dict[int, float]:
+    """Parses ``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits``:
+    MiB per pid, summed over the cards a process uses; rows the driver cannot tell (``[N/A]``)
+    are left out."""
+    usage: dict[int, float] = {}
+    for line in nvidia_smi_csv.splitlines():
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) != 2 or not cells[0].isdigit():
+            continue
+        try:
+            mib = float(cells[1])
+        except ValueError:
+            continue
+        usage[int(cells[0])] = usage.get(int(cells[0]), 0.0) + mib
+    return usage

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import re
 import socket
 from pathlib import Path
 
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "bench"  # random checkpoints and ONNX files, git-ignored
 RESULTS_DIR = REPO / "benchmarks" / "results"
 LOOPBACK = "127.0.0.1"  # every benchmark server listens here only
+REPLICA = re.compile(r"ServeReplica:atelier3d:(\w+)")  # a Serve replica's actor class
 
 
 def free_port() -> int:
@@ -61,3 +63,16 @@ def machine_info() -> dict:
             "gpu": False, "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "ray": ray.__version__,
             "load_average_start": load_average()}
+
+
+def replica_pids() -> dict[str, list[int]]:
+    """Deployment -> pids of its live replicas in the Ray this process is connected to (from its
+    GCS actor table: other Ray clusters on the machine run processes of the same name)."""
+    import ray  # heavy, and only the benchmarks that start Serve need it
+
+    out: dict[str, list[int]] = {}
+    for actor in ray._private.state.actors().values():
+        match = REPLICA.fullmatch(actor["ActorClassName"])
+        if match is not None and actor["State"] == "ALIVE":
+            out.setdefault(match.group(1), []).append(actor["Pid"])
+    return out

@@ -41,7 +41,6 @@ see the same machine load; overhead = served - direct. Writes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -54,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from atelier3d.models.loading import default_dtype
 from benchmarks.common import REPO, RESULTS_DIR, percentiles, png_bytes
 
 RESULTS = RESULTS_DIR / "edit.json"
@@ -61,25 +61,24 @@ RESULTS = RESULTS_DIR / "edit.json"
 FULL_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
                    axes_dims_rope=(16, 56, 56))
+# The rest of Qwen/Qwen-Image-Edit at full size: vae/config.json (AutoencoderKLQwenImage's
+# defaults are that config) and text_encoder/config.json, Qwen2.5-VL-7B (8.3 B parameters).
+FULL_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                temperal_downsample=[False, True, True])
+FULL_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                 max_position_embeddings=128000, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                  "mrope_section": [16, 24, 24]})
+FULL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                   out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112)
 
 
 def model_configs() -> dict[str, dict]:
     from atelier3d.models.edit.qwen_image_edit import TINY_TRANSFORMER
 
     return {"tiny": TINY_TRANSFORMER, "full-width-1-block": FULL_CONFIG | {"num_layers": 1}}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: Any):
-    """Builds parameters directly in ``dtype`` (the full model in float32 needs 82 GB)."""
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_transformer(config: dict, dtype: Any, device: str, seed: int = 0) -> Any:

@@ -40,28 +40,23 @@ from benchmarks.common import (
     load_average,
     machine_info,
     png_bytes,
+    replica_pids,
 )
 
 CACHE = REPO / ".cache" / "soak"
 TTL_S = 20.0
-REPLICA = re.compile(r"ServeReplica:atelier3d:(\w+)")
 
 
 def deployment_rss_mib() -> dict[str, float]:
-    """Resident memory per deployment, summed over this cluster's live replica processes (from
-    its GCS actor table: other Ray clusters on the machine run processes of the same name)."""
-    import ray
-
+    """Resident memory per deployment, summed over this cluster's live replica processes."""
     out: dict[str, float] = {}
-    for actor in ray._private.state.actors().values():
-        match = REPLICA.fullmatch(actor["ActorClassName"])
-        if match is None or actor["State"] != "ALIVE":
-            continue
-        try:
-            rss = psutil.Process(actor["Pid"]).memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-        out[match.group(1)] = out.get(match.group(1), 0.0) + rss / 2**20
+    for name, pids in replica_pids().items():
+        for pid in pids:
+            try:
+                rss = psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+            out[name] = out.get(name, 0.0) + rss / 2**20
     return out
 
 

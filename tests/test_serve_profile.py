@@ -88,3 +88,9 @@ def test_nvidia_smi_listing_honours_cuda_visible_devices(cuda_visible_devices, n
     gpus = hardware.visible_gpus(NVIDIA_SMI_CSV, cuda_visible_devices)
     assert [gpu.name for gpu in gpus] == names
     assert {gpu.name: gpu.memory_mib for gpu in gpus}.get("NVIDIA RTX A6000", 49140) == 49140
+
+
+def test_nvidia_smi_process_memory_is_summed_per_pid():
+    # One process on two cards, one the driver cannot measure, and a blank line.
+    csv = "4242, 5120\n4242, 1024\n77, [N/A]\n\n91, 300\n"
+    assert hardware.memory_by_pid(csv) == {4242: 6144.0, 91: 300.0}

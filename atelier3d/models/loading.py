@@ -7,10 +7,11 @@ module and runs without torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -45,6 +46,23 @@ def resolve_dtype(dtype: str, device: str, on_cuda: str) -> torch.dtype:
     if dtype == "auto":
         dtype = on_cuda if device == "cuda" else "float32"
     return getattr(torch, dtype)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Modules built inside create their parameters in ``dtype`` (None: unchanged): a full-size
+    model built in float32 first would need twice its memory."""
+    import torch
+
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def tiny_dir(cache_dir: Path | None, folder: str, marker: str,

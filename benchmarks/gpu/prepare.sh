@@ -3,6 +3,8 @@
 # for Python 3.12 x86-64, small enough to travel (< 64 MiB with the tree). Run here, once:
 #   bash benchmarks/gpu/prepare.sh
 # then one device run with carry [".gpu"] and the command `bash benchmarks/gpu/run_all.sh`.
+# For the whole-app journey: `JOURNEY=1 bash benchmarks/gpu/prepare.sh`, then a device run of its
+# own with `JOURNEY_ONLY=1 bash benchmarks/gpu/run_all.sh` (see the end of this file).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
@@ -37,4 +39,17 @@ tar cJf .gpu/pymeshlab.tar.xz -C "$tmp/pml" pymeshlab
 mkdir -p .gpu/debs
 (cd .gpu/debs && apt-get download -q libgl1 libglvnd0 libglx0 libx11-6 libxau6 libxcb1 \
   libxdmcp6 libbsd0 libmd0)
+# JOURNEY=1: what journey.py needs besides: BlazePose's models (9 MB, from the mediapipe wheel)
+# and the small web stack. Not carried, too large for one transfer (64 MiB in all): Ray (its
+# cp312 wheel is 79 MB), OpenCV (64 MB), Gradio (the Gateway imports it) and LiteRT; the image
+# must have them (run_all.sh names what is missing and skips the journey).
+if [[ -n ${JOURNEY:-} ]]; then
+  download .gpu/wheels fastapi starlette uvicorn httpx httpcore h11 anyio python-multipart peft \
+    fast-simplification
+  PYTHONPATH=$PWD "$PY" -c "import sys; from pathlib import Path
+from atelier3d.models.parse.pose import resolve_pose_weights
+w = resolve_pose_weights(cache_dir=Path(sys.argv[1]))
+Path('.gpu/pose').mkdir(); [Path('.gpu/pose', f.name).write_bytes(f.read_bytes())
+                            for f in (w.detector, w.landmarks)]" "$tmp"
+fi
 du -sh .gpu

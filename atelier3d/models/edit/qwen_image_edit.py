@@ -37,6 +37,7 @@ from atelier3d.models.edit.lightning import (
     write_tiny_lightning,
 )
 from atelier3d.models.loading import (
+    default_dtype,
     file_sha256,
     load_or_tiny,
     resolve_device,
@@ -110,11 +111,29 @@ def _train_tokenizer(vocab_size: int) -> Any:
                           model_max_length=32768)
 
 
-def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0, plus: bool = False) -> Path:
-    """Writes a tiny random Qwen-Image-Edit pipeline in the ``save_pretrained`` layout.
+@dataclass(frozen=True)
+class EditSizes:
+    """The architecture of each component of a written pipeline: keyword arguments of
+    ``QwenImageTransformer2DModel``, ``AutoencoderKLQwenImage`` and Qwen2.5-VL's text and vision
+    configs (the text config's ``vocab_size`` defaults to the tokenizer's)."""
+
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    text: dict[str, Any]
+    vision: dict[str, Any]
+
+
+TINY_SIZES = EditSizes(TINY_TRANSFORMER, TINY_VAE, TINY_TEXT, TINY_VISION)
+
+
+def write_random_edit_pipeline(out_dir: Path, sizes: EditSizes, seed: int = 0, plus: bool = False,
+                               dtype: Any = None, device: str = "cpu") -> Path:
+    """Writes a random Qwen-Image-Edit pipeline of ``sizes`` in the ``save_pretrained`` layout.
 
     ``plus``: the Qwen-Image-Edit-2509 stand-in, a ``QwenImageEditPlusPipeline`` with the same
     text encoder, tokenizer and VAE (as the real releases share them) and its own transformer.
+    ``dtype``/``device``: where the parameters are created (the full-size models are built on
+    the GPU in bfloat16; in float32 on the CPU they would take > 110 GB).
     """
     import torch
     from diffusers import (
@@ -134,21 +153,23 @@ def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0, plus: bool = False) -
 
     tokenizer = _train_tokenizer(TINY_VOCAB)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    text_config = TINY_TEXT | dict(
-        vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    text_config = {"vocab_size": len(tokenizer)} | sizes.text | dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
     config = Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=TINY_VISION,
+        text_config=text_config, vision_config=sizes.vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         atelier3d_random_init=True,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(**TINY_VAE)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    if plus:
-        torch.manual_seed(seed + 1)  # a transformer of its own after the shared modules
+    with default_dtype(dtype), torch.device(device):
+        vae = AutoencoderKLQwenImage(**sizes.vae)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+        if plus:
+            torch.manual_seed(seed + 1)  # a transformer of its own after the shared modules
+        transformer = QwenImageTransformer2DModel(**sizes.transformer)
     pipe = (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=vae,
@@ -156,11 +177,16 @@ def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0, plus: bool = False) -
         tokenizer=tokenizer,
         processor=Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                    video_processor=Qwen2VLVideoProcessor()),
-        transformer=QwenImageTransformer2DModel(**TINY_TRANSFORMER),
+        transformer=transformer,
     )
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+def write_tiny_edit_pipeline(out_dir: Path, seed: int = 0, plus: bool = False) -> Path:
+    """The tiny random pipeline (``TINY_SIZES``, float32, on the CPU)."""
+    return write_random_edit_pipeline(out_dir, TINY_SIZES, seed, plus)
 
 
 def tiny_edit_dir(cache_dir: Path | None = None, plus: bool = False) -> Path:

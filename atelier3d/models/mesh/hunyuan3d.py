@@ -134,21 +134,28 @@ def _centre_field_on_zero(pipeline: Any, seed: int) -> None:
 def write_tiny_shape3d(out_dir: Path, seed: int = 0) -> Path:
     """Writes the tiny random Hunyuan3D (DiT, ShapeVAE, DINOv2 conditioner) in the official
     layout, ``<out_dir>/hunyuan3d-dit-tiny/{config.yaml, model.fp16.safetensors}``."""
-    import safetensors.torch
-    import yaml
-
     out_dir = Path(out_dir)
     pipeline = _build_tiny_pipeline(seed)
     _centre_field_on_zero(pipeline, seed)
-    state = {f"{name}.{key}": value.half().contiguous()
+    save_random_shape3d(pipeline, TINY_CONFIG, out_dir / TINY_SUBFOLDER)
+    return out_dir
+
+
+def save_random_shape3d(pipeline: Any, config: dict[str, Any], folder: Path) -> Path:
+    """Saves a hy3dgen shape pipeline built from ``config`` with random weights in the official
+    layout, ``<folder>/{config.yaml, model.fp16.safetensors}``, marked as untrained."""
+    import safetensors.torch
+    import yaml
+
+    state = {f"{name}.{key}": value.half().contiguous().cpu()  # built on the GPU at full size
              for name in ("model", "vae", "conditioner")
              for key, value in getattr(pipeline, name).state_dict().items()}
-    folder = out_dir / TINY_SUBFOLDER
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(state, str(folder / CKPT_NAME))
     # config.yaml last: its presence marks a complete checkpoint
-    (folder / "config.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, RANDOM_INIT_KEY: True}))
-    return out_dir
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, RANDOM_INIT_KEY: True}))
+    return folder
 
 
 def tiny_shape3d_dir(cache_dir: Path | None = None) -> Path:
