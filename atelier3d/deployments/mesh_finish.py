@@ -24,6 +24,7 @@ from atelier3d.models.mesh.hunyuan3d import Surfaces, finish
 @serve.deployment(name="MeshFinish")
 class MeshFinish(JobModel):
     memory_label = "mesh_finish"
+    weights = ()  # no model: it works on what Shape3D hands over
 
     def load(self, cfg: AppConfig) -> str:
         return f"clean-up {cfg.mesh.postprocess}, texture projection, GLB export"
