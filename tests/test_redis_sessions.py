@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 
 import numpy as np
 import pytest
@@ -105,6 +106,49 @@ async def test_concurrent_changes_from_two_replicas_are_serialised(redis_url):
     seen = (await a.load(sid)).get_object("o")
     assert sorted(s.points[0][0] for s in seen.steps) == list(range(24))
     assert seen.cursor == 24
+
+
+async def test_a_change_slower_than_the_lock_loses_no_step(redis_url):
+    """Replica a's change outlives its lock; replica b (its own thread and event loop, as
+    another process would be) takes the expired lock and stores its step first. a's write must
+    not overwrite b's: it is refused on the version and a's change is applied again."""
+    a, = replicas(redis_url, n=1, lock_timeout_s=0.2)
+    sid = (await a.create("client", IMAGE)).session_id
+    await a.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 8)))
+    a_holds_lock, b_stored = threading.Event(), threading.Event()
+    b_steps: list[int] = []
+
+    def replica_b() -> None:
+        async def run() -> None:
+            b = RedisSessionStore(redis_url, prefix=a.prefix, ttl_s=60, max_sessions=10,
+                                  max_per_client=5, max_history=8, lock_timeout_s=0.2)
+            a_holds_lock.wait(10)
+            b_steps.append(await b.update(sid, push("o", step(2, k=1))))
+            await b.close()
+
+        asyncio.run(run())
+        b_stored.set()
+
+    thread = threading.Thread(target=replica_b)
+    thread.start()
+    a_step, attempts = step(1, k=1), []
+
+    def slow_push(session):
+        attempts.append(len(session.get_object("o").steps))
+        if len(attempts) == 1:
+            a_holds_lock.set()
+            assert b_stored.wait(10)  # b got the lock after it expired, and wrote
+        return session.get_object("o").push(a_step)
+
+    a_index = await a.update(sid, slow_push)
+    thread.join(10)
+
+    assert b_steps == [1] and a_index == 2 and attempts == [0, 1]
+    reader, = replicas(redis_url, n=1)
+    reader.prefix = a.prefix
+    seen = (await reader.load(sid)).get_object("o")
+    assert [s.points[0][0] for s in seen.steps] == [2, 1] and seen.cursor == 2
+    assert len(await a.redis.keys(a.key(sid, "step", "*"))) == 2
 
 
 async def test_quota_lru_expiry_and_delete_through_redis(redis_url):
