@@ -23,6 +23,7 @@ from atelier3d.serve.mesh.service import MeshService
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.routes import build_api
 from atelier3d.serve.segment.service import SegmentService
+from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.ui.app import mount_ui
 
 logger = logging.getLogger("ray.serve")
@@ -73,7 +74,10 @@ class Gateway:
         self.config = AppConfig.model_validate(config)
         self.service = SegmentService(self.config, encoder, decoder)
         self.parsing = ParseService(self.service, parser)
-        self.fair_use = FairUse(self.config.fair_use)
+        store = self.service.store  # with Redis sessions, the buckets are shared there too
+        shared = store.redis if isinstance(store, RedisSessionStore) else None
+        self.fair_use = FairUse(self.config.fair_use, redis=shared,
+                                prefix=self.config.sessions.redis_prefix)
         self.jobs = JobService(self.config.jobs, self.service.store, self.fair_use)
         sources = SourceResolver(self.service, self.jobs)
         self.editing = EditService(self.service, self.jobs, sources, editor)
