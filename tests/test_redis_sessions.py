@@ -7,8 +7,13 @@ replicas behind Serve's proxy) is in test_gateway_replicas.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +26,7 @@ from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.sessions.session import SegObject, Step
-from tests.helpers import StepWork, png_bytes
+from tests.helpers import ROOT, StepWork, driver_env, png_bytes
 
 IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
 
@@ -207,10 +212,11 @@ def test_parse_record_round_trip(human_parser):
     assert back.result.pose == result.pose and back.result.checks == result.checks
 
 
-def job_services(stores: list[RedisSessionStore], work: StepWork) -> list[JobService]:
+def job_services(stores: list[RedisSessionStore], work: StepWork,
+                 **settings) -> list[JobService]:
     services = []
     for store in stores:
-        jobs = JobService(JobSettings(max_jobs_per_session=3), store)
+        jobs = JobService(JobSettings(max_jobs_per_session=3, **settings), store)
         jobs.register(JobKind("edit", JobKindSettings(max_running=1, max_queued=8), work.start,
                               {"denoise": 1.0}))
         services.append(jobs)
@@ -284,3 +290,78 @@ async def test_jobs_are_readable_followable_and_cancellable_from_any_replica(red
         await a.fetch(last.job_id)
     await a.records.flush()
     assert await stores[0].redis.keys(f"{stores[0].prefix}:job:*") == []
+
+
+LEASE_S = 2.0
+
+
+async def test_a_job_whose_replica_is_killed_fails_retryably_for_its_followers(redis_url):
+    """Replica a (a process of its own) runs a job and is SIGKILLed mid-job. Replica b's
+    follower sees the job fail as retryable once a's lease lapses, never hangs; b's status and
+    cancel agree; a second job of a's, only queued, fails the same way."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    replica_a = subprocess.Popen([sys.executable, "-m", "tests.test_redis_sessions", redis_url,
+                                  prefix], cwd=ROOT, env=driver_env(), stdout=subprocess.PIPE,
+                                 text=True)
+    try:
+        ids = json.loads(replica_a.stdout.readline())
+        store = RedisSessionStore(redis_url, prefix=prefix, ttl_s=60, max_sessions=10,
+                                  max_per_client=5, max_history=8)
+        b, = job_services([store], StepWork(), lease_s=LEASE_S)
+        seen = []
+        async for event in b.follow(ids["running"]):
+            seen.append(event)
+            if event["type"] == "progress":
+                break
+        replica_a.send_signal(signal.SIGKILL)
+        replica_a.wait(10)
+        killed = time.monotonic()
+
+        async def rest() -> None:
+            async for event in b.follow(ids["running"], after=seen[-1]["seq"]):
+                seen.append(event)
+
+        await asyncio.wait_for(rest(), timeout=10 * LEASE_S)
+        delay_s = time.monotonic() - killed
+        print(f"killed replica's job failed for its follower {delay_s:.2f} s after the kill "
+              f"(lease {LEASE_S} s)")
+    finally:
+        if replica_a.poll() is None:
+            replica_a.kill()
+            replica_a.wait(10)
+    last = seen[-1]
+    assert last["type"] == "failed" and last["status"] == "failed", seen
+    assert last["error"]["code"] == "gateway_lost" and last["error"]["retryable"] is True
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    assert delay_s <= LEASE_S + 2.0, delay_s  # the lease, a follower's poll, the load
+    view = await b.fetch(ids["running"])
+    assert view.status == "failed" and view.error["code"] == "gateway_lost"
+    # the queued one fails the same way (once), and a cancel of it finds it over already
+    async def queued_types() -> list[str]:
+        return [e["type"] async for e in b.follow(ids["queued"])]
+
+    types = await asyncio.wait_for(queued_types(), timeout=10 * LEASE_S)
+    assert types[-1] == "failed" and types.count("failed") == 1, types
+    queued = await b.fetch(ids["queued"])
+    assert queued.status == "failed" and queued.error["retryable"] is True
+    with pytest.raises(Conflict, match="already failed"):
+        await b.cancel(ids["queued"])
+
+
+async def run_replica(redis_url: str, prefix: str) -> None:
+    """Replica a of the test above: one long job running, one queued behind it; then waits to
+    be killed."""
+    store = RedisSessionStore(redis_url, prefix=prefix, ttl_s=60, max_sessions=10,
+                              max_per_client=5, max_history=8)
+    work = StepWork(steps=1000, step_s=0.05)
+    a, = job_services([store], work, lease_s=LEASE_S)
+    session = await store.create("client", IMAGE)
+    running = await submit(a, session, "long")
+    queued = await submit(a, await store.load(session.session_id), "next")
+    await a.records.flush()
+    print(json.dumps({"running": running.job_id, "queued": queued.job_id}), flush=True)
+    await asyncio.sleep(3600)
+
+
+if __name__ == "__main__":
+    asyncio.run(run_replica(sys.argv[1], sys.argv[2]))

@@ -19,6 +19,15 @@ cancels it by setting ``cancel``, which the running replica's watcher sees withi
 ``WATCH_S``; the watcher also cancels jobs whose records went (their session was deleted
 elsewhere, or expired). Queue positions and ETAs are the running replica's (each replica has its
 own queue, ``jobs.<kind>.max_running`` each).
+
+A replica that dies (killed, its pod removed) takes its jobs' tasks with it. So that they do not
+stay ``queued``/``running`` forever, each unfinished job has a lease, ``P:job:<id>:lease``
+(``jobs.lease_s``), which its replica's watcher renews. Whoever looks at a job whose lease has
+lapsed (a follower, a status read, a cancel) finishes it in Redis: status ``failed``, error
+``gateway_lost`` with ``retryable: true``, and that last event, once (a compare-and-set on its
+state); the record is marked ``lost``, so that a replica that was only stalled, not dead, stops
+writing to it and lets its job go. The request itself is not kept in Redis, so such a job is not
+run again elsewhere: the client submits it again.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ POLL_S = 0.1  # how often a follower on another replica looks for new events
 _WRITE = """
 local hash, events, ttl, skeys = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
 if redis.call('EXISTS', hash) == 0 then return 0 end
+if redis.call('HEXISTS', hash, 'lost') == 1 then return 0 end
 redis.call('HSET', hash, 'state', ARGV[4])
 local n = tonumber(ARGV[6])
 local i = 7
@@ -66,7 +76,23 @@ redis.call('PEXPIRE', events, ttl)
 return 1
 """
 
+# ARGV: hash, events, lease, state as read, events as counted, failed state, failed event
+# -> 1 when the job was finished as lost; 0 when its lease is back or its record changed
+_LOST = """
+local hash, events, lease = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', lease) == 1 then return 0 end
+if redis.call('HGET', hash, 'state') ~= ARGV[4] then return 0 end
+if redis.call('LLEN', events) ~= tonumber(ARGV[5]) then return 0 end
+redis.call('RPUSH', events, ARGV[7])
+redis.call('HSET', hash, 'state', ARGV[6], 'lost', '1')
+return 1
+"""
+
 RESULT = "result"
+GATEWAY_LOST = {
+    "code": "gateway_lost", "retryable": True,
+    "message": "the Gateway replica running this job stopped before it finished (its lease "
+               "lapsed); submit the job again"}
 
 
 def record(job: Job) -> dict:
@@ -105,6 +131,8 @@ class RedisJobStore:
         self.redis = sessions.redis
         self.prefix = sessions.prefix
         self._script = self.redis.register_script(_WRITE)
+        self._lost = self.redis.register_script(_LOST)
+        self.lease_ms = max(1, int(settings.lease_s * 1000))
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
@@ -169,6 +197,7 @@ class RedisJobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(job.job_id), mapping={"state": _dumps(record(job))})
             pipe.pexpire(self.key(job.job_id), ttl)
+            pipe.set(self.key(job.job_id, "lease"), "1", px=self.lease_ms)
             if job.session_id:
                 pipe.sadd(self._session_keys(job.session_id), self.key(job.job_id),
                           self.key(job.job_id, "events"))
@@ -228,6 +257,8 @@ class RedisJobStore:
         for name, data in blobs:
             args += [self.key(job.job_id, name), data]
         await self._script(args=args)
+        if job.finished:  # its last event is written: nothing left to lease
+            await self.redis.delete(self.key(job.job_id, "lease"))
         job.events_sent = sent + len(events)
         written.update(name for name, _ in blobs)
 
@@ -240,38 +271,58 @@ class RedisJobStore:
             self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        """While this replica runs jobs: cancels those another replica cancelled, and those
-        whose records went (their session was deleted elsewhere, or expired)."""
+        """While this replica runs jobs: renews their leases; cancels those another replica
+        cancelled; lets go of those whose records went (their session was deleted elsewhere, or
+        expired) and of those found lost (this replica stalled past their lease)."""
+        renewed = 0.0
         while True:
             running = [job.job_id for job in self.local.values() if not job.finished]
             if not running:
                 return
             await asyncio.sleep(WATCH_S)
+            renew = time.monotonic() - renewed >= self.settings.lease_s / 4
             try:
-                cancel, gone = await self._check(running)
+                cancel, gone = await self._check(running, renew)
             except Exception:  # noqa: BLE001 - Redis unreachable for a moment: try again
                 logger.exception("watching jobs in Redis failed")
                 continue
+            if renew:
+                renewed = time.monotonic()
             for job_id in cancel:
                 job = self.local.get(job_id)
                 if job is not None and not job.finished and job.task is not None:
                     job.task.cancel()
+            if gone:
+                await self.redis.delete(*[self.key(job_id, "lease") for job_id in gone])
             for job_id in gone:
                 job = self.local.get(job_id)
                 if job is not None:
-                    logger.info("job %s: its record went (session ended): cancelled",
-                                job_id[:10])
+                    logger.warning("job %s: its record went or its lease lapsed: let go",
+                                   job_id[:10])
                     self._forget(job)
 
-    async def _check(self, job_ids: list[str]) -> tuple[list[str], list[str]]:
-        """Of the jobs this replica runs: those another replica cancelled, those whose record
-        went (deleted with their session, or expired)."""
+    async def _check(self, job_ids: list[str], renew: bool) -> tuple[list[str], list[str]]:
+        """Of the jobs this replica runs: those another replica cancelled; those whose record
+        went (deleted with their session, or expired) or was finished as lost. ``renew``: their
+        leases are renewed too; one that had lapsed already is finished as lost here."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(self.key(job_id), "cancel", "state")
+                pipe.hmget(self.key(job_id), "cancel", "state", "lost")
+                if renew:
+                    pipe.pexpire(self.key(job_id, "lease"), self.lease_ms)
             replies = await pipe.execute()
-        cancel = [j for j, (flag, _) in zip(job_ids, replies, strict=True) if flag]
-        gone = [j for j, (_, state) in zip(job_ids, replies, strict=True) if state is None]
+        states = replies[::2] if renew else replies
+        leases = replies[1::2] if renew else [True] * len(job_ids)
+        cancel, gone = [], []
+        for job_id, (flag, state, lost), leased in zip(job_ids, states, leases, strict=True):
+            if state is None or lost:
+                gone.append(job_id)
+            elif not leased and json.loads(state)["status"] not in FINISHED:
+                # (a job that has just finished here has no lease left: it is not lost)
+                await self._finish_lost(job_id)
+                gone.append(job_id)
+            elif flag:
+                cancel.append(job_id)
         return cancel, gone
 
     def forget(self, job_id: str) -> None:
@@ -291,10 +342,45 @@ class RedisJobStore:
         return json.loads(state) if state is not None else None
 
     async def load(self, job_id: str) -> Job | None:
-        state = await self._state(job_id)
-        if state is None or state["kind"] not in self.kinds:
+        """The job as its record shows it; one whose lease lapsed is finished as lost first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key(job_id), "state")
+            pipe.exists(self.key(job_id, "lease"))
+            raw, leased = await pipe.execute()
+        if raw is None:
+            return None
+        state = json.loads(raw)
+        if state["status"] not in FINISHED and not leased:
+            await self._finish_lost(job_id)
+            state = await self._state(job_id)
+            if state is None:
+                return None
+        if state["kind"] not in self.kinds:
             return None
         return self._view(job_id, state)
+
+    async def _finish_lost(self, job_id: str) -> None:
+        """The job's replica stopped renewing its lease: the job fails as retryable, with its
+        last event, unless it finished or its lease came back meanwhile (checked in Redis)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key(job_id), "state")
+            pipe.llen(self.key(job_id, "events"))
+            raw, count = await pipe.execute()
+        if raw is None:
+            return
+        state = json.loads(raw)
+        if state["status"] in FINISHED:
+            return
+        state.update(status="failed", error=GATEWAY_LOST, finished_at=time.time(),
+                     queue_position=None, eta_s=0.0)
+        event = {"seq": count, "job_id": job_id, "status": "failed",
+                 "progress": round(state["progress"], 4), "type": "failed",
+                 "error": GATEWAY_LOST, "eta_s": 0.0}
+        if await self._lost(args=[self.key(job_id), self.key(job_id, "events"),
+                                  self.key(job_id, "lease"), raw, count, _dumps(state),
+                                  _dumps(event)]):
+            logger.warning("job %s: its Gateway replica's lease lapsed; failed as retryable",
+                           job_id[:10])
 
     def _view(self, job_id: str, state: dict) -> Job:
         """A job another replica runs, as its record describes it (bytes not read)."""
@@ -312,10 +398,11 @@ class RedisJobStore:
         return job
 
     async def events(self, job_id: str, after: int) -> AsyncIterator[dict]:
-        """Polled from the job's event list until its last event."""
+        """Polled from the job's event list until its last event (which a lapsed lease makes
+        ``failed``, so a follower never waits on a dead replica)."""
         index = after + 1
         while True:
-            events, exists = await self._events_from(job_id, index)
+            events, exists, leased = await self._events_from(job_id, index)
             for event in events:
                 yield event
                 index += 1
@@ -324,15 +411,20 @@ class RedisJobStore:
             if not exists:
                 return
             if not events:
+                if not leased:
+                    await self._finish_lost(job_id)
+                    continue
                 await asyncio.sleep(POLL_S)
 
-    async def _events_from(self, job_id: str, start: int) -> tuple[list[dict], bool]:
-        """Events from index ``start`` on, and whether the job's record still exists."""
+    async def _events_from(self, job_id: str, start: int) -> tuple[list[dict], bool, bool]:
+        """Events from index ``start`` on, whether the job's record still exists and whether
+        its lease does (it goes some time after the job finishes)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(self.key(job_id, "events"), start, -1)
             pipe.exists(self.key(job_id))
-            events, exists = await pipe.execute()
-        return [json.loads(e) for e in events], bool(exists)
+            pipe.exists(self.key(job_id, "lease"))
+            events, exists, leased = await pipe.execute()
+        return [json.loads(e) for e in events], bool(exists), bool(leased)
 
     async def cancel(self, job: Job, timeout_s: float = 30.0) -> Job:
         """Asks the running replica to cancel, and waits until it says it has."""
@@ -341,10 +433,10 @@ class RedisJobStore:
         deadline = time.monotonic() + timeout_s
         while not job.finished and time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
-            state = await self._state(job_id)
-            if state is None:
+            found = await self.load(job_id)
+            if found is None:
                 raise NotFound(JOB_GONE)
-            job = self._view(job_id, state)
+            job = found
         return job
 
     async def data(self, job_id: str, artifact: str | None) -> bytes | None:
@@ -384,7 +476,8 @@ class RedisJobStore:
     async def _delete(self, job_id: str, session_id: str | None) -> None:
         """The job's records and its idempotency key."""
         state, idem = await self.redis.hmget(self.key(job_id), "state", "idem")
-        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, RESULT)]
+        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, RESULT),
+                self.key(job_id, "lease")]
         if state is not None:
             keys += [self.key(job_id, f"artifact:{name}")
                      for name in json.loads(state)["artifacts"]]
