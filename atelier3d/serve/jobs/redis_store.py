@@ -14,11 +14,15 @@ happens, in order, from one writer task:
 
 A session's jobs are listed in its record and their keys in the session's key set, so they live
 and go with it (TTL refreshed by each use of the session); a job without a session lives
-``jobs.ttl_s`` from its last event. Another replica follows a job by polling its event list,
-cancels it by setting ``cancel``, which the running replica's watcher sees within
-``WATCH_S``; the watcher also cancels jobs whose records went (their session was deleted
-elsewhere, or expired). Queue positions and ETAs are the running replica's (each replica has its
-own queue, ``jobs.<kind>.max_running`` each).
+``jobs.ttl_s`` from its last event. Another replica follows a job by reading its event list
+and waiting on the channel ``P:job:<id>:events`` (pub/sub), on which the writer publishes as it
+appends: an event reaches another replica's follower in about a Redis round trip, not a poll
+interval. It cancels a job by setting ``cancel`` and publishing the id on ``P:job-cancels``,
+which the running replica's watcher is subscribed to while it runs jobs. ``POLL_S`` and
+``WATCH_S`` remain only as a fallback (a message lost with a dropped connection). The watcher
+also cancels jobs whose records went (their session was deleted elsewhere, or expired). Queue
+positions and ETAs are the running replica's (each replica has its own queue,
+``jobs.<kind>.max_running`` each).
 
 A replica that dies (killed, its pod removed) takes its jobs' tasks with it. So that they do not
 stay ``queued``/``running`` forever, each unfinished job has a lease, ``P:job:<id>:lease``
@@ -33,11 +37,12 @@ run again elsewhere: the client submits it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from atelier3d.config import JobSettings
@@ -48,8 +53,9 @@ from atelier3d.serve.sessions.session import Session
 
 logger = logging.getLogger("ray.serve")
 
-WATCH_S = 0.25  # how often a replica looks for cancellations of the jobs it runs
-POLL_S = 0.1  # how often a follower on another replica looks for new events
+# Fallbacks: events and cancels are published; these bound the wait should a message be lost.
+WATCH_S = 1.0  # how often a replica looks for cancellations of the jobs it runs anyway
+POLL_S = 1.0  # how often a follower on another replica reads the event list anyway
 
 # ARGV: hash, events, ttl_ms, state, session key set ('' if none), n events, events...,
 #       m records, m x (key, value) -> 0 if the job's record is gone (nothing written), else 1
@@ -64,6 +70,7 @@ for _ = 1, n do
   redis.call('RPUSH', events, ARGV[i])
   i = i + 1
 end
+if n > 0 then redis.call('PUBLISH', events, n) end
 local m = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, m do
@@ -85,6 +92,7 @@ if redis.call('HGET', hash, 'state') ~= ARGV[4] then return 0 end
 if redis.call('LLEN', events) ~= tonumber(ARGV[5]) then return 0 end
 redis.call('RPUSH', events, ARGV[7])
 redis.call('HSET', hash, 'state', ARGV[6], 'lost', '1')
+redis.call('PUBLISH', events, 1)
 return 1
 """
 
@@ -133,6 +141,7 @@ class RedisJobStore:
         self._script = self.redis.register_script(_WRITE)
         self._lost = self.redis.register_script(_LOST)
         self.lease_ms = max(1, int(settings.lease_s * 1000))
+        self.cancels_channel = f"{self.prefix}:job-cancels"
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
@@ -274,12 +283,17 @@ class RedisJobStore:
         """While this replica runs jobs: renews their leases; cancels those another replica
         cancelled; lets go of those whose records went (their session was deleted elsewhere, or
         expired) and of those found lost (this replica stalled past their lease)."""
+        async with self._subscribed(self.cancels_channel) as cancelled:
+            await self._watch_running(cancelled)
+
+    async def _watch_running(self, cancelled: Callable[[float], Awaitable[None]]) -> None:
         renewed = 0.0
-        while True:
+        while any(not job.finished for job in self.local.values()):
+            await cancelled(min(WATCH_S, self.settings.lease_s / 4))
+            # as of now: a job submitted during the wait is what a cancel may be about
             running = [job.job_id for job in self.local.values() if not job.finished]
             if not running:
                 return
-            await asyncio.sleep(WATCH_S)
             renew = time.monotonic() - renewed >= self.settings.lease_s / 4
             try:
                 cancel, gone = await self._check(running, renew)
@@ -327,6 +341,28 @@ class RedisJobStore:
 
     def forget(self, job_id: str) -> None:
         self._written.pop(job_id, None)
+
+    @contextlib.asynccontextmanager
+    async def _subscribed(self, channel: str) -> AsyncIterator[Callable[[float],
+                                                                        Awaitable[None]]]:
+        """Subscribed to ``channel`` meanwhile: yields ``wait(timeout_s)``, which returns when
+        a message comes (or the subscription is confirmed), or after ``timeout_s``."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+
+            async def wait(timeout_s: float) -> None:
+                try:
+                    await pubsub.get_message(timeout=timeout_s)
+                except Exception:  # noqa: BLE001 - connection dropped: the fallback's pace
+                    logger.warning("job store: a subscription failed; waiting %.1f s instead",
+                                   timeout_s, exc_info=True)
+                    await asyncio.sleep(timeout_s)
+
+            yield wait
+        finally:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await pubsub.aclose()
 
     # ---- any replica --------------------------------------------------------------------------
 
@@ -401,20 +437,21 @@ class RedisJobStore:
         """Polled from the job's event list until its last event (which a lapsed lease makes
         ``failed``, so a follower never waits on a dead replica)."""
         index = after + 1
-        while True:
-            events, exists, leased = await self._events_from(job_id, index)
-            for event in events:
-                yield event
-                index += 1
-                if event["type"] in FINISHED:
+        async with self._subscribed(self.key(job_id, "events")) as appended:
+            while True:  # subscribed before reading: nothing appended meanwhile is missed
+                events, exists, leased = await self._events_from(job_id, index)
+                for event in events:
+                    yield event
+                    index += 1
+                    if event["type"] in FINISHED:
+                        return
+                if not exists:
                     return
-            if not exists:
-                return
-            if not events:
-                if not leased:
-                    await self._finish_lost(job_id)
-                    continue
-                await asyncio.sleep(POLL_S)
+                if not events:
+                    if not leased:
+                        await self._finish_lost(job_id)
+                        continue
+                    await appended(POLL_S)
 
     async def _events_from(self, job_id: str, start: int) -> tuple[list[dict], bool, bool]:
         """Events from index ``start`` on, whether the job's record still exists and whether
@@ -429,14 +466,16 @@ class RedisJobStore:
     async def cancel(self, job: Job, timeout_s: float = 30.0) -> Job:
         """Asks the running replica to cancel, and waits until it says it has."""
         job_id = job.job_id
-        await self.redis.hset(self.key(job_id), "cancel", "1")
         deadline = time.monotonic() + timeout_s
-        while not job.finished and time.monotonic() < deadline:
-            await asyncio.sleep(POLL_S)
-            found = await self.load(job_id)
-            if found is None:
-                raise NotFound(JOB_GONE)
-            job = found
+        async with self._subscribed(self.key(job_id, "events")) as appended:
+            await self.redis.hset(self.key(job_id), "cancel", "1")
+            await self.redis.publish(self.cancels_channel, job_id)
+            while not job.finished and time.monotonic() < deadline:
+                await appended(POLL_S)
+                found = await self.load(job_id)
+                if found is None:
+                    raise NotFound(JOB_GONE)
+                job = found
         return job
 
     async def data(self, job_id: str, artifact: str | None) -> bytes | None:
