@@ -20,7 +20,7 @@ import pytest
 
 from atelier3d.api.segment import MaskCandidate
 from atelier3d.config import JobKindSettings, JobSettings
-from atelier3d.errors import Conflict, NotFound, TooManyRequests
+from atelier3d.errors import Conflict, NotFound, TooManyRequests, Unavailable
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
@@ -357,6 +357,33 @@ async def test_events_and_cancels_reach_other_replicas_without_polling(redis_url
     assert measured["event_latency_ms"]["n"] == 18
     assert measured["event_latency_ms"]["p50"] < 15, measured
     assert measured["cancel_ms"]["p50"] < 150, measured
+
+
+async def test_a_stopping_replica_lets_its_jobs_finish_or_fails_them_retryably(redis_url):
+    """What the Gateway does when Serve stops it (scale-down, upgrade): its running and queued
+    jobs finish; after ``drain_s`` the rest fail as retryable, and another replica's follower
+    sees that at once; new submissions there get a 503 to retry elsewhere."""
+    stores = replicas(redis_url)
+    a, b = job_services(stores, StepWork(steps=6, step_s=0.05))
+    session = await stores[0].create("client", IMAGE)
+    running = await submit(a, session, "running")
+    queued = await submit(a, await stores[0].load(session.session_id), "queued")
+    assert queued.status == "queued"
+    await a.drain(timeout_s=30)
+    assert (running.status, queued.status) == ("succeeded", "succeeded")
+    assert [e["type"] async for e in b.follow(queued.job_id)][-1] == "succeeded"
+    with pytest.raises(Unavailable, match="stopping"):
+        await submit(a, await stores[0].load(session.session_id), "late")
+
+    c, = job_services([stores[0]], StepWork(steps=1000, step_s=0.05))
+    long = await submit(c, await stores[0].load(session.session_id), "long")
+    started = time.monotonic()
+    await c.drain(timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    assert long.status == "failed" and long.error["code"] == "gateway_stopped"
+    assert long.error["retryable"] is True
+    seen = await asyncio.wait_for(b.fetch(long.job_id), timeout=5)
+    assert seen.status == "failed" and seen.error["code"] == "gateway_stopped"
 
 
 async def run_replica(redis_url: str, prefix: str) -> None:

@@ -86,6 +86,13 @@ class Gateway:
                               "human_parser": parser, "image_editor": editor,
                               "shape3d": shape3d})
 
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica (scale-down, upgrade), after the HTTP
+        requests in flight drained and before ``graceful_shutdown_timeout_s`` runs out: the
+        jobs this replica runs (tasks, not requests, so Serve does not wait for them) finish
+        or fail as retryable, never just vanish."""
+        await self.jobs.drain(self.config.jobs.drain_s)
+
     def __serve_build_asgi_app__(self):
         jobs = (self.jobs, self.editing, self.meshing)
         app = build_api(self.config, self.health, self.service, self.parsing, jobs, self.fair_use)
