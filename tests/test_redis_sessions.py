@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from atelier3d.api.segment import MaskCandidate
-from atelier3d.config import JobKindSettings, JobSettings
+from atelier3d.config import FairUseSettings, JobKindSettings, JobSettings
 from atelier3d.errors import Conflict, NotFound, TooManyRequests, Unavailable
+from atelier3d.serve.fair_use import FairUse
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
@@ -384,6 +385,35 @@ async def test_a_stopping_replica_lets_its_jobs_finish_or_fails_them_retryably(r
     assert long.error["retryable"] is True
     seen = await asyncio.wait_for(b.fetch(long.job_id), timeout=5)
     assert seen.status == "failed" and seen.error["code"] == "gateway_stopped"
+
+
+async def test_the_active_job_quota_holds_across_replicas(redis_url):
+    """fair_use.max_active_jobs counts the client's jobs on every replica, not this one's."""
+    stores = replicas(redis_url)
+    fair_use = FairUse(FairUseSettings(max_active_jobs=2))
+    services = []
+    for store in stores:
+        jobs = JobService(JobSettings(max_jobs_per_session=8), store, fair_use)
+        jobs.register(JobKind("edit", JobKindSettings(max_running=1, max_queued=8),
+                              StepWork(steps=1000, step_s=0.02).start, {"denoise": 1.0}))
+        services.append(jobs)
+    a, b = services
+    session = await stores[0].create("client", IMAGE)
+    first = await submit(a, session, "one")
+    await submit(a, await stores[0].load(session.session_id), "two")
+    with pytest.raises(TooManyRequests, match="2 edit/3D jobs"):
+        await submit(b, await stores[1].load(session.session_id), "three")
+    await b.cancel(first.job_id)  # one ends: room for one more, on either replica
+    third = await submit(b, await stores[1].load(session.session_id), "three")
+    for service in services:
+        for job in list(service.jobs.values()):
+            if not job.finished:
+                await service.cancel(job.job_id)
+    assert third.status == "cancelled"
+    # the watchers end once no job runs (cancelling them mid-wait at the loop's teardown hangs
+    # in this test; not understood yet)
+    await asyncio.wait_for(asyncio.gather(*[s.records._watcher for s in services
+                                            if s.records._watcher is not None]), timeout=10)
 
 
 async def run_replica(redis_url: str, prefix: str) -> None:

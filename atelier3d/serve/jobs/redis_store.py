@@ -10,7 +10,10 @@ happens, in order, from one writer task:
 - ``P:job:<id>:events``: list of the events (JSON), the NDJSON/SSE stream's ``seq`` = index;
 - ``P:job:<id>:artifact:<name>``, ``P:job:<id>:result``: the bytes;
 - ``P:idem:<sha256(owner, key)>``: ``<job id> <fingerprint>`` (``SET NX``: one job per key across
-  replicas).
+  replicas);
+- ``P:active:<sha256(client)>``: set of the client's unfinished jobs, for
+  ``fair_use.max_active_jobs`` across replicas (a job leaves it when it finishes; one found
+  finished or gone when counting is dropped then).
 
 A session's jobs are listed in its record and their keys in the session's key set, so they live
 and go with it (TTL refreshed by each use of the session); a job without a session lives
@@ -120,6 +123,13 @@ def record(job: Job) -> dict:
     }
 
 
+def _cancelling() -> bool:
+    """Whether this task is being cancelled (redis-py may turn that into another error while
+    a command is in flight: a loop that retries on errors must not swallow it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
@@ -156,6 +166,9 @@ class RedisJobStore:
     def idem_key(self, owner: str, key: str) -> str:
         digest = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
         return f"{self.prefix}:idem:{digest}"
+
+    def active_key(self, client: str) -> str:
+        return f"{self.prefix}:active:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
 
     def ttl_ms(self, session_id: str | None) -> int:
         return self.sessions.ttl_ms if session_id else max(1, int(self.settings.ttl_s * 1000))
@@ -210,6 +223,8 @@ class RedisJobStore:
             if job.session_id:
                 pipe.sadd(self._session_keys(job.session_id), self.key(job.job_id),
                           self.key(job.job_id, "events"))
+            pipe.sadd(self.active_key(job.client), job.job_id)
+            pipe.pexpire(self.active_key(job.client), max(ttl, self.lease_ms))
             await pipe.execute()
         self._written[job.job_id] = set()
 
@@ -266,8 +281,11 @@ class RedisJobStore:
         for name, data in blobs:
             args += [self.key(job.job_id, name), data]
         await self._script(args=args)
-        if job.finished:  # its last event is written: nothing left to lease
-            await self.redis.delete(self.key(job.job_id, "lease"))
+        if job.finished:  # its last event is written: nothing left to lease or count
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(self.key(job.job_id, "lease"))
+                pipe.srem(self.active_key(job.client), job.job_id)
+                await pipe.execute()
         job.events_sent = sent + len(events)
         written.update(name for name, _ in blobs)
 
@@ -298,6 +316,8 @@ class RedisJobStore:
             try:
                 cancel, gone = await self._check(running, renew)
             except Exception:  # noqa: BLE001 - Redis unreachable for a moment: try again
+                if _cancelling():
+                    raise
                 logger.exception("watching jobs in Redis failed")
                 continue
             if renew:
@@ -355,6 +375,8 @@ class RedisJobStore:
                 try:
                     await pubsub.get_message(timeout=timeout_s)
                 except Exception:  # noqa: BLE001 - connection dropped: the fallback's pace
+                    if _cancelling():
+                        raise
                     logger.warning("job store: a subscription failed; waiting %.1f s instead",
                                    timeout_s, exc_info=True)
                     await asyncio.sleep(timeout_s)
@@ -365,6 +387,22 @@ class RedisJobStore:
                 await pubsub.aclose()
 
     # ---- any replica --------------------------------------------------------------------------
+
+    async def active_jobs(self, client: str, here: int) -> int:
+        """From the client's set in Redis; members found finished (a lapsed lease finishes its
+        job here) or gone are dropped from it."""
+        key = self.active_key(client)
+        active, ended = 0, []
+        for member in await self.redis.smembers(key):
+            job_id = member.decode()
+            view = self.local.get(job_id) or await self.load(job_id)
+            if view is None or view.finished:
+                ended.append(job_id)
+            else:
+                active += 1
+        if ended:
+            await self.redis.srem(key, *ended)
+        return max(active, here)
 
     async def find(self, owner: str, key: str) -> str | None:
         value = await self.redis.get(self.idem_key(owner, key))

@@ -85,8 +85,8 @@ class JobService:
                     raise Conflict("this Idempotency-Key was used for a different request")
                 return existing
         if self.fair_use is not None:
-            active = sum(1 for j in self.jobs.values() if j.client == client and not j.finished)
-            self.fair_use.check_active_jobs(client, active)
+            here = sum(1 for j in self.jobs.values() if j.client == client and not j.finished)
+            self.fair_use.check_active_jobs(client, await self.records.active_jobs(client, here))
         request = await build()
         self._sweep_unowned()
         if session is not None:
