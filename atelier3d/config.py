@@ -315,6 +315,15 @@ class JobSettings(_Strict):
         2, ge=1, description="a job whose replica is lost (killed, crashed, node gone) runs "
         "again from the start, up to this many runs in all; then it fails as retryable"
     )
+    lease_s: float = Field(
+        10.0, gt=0, description="with Redis sessions: a job's lease, renewed by the Gateway "
+        "replica that runs it; when it lapses (that replica died), the job fails as retryable"
+    )
+    drain_s: float = Field(
+        600.0, ge=0, description="a Gateway replica being stopped (scale-down, upgrade) lets "
+        "its queued and running jobs finish for this long, then fails the rest as retryable; "
+        "keep it below the Gateway's graceful_shutdown_timeout_s"
+    )
 
 
 class RateLimit(_Strict):

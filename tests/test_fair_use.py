@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
+import secrets
+import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio
+import uvicorn
+from starlette.responses import PlainTextResponse
 
 from atelier3d.config import FairUseSettings, RateLimit
 from atelier3d.errors import TooManyRequests
 from atelier3d.samples import drawn_character
-from atelier3d.serve.fair_use import FairUse, client_address, request_class
-from tests.helpers import CUTOUT, png_bytes, uploaded
+from atelier3d.serve.fair_use import FairUse, FairUseMiddleware, client_address, request_class
+from tests.helpers import CUTOUT, free_port, png_bytes, uploaded
 
 MESH = {"steps": 3, "octree_resolution": 64, "seed": 1}
 
@@ -66,6 +73,57 @@ def test_classes_exemptions_and_forwarded_for() -> None:
     with pytest.raises(TooManyRequests):
         fair.check_active_jobs("11.0.0.1", active=4)
     fair.check_active_jobs("10.9.9.9", active=40)  # exempt
+
+
+@contextlib.contextmanager
+def gateway_instance(fair_use: FairUse) -> Iterator[str]:
+    """The fair-use middleware in front of an app that answers 200, served over HTTP by its own
+    uvicorn (its own thread and event loop, as a Gateway replica has)."""
+    server = uvicorn.Server(uvicorn.Config(
+        FairUseMiddleware(PlainTextResponse("ok"), fair_use), host="127.0.0.1",
+        port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_two_gateway_instances_on_one_redis_hold_one_rate(redis_url) -> None:
+    """One client clicking as fast as it can on two Gateway instances that share Redis gets the
+    configured rate (within 10%), not twice it."""
+    limit = RateLimit(per_s=20, burst=2)
+    settings = FairUseSettings(clicks=limit)
+    prefix = f"test-{secrets.token_hex(4)}"
+    duration_s = 3.0
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(gateway_instance(FairUse(
+            settings, redis=redis.asyncio.Redis.from_url(redis_url), prefix=prefix)))
+            for _ in range(2)]
+
+        def clicks(url: str, until: float) -> list[tuple[float, int]]:
+            sent = []
+            with httpx.Client(base_url=url, timeout=10) as client:
+                while time.monotonic() < until:
+                    at = time.monotonic()
+                    sent.append((at, client.post("/v1/sessions/ses_x/segment").status_code))
+            return sent
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            until = time.monotonic() + duration_s
+            per_instance = list(pool.map(clicks, urls, [until, until]))
+    accepted = [sum(code == 200 for _, code in sent) for sent in per_instance]
+    refused = sum(code == 429 for sent in per_instance for _, code in sent)
+    assert all(n > 0 for n in accepted) and refused > sum(accepted), (accepted, refused)
+    # from the first request sent to the last one answered: the burst, then per_s
+    window_s = (max(at for sent in per_instance for at, _ in sent)
+                - min(at for sent in per_instance for at, _ in sent))
+    allowed = limit.burst + limit.per_s * window_s
+    assert abs(sum(accepted) - allowed) <= 0.1 * limit.per_s * window_s, (accepted, allowed)
 
 
 def as_client(address: str) -> dict[str, str]:

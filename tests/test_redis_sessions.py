@@ -7,20 +7,28 @@ replicas behind Serve's proxy) is in test_gateway_replicas.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from atelier3d.api.segment import MaskCandidate
-from atelier3d.config import JobKindSettings, JobSettings
-from atelier3d.errors import Conflict, NotFound, TooManyRequests
+from atelier3d.config import FairUseSettings, JobKindSettings, JobSettings
+from atelier3d.errors import Conflict, NotFound, TooManyRequests, Unavailable
+from atelier3d.serve.fair_use import FairUse
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.jobs.types import JobKind, job_state
 from atelier3d.serve.sessions import records
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.sessions.session import SegObject, Step
-from tests.helpers import StepWork, png_bytes
+from benchmarks import job_events_redis
+from tests.helpers import ROOT, StepWork, driver_env, png_bytes
 
 IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
 
@@ -107,6 +115,49 @@ async def test_concurrent_changes_from_two_replicas_are_serialised(redis_url):
     assert seen.cursor == 24
 
 
+async def test_a_change_slower_than_the_lock_loses_no_step(redis_url):
+    """Replica a's change outlives its lock; replica b (its own thread and event loop, as
+    another process would be) takes the expired lock and stores its step first. a's write must
+    not overwrite b's: it is refused on the version and a's change is applied again."""
+    a, = replicas(redis_url, n=1, lock_timeout_s=0.2)
+    sid = (await a.create("client", IMAGE)).session_id
+    await a.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 8)))
+    a_holds_lock, b_stored = threading.Event(), threading.Event()
+    b_steps: list[int] = []
+
+    def replica_b() -> None:
+        async def run() -> None:
+            b = RedisSessionStore(redis_url, prefix=a.prefix, ttl_s=60, max_sessions=10,
+                                  max_per_client=5, max_history=8, lock_timeout_s=0.2)
+            a_holds_lock.wait(10)
+            b_steps.append(await b.update(sid, push("o", step(2, k=1))))
+            await b.close()
+
+        asyncio.run(run())
+        b_stored.set()
+
+    thread = threading.Thread(target=replica_b)
+    thread.start()
+    a_step, attempts = step(1, k=1), []
+
+    def slow_push(session):
+        attempts.append(len(session.get_object("o").steps))
+        if len(attempts) == 1:
+            a_holds_lock.set()
+            assert b_stored.wait(10)  # b got the lock after it expired, and wrote
+        return session.get_object("o").push(a_step)
+
+    a_index = await a.update(sid, slow_push)
+    thread.join(10)
+
+    assert b_steps == [1] and a_index == 2 and attempts == [0, 1]
+    reader, = replicas(redis_url, n=1)
+    reader.prefix = a.prefix
+    seen = (await reader.load(sid)).get_object("o")
+    assert [s.points[0][0] for s in seen.steps] == [2, 1] and seen.cursor == 2
+    assert len(await a.redis.keys(a.key(sid, "step", "*"))) == 2
+
+
 async def test_quota_lru_expiry_and_delete_through_redis(redis_url):
     a, b = replicas(redis_url, max_sessions=3, max_per_client=2)
     dropped = []
@@ -163,10 +214,11 @@ def test_parse_record_round_trip(human_parser):
     assert back.result.pose == result.pose and back.result.checks == result.checks
 
 
-def job_services(stores: list[RedisSessionStore], work: StepWork) -> list[JobService]:
+def job_services(stores: list[RedisSessionStore], work: StepWork,
+                 **settings) -> list[JobService]:
     services = []
     for store in stores:
-        jobs = JobService(JobSettings(max_jobs_per_session=3), store)
+        jobs = JobService(JobSettings(max_jobs_per_session=3, **settings), store)
         jobs.register(JobKind("edit", JobKindSettings(max_running=1, max_queued=8), work.start,
                               {"denoise": 1.0}))
         services.append(jobs)
@@ -240,3 +292,144 @@ async def test_jobs_are_readable_followable_and_cancellable_from_any_replica(red
         await a.fetch(last.job_id)
     await a.records.flush()
     assert await stores[0].redis.keys(f"{stores[0].prefix}:job:*") == []
+
+
+LEASE_S = 2.0
+
+
+async def test_a_job_whose_replica_is_killed_fails_retryably_for_its_followers(redis_url):
+    """Replica a (a process of its own) runs a job and is SIGKILLed mid-job. Replica b's
+    follower sees the job fail as retryable once a's lease lapses, never hangs; b's status and
+    cancel agree; a second job of a's, only queued, fails the same way."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    replica_a = subprocess.Popen([sys.executable, "-m", "tests.test_redis_sessions", redis_url,
+                                  prefix], cwd=ROOT, env=driver_env(), stdout=subprocess.PIPE,
+                                 text=True)
+    try:
+        ids = json.loads(replica_a.stdout.readline())
+        store = RedisSessionStore(redis_url, prefix=prefix, ttl_s=60, max_sessions=10,
+                                  max_per_client=5, max_history=8)
+        b, = job_services([store], StepWork(), lease_s=LEASE_S)
+        seen = []
+        async for event in b.follow(ids["running"]):
+            seen.append(event)
+            if event["type"] == "progress":
+                break
+        replica_a.send_signal(signal.SIGKILL)
+        replica_a.wait(10)
+        killed = time.monotonic()
+
+        async def rest() -> None:
+            async for event in b.follow(ids["running"], after=seen[-1]["seq"]):
+                seen.append(event)
+
+        await asyncio.wait_for(rest(), timeout=10 * LEASE_S)
+        delay_s = time.monotonic() - killed
+        print(f"killed replica's job failed for its follower {delay_s:.2f} s after the kill "
+              f"(lease {LEASE_S} s)")
+    finally:
+        if replica_a.poll() is None:
+            replica_a.kill()
+            replica_a.wait(10)
+    last = seen[-1]
+    assert last["type"] == "failed" and last["status"] == "failed", seen
+    assert last["error"]["code"] == "gateway_lost" and last["error"]["retryable"] is True
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    assert delay_s <= LEASE_S + 2.0, delay_s  # the lease, a follower's poll, the load
+    view = await b.fetch(ids["running"])
+    assert view.status == "failed" and view.error["code"] == "gateway_lost"
+    # the queued one fails the same way (once), and a cancel of it finds it over already
+    async def queued_types() -> list[str]:
+        return [e["type"] async for e in b.follow(ids["queued"])]
+
+    types = await asyncio.wait_for(queued_types(), timeout=10 * LEASE_S)
+    assert types[-1] == "failed" and types.count("failed") == 1, types
+    queued = await b.fetch(ids["queued"])
+    assert queued.status == "failed" and queued.error["retryable"] is True
+    with pytest.raises(Conflict, match="already failed"):
+        await b.cancel(ids["queued"])
+
+
+async def test_events_and_cancels_reach_other_replicas_without_polling(redis_url):
+    """Published, not polled: a follower on replica b gets a's events in a few ms (a 100 ms
+    poll gave 50 ms at the median), and a cancel sent to b ends a's job in well under the
+    250 ms watch interval there was. Medians, with room for the shared machine's stalls."""
+    measured = await job_events_redis.measure(redis_url, jobs=3, steps=6, interval_s=0.1)
+    assert measured["event_latency_ms"]["n"] == 18
+    assert measured["event_latency_ms"]["p50"] < 15, measured
+    assert measured["cancel_ms"]["p50"] < 150, measured
+
+
+async def test_a_stopping_replica_lets_its_jobs_finish_or_fails_them_retryably(redis_url):
+    """What the Gateway does when Serve stops it (scale-down, upgrade): its running and queued
+    jobs finish; after ``drain_s`` the rest fail as retryable, and another replica's follower
+    sees that at once; new submissions there get a 503 to retry elsewhere."""
+    stores = replicas(redis_url)
+    a, b = job_services(stores, StepWork(steps=6, step_s=0.05))
+    session = await stores[0].create("client", IMAGE)
+    running = await submit(a, session, "running")
+    queued = await submit(a, await stores[0].load(session.session_id), "queued")
+    assert queued.status == "queued"
+    await a.drain(timeout_s=30)
+    assert (running.status, queued.status) == ("succeeded", "succeeded")
+    assert [e["type"] async for e in b.follow(queued.job_id)][-1] == "succeeded"
+    with pytest.raises(Unavailable, match="stopping"):
+        await submit(a, await stores[0].load(session.session_id), "late")
+
+    c, = job_services([stores[0]], StepWork(steps=1000, step_s=0.05))
+    long = await submit(c, await stores[0].load(session.session_id), "long")
+    started = time.monotonic()
+    await c.drain(timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    assert long.status == "failed" and long.error["code"] == "gateway_stopped"
+    assert long.error["retryable"] is True
+    seen = await asyncio.wait_for(b.fetch(long.job_id), timeout=5)
+    assert seen.status == "failed" and seen.error["code"] == "gateway_stopped"
+
+
+async def test_the_active_job_quota_holds_across_replicas(redis_url):
+    """fair_use.max_active_jobs counts the client's jobs on every replica, not this one's."""
+    stores = replicas(redis_url)
+    fair_use = FairUse(FairUseSettings(max_active_jobs=2))
+    services = []
+    for store in stores:
+        jobs = JobService(JobSettings(max_jobs_per_session=8), store, fair_use)
+        jobs.register(JobKind("edit", JobKindSettings(max_running=1, max_queued=8),
+                              StepWork(steps=1000, step_s=0.02).start, {"denoise": 1.0}))
+        services.append(jobs)
+    a, b = services
+    session = await stores[0].create("client", IMAGE)
+    first = await submit(a, session, "one")
+    await submit(a, await stores[0].load(session.session_id), "two")
+    with pytest.raises(TooManyRequests, match="2 edit/3D jobs"):
+        await submit(b, await stores[1].load(session.session_id), "three")
+    await b.cancel(first.job_id)  # one ends: room for one more, on either replica
+    third = await submit(b, await stores[1].load(session.session_id), "three")
+    for service in services:
+        for job in list(service.jobs.values()):
+            if not job.finished:
+                await service.cancel(job.job_id)
+    assert third.status == "cancelled"
+    # the watchers end once no job runs (cancelling them mid-wait at the loop's teardown hangs
+    # in this test; not understood yet)
+    await asyncio.wait_for(asyncio.gather(*[s.records._watcher for s in services
+                                            if s.records._watcher is not None]), timeout=10)
+
+
+async def run_replica(redis_url: str, prefix: str) -> None:
+    """Replica a of the test above: one long job running, one queued behind it; then waits to
+    be killed."""
+    store = RedisSessionStore(redis_url, prefix=prefix, ttl_s=60, max_sessions=10,
+                              max_per_client=5, max_history=8)
+    work = StepWork(steps=1000, step_s=0.05)
+    a, = job_services([store], work, lease_s=LEASE_S)
+    session = await store.create("client", IMAGE)
+    running = await submit(a, session, "long")
+    queued = await submit(a, await store.load(session.session_id), "next")
+    await a.records.flush()
+    print(json.dumps({"running": running.job_id, "queued": queued.job_id}), flush=True)
+    await asyncio.sleep(3600)
+
+
+if __name__ == "__main__":
+    asyncio.run(run_replica(sys.argv[1], sys.argv[2]))

@@ -24,6 +24,7 @@ from atelier3d.serve.mesh.service import MeshService
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.routes import build_api
 from atelier3d.serve.segment.service import SegmentService
+from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.ui.app import mount_ui
 
 logger = logging.getLogger("ray.serve")
@@ -98,7 +99,10 @@ class Gateway:
         self.config = AppConfig.model_validate(config)
         self.service = SegmentService(self.config, encoder, decoder)
         self.parsing = ParseService(self.service, parser)
-        self.fair_use = FairUse(self.config.fair_use)
+        store = self.service.store  # with Redis sessions, the buckets are shared there too
+        shared = store.redis if isinstance(store, RedisSessionStore) else None
+        self.fair_use = FairUse(self.config.fair_use, redis=shared,
+                                prefix=self.config.sessions.redis_prefix)
         self.jobs = JobService(self.config.jobs, self.service.store, self.fair_use)
         sources = SourceResolver(self.service, self.jobs)
         self.editing = EditService(self.service, self.jobs, sources, editor)
@@ -107,6 +111,13 @@ class Gateway:
                               "human_parser": parser, "image_editor": editor,
                               "shape3d": shape3d}, cache=self.config.cache_path,
                               without_model=[mesh_finish] if mesh_finish is not None else [])
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica (scale-down, upgrade), after the HTTP
+        requests in flight drained and before ``graceful_shutdown_timeout_s`` runs out: the
+        jobs this replica runs (tasks, not requests, so Serve does not wait for them) finish
+        or fail as retryable, never just vanish."""
+        await self.jobs.drain(self.config.jobs.drain_s)
 
     def __serve_build_asgi_app__(self):
         jobs = (self.jobs, self.editing, self.meshing)

@@ -10,25 +10,42 @@ happens, in order, from one writer task:
 - ``P:job:<id>:events``: list of the events (JSON), the NDJSON/SSE stream's ``seq`` = index;
 - ``P:job:<id>:artifact:<name>``, ``P:job:<id>:result``: the bytes;
 - ``P:idem:<sha256(owner, key)>``: ``<job id> <fingerprint>`` (``SET NX``: one job per key across
-  replicas).
+  replicas);
+- ``P:active:<sha256(client)>``: set of the client's unfinished jobs, for
+  ``fair_use.max_active_jobs`` across replicas (a job leaves it when it finishes; one found
+  finished or gone when counting is dropped then).
 
 A session's jobs are listed in its record and their keys in the session's key set, so they live
 and go with it (TTL refreshed by each use of the session); a job without a session lives
-``jobs.ttl_s`` from its last event. Another replica follows a job by polling its event list,
-cancels it by setting ``cancel``, which the running replica's watcher sees within
-``WATCH_S``; the watcher also cancels jobs whose records went (their session was deleted
-elsewhere, or expired). Queue positions and ETAs are the running replica's (each replica has its
-own queue, ``jobs.<kind>.max_running`` each).
+``jobs.ttl_s`` from its last event. Another replica follows a job by reading its event list
+and waiting on the channel ``P:job:<id>:events`` (pub/sub), on which the writer publishes as it
+appends: an event reaches another replica's follower in about a Redis round trip, not a poll
+interval. It cancels a job by setting ``cancel`` and publishing the id on ``P:job-cancels``,
+which the running replica's watcher is subscribed to while it runs jobs. ``POLL_S`` and
+``WATCH_S`` remain only as a fallback (a message lost with a dropped connection). The watcher
+also cancels jobs whose records went (their session was deleted elsewhere, or expired). Queue
+positions and ETAs are the running replica's (each replica has its own queue,
+``jobs.<kind>.max_running`` each).
+
+A replica that dies (killed, its pod removed) takes its jobs' tasks with it. So that they do not
+stay ``queued``/``running`` forever, each unfinished job has a lease, ``P:job:<id>:lease``
+(``jobs.lease_s``), which its replica's watcher renews. Whoever looks at a job whose lease has
+lapsed (a follower, a status read, a cancel) finishes it in Redis: status ``failed``, error
+``gateway_lost`` with ``retryable: true``, and that last event, once (a compare-and-set on its
+state); the record is marked ``lost``, so that a replica that was only stalled, not dead, stops
+writing to it and lets its job go. The request itself is not kept in Redis, so such a job is not
+run again elsewhere: the client submits it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from atelier3d.config import JobSettings
@@ -39,14 +56,16 @@ from atelier3d.serve.sessions.session import Session
 
 logger = logging.getLogger("ray.serve")
 
-WATCH_S = 0.25  # how often a replica looks for cancellations of the jobs it runs
-POLL_S = 0.1  # how often a follower on another replica looks for new events
+# Fallbacks: events and cancels are published; these bound the wait should a message be lost.
+WATCH_S = 1.0  # how often a replica looks for cancellations of the jobs it runs anyway
+POLL_S = 1.0  # how often a follower on another replica reads the event list anyway
 
 # ARGV: hash, events, ttl_ms, state, session key set ('' if none), n events, events...,
 #       m records, m x (key, value) -> 0 if the job's record is gone (nothing written), else 1
 _WRITE = """
 local hash, events, ttl, skeys = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
 if redis.call('EXISTS', hash) == 0 then return 0 end
+if redis.call('HEXISTS', hash, 'lost') == 1 then return 0 end
 redis.call('HSET', hash, 'state', ARGV[4])
 local n = tonumber(ARGV[6])
 local i = 7
@@ -54,6 +73,7 @@ for _ = 1, n do
   redis.call('RPUSH', events, ARGV[i])
   i = i + 1
 end
+if n > 0 then redis.call('PUBLISH', events, n) end
 local m = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, m do
@@ -66,7 +86,24 @@ redis.call('PEXPIRE', events, ttl)
 return 1
 """
 
+# ARGV: hash, events, lease, state as read, events as counted, failed state, failed event
+# -> 1 when the job was finished as lost; 0 when its lease is back or its record changed
+_LOST = """
+local hash, events, lease = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', lease) == 1 then return 0 end
+if redis.call('HGET', hash, 'state') ~= ARGV[4] then return 0 end
+if redis.call('LLEN', events) ~= tonumber(ARGV[5]) then return 0 end
+redis.call('RPUSH', events, ARGV[7])
+redis.call('HSET', hash, 'state', ARGV[6], 'lost', '1')
+redis.call('PUBLISH', events, 1)
+return 1
+"""
+
 RESULT = "result"
+GATEWAY_LOST = {
+    "code": "gateway_lost", "retryable": True,
+    "message": "the Gateway replica running this job stopped before it finished (its lease "
+               "lapsed); submit the job again"}
 
 
 def record(job: Job) -> dict:
@@ -84,6 +121,13 @@ def record(job: Job) -> dict:
                    if job.result is not None else None),
         "stage_ms": job.stage_ms,
     }
+
+
+def _cancelling() -> bool:
+    """Whether this task is being cancelled (redis-py may turn that into another error while
+    a command is in flight: a loop that retries on errors must not swallow it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _dumps(value: Any) -> str:
@@ -105,6 +149,9 @@ class RedisJobStore:
         self.redis = sessions.redis
         self.prefix = sessions.prefix
         self._script = self.redis.register_script(_WRITE)
+        self._lost = self.redis.register_script(_LOST)
+        self.lease_ms = max(1, int(settings.lease_s * 1000))
+        self.cancels_channel = f"{self.prefix}:job-cancels"
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
@@ -119,6 +166,9 @@ class RedisJobStore:
     def idem_key(self, owner: str, key: str) -> str:
         digest = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
         return f"{self.prefix}:idem:{digest}"
+
+    def active_key(self, client: str) -> str:
+        return f"{self.prefix}:active:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
 
     def ttl_ms(self, session_id: str | None) -> int:
         return self.sessions.ttl_ms if session_id else max(1, int(self.settings.ttl_s * 1000))
@@ -169,9 +219,12 @@ class RedisJobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(job.job_id), mapping={"state": _dumps(record(job))})
             pipe.pexpire(self.key(job.job_id), ttl)
+            pipe.set(self.key(job.job_id, "lease"), "1", px=self.lease_ms)
             if job.session_id:
                 pipe.sadd(self._session_keys(job.session_id), self.key(job.job_id),
                           self.key(job.job_id, "events"))
+            pipe.sadd(self.active_key(job.client), job.job_id)
+            pipe.pexpire(self.active_key(job.client), max(ttl, self.lease_ms))
             await pipe.execute()
         self._written[job.job_id] = set()
 
@@ -228,6 +281,11 @@ class RedisJobStore:
         for name, data in blobs:
             args += [self.key(job.job_id, name), data]
         await self._script(args=args)
+        if job.finished:  # its last event is written: nothing left to lease or count
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(self.key(job.job_id, "lease"))
+                pipe.srem(self.active_key(job.client), job.job_id)
+                await pipe.execute()
         job.events_sent = sent + len(events)
         written.update(name for name, _ in blobs)
 
@@ -240,44 +298,111 @@ class RedisJobStore:
             self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        """While this replica runs jobs: cancels those another replica cancelled, and those
-        whose records went (their session was deleted elsewhere, or expired)."""
-        while True:
+        """While this replica runs jobs: renews their leases; cancels those another replica
+        cancelled; lets go of those whose records went (their session was deleted elsewhere, or
+        expired) and of those found lost (this replica stalled past their lease)."""
+        async with self._subscribed(self.cancels_channel) as cancelled:
+            await self._watch_running(cancelled)
+
+    async def _watch_running(self, cancelled: Callable[[float], Awaitable[None]]) -> None:
+        renewed = 0.0
+        while any(not job.finished for job in self.local.values()):
+            await cancelled(min(WATCH_S, self.settings.lease_s / 4))
+            # as of now: a job submitted during the wait is what a cancel may be about
             running = [job.job_id for job in self.local.values() if not job.finished]
             if not running:
                 return
-            await asyncio.sleep(WATCH_S)
+            renew = time.monotonic() - renewed >= self.settings.lease_s / 4
             try:
-                cancel, gone = await self._check(running)
+                cancel, gone = await self._check(running, renew)
             except Exception:  # noqa: BLE001 - Redis unreachable for a moment: try again
+                if _cancelling():
+                    raise
                 logger.exception("watching jobs in Redis failed")
                 continue
+            if renew:
+                renewed = time.monotonic()
             for job_id in cancel:
                 job = self.local.get(job_id)
                 if job is not None and not job.finished and job.task is not None:
                     job.task.cancel()
+            if gone:
+                await self.redis.delete(*[self.key(job_id, "lease") for job_id in gone])
             for job_id in gone:
                 job = self.local.get(job_id)
                 if job is not None:
-                    logger.info("job %s: its record went (session ended): cancelled",
-                                job_id[:10])
+                    logger.warning("job %s: its record went or its lease lapsed: let go",
+                                   job_id[:10])
                     self._forget(job)
 
-    async def _check(self, job_ids: list[str]) -> tuple[list[str], list[str]]:
-        """Of the jobs this replica runs: those another replica cancelled, those whose record
-        went (deleted with their session, or expired)."""
+    async def _check(self, job_ids: list[str], renew: bool) -> tuple[list[str], list[str]]:
+        """Of the jobs this replica runs: those another replica cancelled; those whose record
+        went (deleted with their session, or expired) or was finished as lost. ``renew``: their
+        leases are renewed too; one that had lapsed already is finished as lost here."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(self.key(job_id), "cancel", "state")
+                pipe.hmget(self.key(job_id), "cancel", "state", "lost")
+                if renew:
+                    pipe.pexpire(self.key(job_id, "lease"), self.lease_ms)
             replies = await pipe.execute()
-        cancel = [j for j, (flag, _) in zip(job_ids, replies, strict=True) if flag]
-        gone = [j for j, (_, state) in zip(job_ids, replies, strict=True) if state is None]
+        states = replies[::2] if renew else replies
+        leases = replies[1::2] if renew else [True] * len(job_ids)
+        cancel, gone = [], []
+        for job_id, (flag, state, lost), leased in zip(job_ids, states, leases, strict=True):
+            if state is None or lost:
+                gone.append(job_id)
+            elif not leased and json.loads(state)["status"] not in FINISHED:
+                # (a job that has just finished here has no lease left: it is not lost)
+                await self._finish_lost(job_id)
+                gone.append(job_id)
+            elif flag:
+                cancel.append(job_id)
         return cancel, gone
 
     def forget(self, job_id: str) -> None:
         self._written.pop(job_id, None)
 
+    @contextlib.asynccontextmanager
+    async def _subscribed(self, channel: str) -> AsyncIterator[Callable[[float],
+                                                                        Awaitable[None]]]:
+        """Subscribed to ``channel`` meanwhile: yields ``wait(timeout_s)``, which returns when
+        a message comes (or the subscription is confirmed), or after ``timeout_s``."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+
+            async def wait(timeout_s: float) -> None:
+                try:
+                    await pubsub.get_message(timeout=timeout_s)
+                except Exception:  # noqa: BLE001 - connection dropped: the fallback's pace
+                    if _cancelling():
+                        raise
+                    logger.warning("job store: a subscription failed; waiting %.1f s instead",
+                                   timeout_s, exc_info=True)
+                    await asyncio.sleep(timeout_s)
+
+            yield wait
+        finally:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await pubsub.aclose()
+
     # ---- any replica --------------------------------------------------------------------------
+
+    async def active_jobs(self, client: str, here: int) -> int:
+        """From the client's set in Redis; members found finished (a lapsed lease finishes its
+        job here) or gone are dropped from it."""
+        key = self.active_key(client)
+        active, ended = 0, []
+        for member in await self.redis.smembers(key):
+            job_id = member.decode()
+            view = self.local.get(job_id) or await self.load(job_id)
+            if view is None or view.finished:
+                ended.append(job_id)
+            else:
+                active += 1
+        if ended:
+            await self.redis.srem(key, *ended)
+        return max(active, here)
 
     async def find(self, owner: str, key: str) -> str | None:
         value = await self.redis.get(self.idem_key(owner, key))
@@ -291,10 +416,45 @@ class RedisJobStore:
         return json.loads(state) if state is not None else None
 
     async def load(self, job_id: str) -> Job | None:
-        state = await self._state(job_id)
-        if state is None or state["kind"] not in self.kinds:
+        """The job as its record shows it; one whose lease lapsed is finished as lost first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key(job_id), "state")
+            pipe.exists(self.key(job_id, "lease"))
+            raw, leased = await pipe.execute()
+        if raw is None:
+            return None
+        state = json.loads(raw)
+        if state["status"] not in FINISHED and not leased:
+            await self._finish_lost(job_id)
+            state = await self._state(job_id)
+            if state is None:
+                return None
+        if state["kind"] not in self.kinds:
             return None
         return self._view(job_id, state)
+
+    async def _finish_lost(self, job_id: str) -> None:
+        """The job's replica stopped renewing its lease: the job fails as retryable, with its
+        last event, unless it finished or its lease came back meanwhile (checked in Redis)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key(job_id), "state")
+            pipe.llen(self.key(job_id, "events"))
+            raw, count = await pipe.execute()
+        if raw is None:
+            return
+        state = json.loads(raw)
+        if state["status"] in FINISHED:
+            return
+        state.update(status="failed", error=GATEWAY_LOST, finished_at=time.time(),
+                     queue_position=None, eta_s=0.0)
+        event = {"seq": count, "job_id": job_id, "status": "failed",
+                 "progress": round(state["progress"], 4), "type": "failed",
+                 "error": GATEWAY_LOST, "eta_s": 0.0}
+        if await self._lost(args=[self.key(job_id), self.key(job_id, "events"),
+                                  self.key(job_id, "lease"), raw, count, _dumps(state),
+                                  _dumps(event)]):
+            logger.warning("job %s: its Gateway replica's lease lapsed; failed as retryable",
+                           job_id[:10])
 
     def _view(self, job_id: str, state: dict) -> Job:
         """A job another replica runs, as its record describes it (bytes not read)."""
@@ -312,39 +472,48 @@ class RedisJobStore:
         return job
 
     async def events(self, job_id: str, after: int) -> AsyncIterator[dict]:
-        """Polled from the job's event list until its last event."""
+        """Polled from the job's event list until its last event (which a lapsed lease makes
+        ``failed``, so a follower never waits on a dead replica)."""
         index = after + 1
-        while True:
-            events, exists = await self._events_from(job_id, index)
-            for event in events:
-                yield event
-                index += 1
-                if event["type"] in FINISHED:
+        async with self._subscribed(self.key(job_id, "events")) as appended:
+            while True:  # subscribed before reading: nothing appended meanwhile is missed
+                events, exists, leased = await self._events_from(job_id, index)
+                for event in events:
+                    yield event
+                    index += 1
+                    if event["type"] in FINISHED:
+                        return
+                if not exists:
                     return
-            if not exists:
-                return
-            if not events:
-                await asyncio.sleep(POLL_S)
+                if not events:
+                    if not leased:
+                        await self._finish_lost(job_id)
+                        continue
+                    await appended(POLL_S)
 
-    async def _events_from(self, job_id: str, start: int) -> tuple[list[dict], bool]:
-        """Events from index ``start`` on, and whether the job's record still exists."""
+    async def _events_from(self, job_id: str, start: int) -> tuple[list[dict], bool, bool]:
+        """Events from index ``start`` on, whether the job's record still exists and whether
+        its lease does (it goes some time after the job finishes)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(self.key(job_id, "events"), start, -1)
             pipe.exists(self.key(job_id))
-            events, exists = await pipe.execute()
-        return [json.loads(e) for e in events], bool(exists)
+            pipe.exists(self.key(job_id, "lease"))
+            events, exists, leased = await pipe.execute()
+        return [json.loads(e) for e in events], bool(exists), bool(leased)
 
     async def cancel(self, job: Job, timeout_s: float = 30.0) -> Job:
         """Asks the running replica to cancel, and waits until it says it has."""
         job_id = job.job_id
-        await self.redis.hset(self.key(job_id), "cancel", "1")
         deadline = time.monotonic() + timeout_s
-        while not job.finished and time.monotonic() < deadline:
-            await asyncio.sleep(POLL_S)
-            state = await self._state(job_id)
-            if state is None:
-                raise NotFound(JOB_GONE)
-            job = self._view(job_id, state)
+        async with self._subscribed(self.key(job_id, "events")) as appended:
+            await self.redis.hset(self.key(job_id), "cancel", "1")
+            await self.redis.publish(self.cancels_channel, job_id)
+            while not job.finished and time.monotonic() < deadline:
+                await appended(POLL_S)
+                found = await self.load(job_id)
+                if found is None:
+                    raise NotFound(JOB_GONE)
+                job = found
         return job
 
     async def data(self, job_id: str, artifact: str | None) -> bytes | None:
@@ -384,7 +553,8 @@ class RedisJobStore:
     async def _delete(self, job_id: str, session_id: str | None) -> None:
         """The job's records and its idempotency key."""
         state, idem = await self.redis.hmget(self.key(job_id), "state", "idem")
-        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, RESULT)]
+        keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, RESULT),
+                self.key(job_id, "lease")]
         if state is not None:
             keys += [self.key(job_id, f"artifact:{name}")
                      for name in json.loads(state)["artifacts"]]

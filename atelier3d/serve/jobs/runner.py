@@ -47,6 +47,16 @@ class JobRunner:
         job.task = asyncio.create_task(self._run(job, request, queue))
         job.task.add_done_callback(lambda _: self._settle(job, queue))
 
+    def stop(self, job: Job, waited_s: float) -> None:
+        """This replica is stopping and ``job`` is not done: it fails as retryable."""
+        job.stopped_error = {
+            "code": "gateway_stopped", "retryable": True,
+            "message": f"the Gateway replica running this job was stopped (scale-down or "
+                       f"upgrade) and the job did not finish in {waited_s:.0f} s; submit it "
+                       f"again"}
+        if job.task is not None:
+            job.task.cancel()
+
     def emit(self, job: Job, event: JobEvent) -> None:
         """Adds ``event`` to the job's stream (its followers here, and the job store)."""
         job.record(event)
@@ -164,6 +174,8 @@ class JobRunner:
             job.result = Artifact(event["media_type"], event["data"], event["meta"])
 
     def _finish(self, job: Job, status: JobStatus, error: dict | None = None) -> None:
+        if status == "cancelled" and job.stopped_error is not None:  # by ``stop``, not a user
+            status, error = "failed", job.stopped_error
         job.status, job.error, job.finished_at = status, error, time.time()
         job.queue_position = None
         if status == "succeeded":

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from atelier3d.config import JobSettings
-from atelier3d.errors import Conflict, NotFound
+from atelier3d.errors import Conflict, NotFound, Unavailable
 from atelier3d.metrics import set_jobs
 from atelier3d.serve.auth import visible
 from atelier3d.serve.fair_use import FairUse
@@ -57,6 +57,7 @@ class JobService:
         store.on_drop.append(self._forget_session)
         self.records = build_job_store(settings, store, self.kinds, self.jobs, self._forget)
         self.runner = JobRunner(settings, store, self.records)
+        self.draining = False
 
     def register(self, kind: JobKind) -> None:
         self.kinds[kind.name] = kind
@@ -71,6 +72,9 @@ class JobService:
         submission's 4xx) for the ``kind_name`` deployment. ``payload``, the API body as the user
         sent it, is what an idempotency key is checked against: a repeated submission returns
         the first job without building anything."""
+        if self.draining:
+            raise Unavailable("this Gateway replica is stopping; retry (another one takes it)",
+                              retry_after_s=1)
         kind = self.kinds[kind_name]
         owner = session.session_id if session is not None else f"client:{client}"
         digest = fingerprint((kind_name, payload))
@@ -81,8 +85,8 @@ class JobService:
                     raise Conflict("this Idempotency-Key was used for a different request")
                 return existing
         if self.fair_use is not None:
-            active = sum(1 for j in self.jobs.values() if j.client == client and not j.finished)
-            self.fair_use.check_active_jobs(client, active)
+            here = sum(1 for j in self.jobs.values() if j.client == client and not j.finished)
+            self.fair_use.check_active_jobs(client, await self.records.active_jobs(client, here))
         request = await build()
         self._sweep_unowned()
         if session is not None:
@@ -236,6 +240,24 @@ class JobService:
                            retry_after_s=max(1.0, job.eta_s() or 1.0))
         reason = f": {job.error['message']}" if job.error else ""
         raise Conflict(f"the job {job.status}{reason}; it has no result")
+
+    # ---- stopping ---------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> None:
+        """This replica is being stopped (scale-down, upgrade): no new jobs here; those queued
+        or running may finish for ``timeout_s``; any left then fail as retryable (their events
+        say so, rather than a replica that just vanishes); everything is written out."""
+        self.draining = True
+        unfinished = [job.task for job in self.jobs.values()
+                      if not job.finished and job.task is not None]
+        if unfinished:
+            logger.info("stopping: waiting up to %.0f s for %d jobs", timeout_s, len(unfinished))
+            _, late = await asyncio.wait(unfinished, timeout=timeout_s)
+            for job in [j for j in self.jobs.values() if j.task in late and not j.finished]:
+                self.runner.stop(job, timeout_s)
+            if late:
+                await asyncio.wait(late)
+        await self.records.flush()
 
     # ---- expiry -----------------------------------------------------------------------------
 

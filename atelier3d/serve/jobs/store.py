@@ -56,6 +56,11 @@ class JobStore(Protocol):
 
     # ---- any replica's jobs ---------------------------------------------------------------------
 
+    async def active_jobs(self, client: str, here: int) -> int:
+        """``client``'s queued and running jobs, all replicas together (``here``: this
+        replica's), for ``fair_use.max_active_jobs``."""
+        ...
+
     async def find(self, owner: str, key: str) -> str | None:
         """The id of the job another replica took with this idempotency key, if any."""
         ...

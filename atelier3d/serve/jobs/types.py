@@ -151,6 +151,7 @@ class Job:
     task: asyncio.Task | None = None
     idempotency: tuple[str, str] | None = None  # (owner, key) while the key maps to this job
     remote: bool = False  # a view of a job another replica runs (from its Redis record)
+    stopped_error: dict | None = None  # why it fails when its replica stops before it ends
     recorded_eta: float | None = None  # a remote job's ETA, as of its last event
     events_sent: int = 0  # events written to Redis so far
     _wake: asyncio.Event = field(default_factory=asyncio.Event)

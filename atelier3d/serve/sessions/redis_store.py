@@ -47,7 +47,7 @@ from atelier3d.errors import NotFound, TooManyRequests, Unavailable
 from atelier3d.imaging import decode_image, encode_png
 from atelier3d.metrics import set_active_sessions
 from atelier3d.serve.auth import visible
-from atelier3d.serve.sessions.session import SegObject, Session, T, new_id, new_step_uid
+from atelier3d.serve.sessions.session import SegObject, Session, Step, T, new_id, new_step_uid
 
 logger = logging.getLogger("ray.serve")
 
@@ -121,11 +121,14 @@ return redis.call('HMGET', base, 'version', 'state', 'client', 'h', 'w')
 """
 
 # ARGV: prefix, sid, ttl_ms, new version, state, n new records, n x (key, value), removed keys...
-# -> 0 when the session is gone (deleted or expired meanwhile: nothing is written), else 1.
+# -> 0 when the session is gone (deleted or expired meanwhile), -1 when the record is no longer
+# at version - 1 (another replica wrote it after this one's lock expired), else 1. Nothing is
+# written unless 1: the version check is the compare-and-set that the lock alone is not.
 _SAVE = _COMMON + """
 local p, sid, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local base = base_of(p, sid)
 if redis.call('EXISTS', base) == 0 then return 0 end
+if tonumber(redis.call('HGET', base, 'version')) ~= tonumber(ARGV[4]) - 1 then return -1 end
 local n = tonumber(ARGV[6])
 for i = 0, n - 1 do
   local key = ARGV[7 + 2 * i]
@@ -147,6 +150,13 @@ _DROP = _COMMON + """
 local existed = drop(ARGV[1], ARGV[2])
 return {existed, redis.call('ZCARD', ARGV[1] .. ':sessions')}
 """
+
+
+SAVE_ATTEMPTS = 5  # a change is applied again when another replica wrote the record meanwhile
+
+
+class _VersionConflict(Exception):
+    """The record is no longer the version this replica's change was applied to."""
 
 
 @dataclass
@@ -367,46 +377,64 @@ class RedisSessionStore:
 
     async def update(self, session_id: str, change: Callable[[Session], T]) -> T:
         """``change`` applied to the latest record under the session's lock, then written back
-        (version + 1). Another replica's change waits for the lock, then sees this one."""
+        (version + 1). Another replica's change waits for the lock, then sees this one.
+
+        The lock expires (``lock_timeout_s``) so that a dead replica cannot hold a session; a
+        change slower than that may find the record written by another replica meanwhile. The
+        write is then refused (compare-and-set on the version) and ``change`` is applied again
+        to the new record, at most ``SAVE_ATTEMPTS`` times, then a 503 to retry."""
         held = self._held.get(session_id)
         local = held.local_lock if held is not None else asyncio.Lock()
         async with local:  # this replica's requests queue here, not in Redis lock polling
-            lock = self.redis.lock(self.key(session_id, "lock"), timeout=self.lock_timeout_s,
-                                   sleep=0.005, blocking_timeout=self.lock_wait_s)
-            try:
-                acquired = await lock.acquire()
-            except Exception as exc:  # noqa: BLE001
-                raise Unavailable(f"the session store is unreachable: {exc}",
-                                  retry_after_s=2) from exc
-            if not acquired:
-                raise Unavailable("the session is busy; retry shortly", retry_after_s=1)
-            try:
-                held = await self._load(session_id)
+            for attempt in range(SAVE_ATTEMPTS):
                 try:
-                    result = change(held.session)
-                    await self._write(held)
-                except BaseException:
-                    held.version = -1  # this copy may hold a change the record lacks: re-read
-                    raise
-                return result
-            finally:
-                try:
-                    await lock.release()
-                except Exception:  # noqa: BLE001 - expired (a very slow change): logged only
-                    logger.warning("session %s: its lock expired before release",
-                                   session_id[:10])
+                    return await self._update_once(session_id, change)
+                except _VersionConflict:
+                    logger.warning("session %s: written by another replica during a change "
+                                   "(attempt %d); applying it again", session_id[:10],
+                                   attempt + 1)
+            raise Unavailable("the session changed on another Gateway replica during this "
+                              "change, repeatedly; retry shortly", retry_after_s=1)
+
+    async def _update_once(self, session_id: str, change: Callable[[Session], T]) -> T:
+        lock = self.redis.lock(self.key(session_id, "lock"), timeout=self.lock_timeout_s,
+                               sleep=0.005, blocking_timeout=self.lock_wait_s)
+        try:
+            acquired = await lock.acquire()
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(f"the session store is unreachable: {exc}",
+                              retry_after_s=2) from exc
+        if not acquired:
+            raise Unavailable("the session is busy; retry shortly", retry_after_s=1)
+        try:
+            held = await self._load(session_id)
+            try:
+                result = change(held.session)
+                await self._write(held)
+            except BaseException:
+                held.version = -1  # this copy may hold a change the record lacks: re-read
+                raise
+            return result
+        finally:
+            try:
+                await lock.release()
+            except Exception:  # noqa: BLE001 - expired (a very slow change): logged only
+                logger.warning("session %s: its lock expired before release",
+                               session_id[:10])
 
     async def _write(self, held: _Held) -> None:
         session = held.session
         sid = session.session_id
         state: dict = {"objects": {}, "parses": list(session.parses), "jobs": list(session.jobs)}
         new: list[tuple[str, bytes]] = []
+        new_steps: list[Step] = []
         steps: set[str] = set()
         for object_id, obj in session.objects.items():
             uids, selected = [], []
             for step in obj.steps:
                 if step is not None and step.uid is None:
                     step.uid = new_step_uid()
+                    new_steps.append(step)
                     step.low_res = records.shared_logits(step.low_res)
                     new.append((self._step_key(sid, step.uid), records.pack_step(step)))
                 uids.append(step.uid if step is not None else None)
@@ -429,7 +457,12 @@ class RedisSessionStore:
         for key, blob in new:
             args += [key, blob]
         args += removed
-        if not await self._save(args=args):
+        saved = await self._save(args=args)
+        if saved == -1:
+            for step in new_steps:  # not stored: new again when the change is applied again
+                step.uid = None
+            raise _VersionConflict(sid)
+        if not saved:
             self._forget(sid)
             raise NotFound("session not found (it was deleted or expired meanwhile)")
         held.version, held.steps, held.parses = version, steps, set(session.parses)

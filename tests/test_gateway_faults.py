@@ -1,0 +1,118 @@
+"""A Gateway replica SIGKILLed while it runs a mesh job, with two Gateway replicas on Redis
+sessions behind Serve's proxy: the client following the job's events (reconnecting with
+``after=`` when its stream was on the dead replica) sees the job fail as retryable once the
+dead replica's lease lapses, never hangs.
+
+The app runs on a local Ray of its own in a subprocess (this module as a script), against the
+session's redis-server; it prints its findings as one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from tests.helpers import CUTOUT, free_port, png_bytes, print_report, run_driver
+
+pytestmark = pytest.mark.cluster
+
+REPORT = "GATEWAY-FAULT-REPORT "
+LEASE_S = 3.0
+REPLICA = "x-atelier-replica"
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def gateway_pid(replica_id: str) -> int:
+    import ray
+
+    for actor in ray._private.state.actors().values():
+        if actor["State"] == "ALIVE" and replica_id in (actor.get("Name") or ""):
+            return actor["Pid"]
+    raise AssertionError(f"no live actor for Gateway replica {replica_id}")
+
+
+def main(cache_dir: str, redis_url: str) -> None:
+    import httpx
+
+    from atelier3d.serve import runner
+
+    port = free_port()
+    config = runner.load_serve_config(models="tiny", port=port, args_override={
+        "cache_dir": cache_dir, "ui": False,
+        "sessions": {"backend": "redis", "redis_url": redis_url, "redis_prefix": "gwfault"},
+        "jobs": {"lease_s": LEASE_S}})
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "Gateway":
+            deployment["num_replicas"] = 2
+    runner.start(config, num_cpus=8)
+    report: dict = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            submitted = http.post("/v1/jobs/mesh", files={"image": ("c.png", png_bytes(CUTOUT))},
+                                  data={"request": json.dumps(
+                                      {"steps": 60, "octree_resolution": 64, "seed": 3})})
+            report["submit"] = submitted.status_code
+            job_id = submitted.json()["job_id"]
+            runs_on = submitted.headers[REPLICA]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # running, with progress, read via any replica
+                state = http.get(f"/v1/jobs/{job_id}").json()
+                if state["status"] != "queued" and state["progress"] > 0:
+                    break
+                time.sleep(0.2)
+            report["before_kill"] = state["status"]
+            os.kill(gateway_pid(runs_on), signal.SIGKILL)
+            killed = time.monotonic()
+
+            events: list[dict] = []
+            reconnects = 0
+            while time.monotonic() - killed < 120 and not (
+                    events and events[-1]["type"] in FINISHED):
+                after = events[-1]["seq"] if events else -1
+                try:
+                    with http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                     params={"after": after}) as stream:
+                        if stream.status_code != 200:
+                            raise httpx.HTTPError(f"status {stream.status_code}")
+                        for line in stream.iter_lines():
+                            if line.strip():
+                                events.append(json.loads(line))
+                except httpx.HTTPError:
+                    reconnects += 1
+                    time.sleep(0.5)
+            report["ended_after_kill_s"] = round(time.monotonic() - killed, 2)
+            report["reconnects"] = reconnects
+            report["last"] = events[-1] if events else None
+            report["seqs_ok"] = [e["seq"] for e in events] == list(
+                range(events[0]["seq"], events[0]["seq"] + len(events))) if events else False
+            final = http.get(f"/v1/jobs/{job_id}")
+            report["final"] = {"code": final.status_code, "status": final.json().get("status"),
+                               "error": final.json().get("error")}
+    finally:
+        print_report(REPORT, report)
+        runner.stop()
+
+
+def test_killed_gateway_replica_fails_its_job_retryably(tiny_dir, redis_url):
+    report = run_driver("tests.test_gateway_faults", str(tiny_dir), redis_url, marker=REPORT,
+                        timeout_s=480)
+    assert report["submit"] == 202 and report["before_kill"] == "running", report
+    last = report["last"]
+    assert last is not None and last["type"] == "failed", report
+    assert last["error"]["code"] == "gateway_lost" and last["error"]["retryable"], report
+    assert report["seqs_ok"], report
+    assert report["final"]["status"] == "failed", report
+    assert report["final"]["error"]["retryable"] is True, report
+    # the lease, the surviving replica's follower noticing, and Serve routing around the dead
+    assert report["ended_after_kill_s"] < LEASE_S + 30, report
+    print(f"killed Gateway: its job failed retryably {report['ended_after_kill_s']} s after "
+          f"the kill ({report['reconnects']} reconnects; lease {LEASE_S} s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
