@@ -365,6 +365,7 @@ async function onClick(event) {
     const chosen = best(candidates);
     committed = {mask: candidates[chosen].mask};
     draw();
+    api.stats.overlayAt = performance.now();
     api.stats.clicks += 1;
     api.stats.clickMs.push(performance.now() - started);
     const response = await fetchOk(
