@@ -78,7 +78,7 @@ STEP_RECORDED = """() => {
 }"""
 
 
-# ---- the server's CPU and its decoder ------------------------------------------------------------
+# ---- the server's CPU and its decoder ------------------------------------------------------
 
 
 def server_cpu_seconds() -> float:
@@ -135,7 +135,7 @@ def served_app(checkpoint: SamCheckpoint, cache_dir: Path, metrics_port: int) ->
         runner.stop()
 
 
-# ---- the page --------------------------------------------------------------------------------------
+# ---- the page ----------------------------------------------------------------------------------
 
 
 def screen_point(page: Page, x: float, y: float) -> tuple[float, float]:
@@ -239,7 +239,7 @@ def hover_phase(page: Page, seconds: float, size: tuple[int, int]) -> dict:
             "preview_decode_ms": percentiles(hover_ms)}
 
 
-# ---- main ------------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -213,7 +213,8 @@ def test_segment_tab_decodes_clicks_in_the_browser(page, http, tmp_path):
     click_image(page, 192, 265)
     wait_status(page, r"Object 1 · 1 \+ / 0 − points .*decoded in the browser")
     recorded = page.evaluate("window.atelierSegment.lastRecorded")
-    assert recorded["points"] == [[192.0, 265.0]] and recorded["step"] == 1
+    assert recorded["step"] == 1 and recorded["labels"] == [1]
+    assert np.abs(np.subtract(recorded["points"], [[192, 265]])).max() <= 1
     sid = page.evaluate("JSON.parse(document.querySelector('#segment-state textarea').value)")
     state = http.get(f"/v1/sessions/{sid['session_id']}/objects/{sid['object_id']}").json()
     assert state == recorded
@@ -228,3 +229,25 @@ def test_segment_tab_decodes_clicks_in_the_browser(page, http, tmp_path):
     click_image(page, 300, 620)
     wait_status(page, r"Object 1 · 1 \+ / 0 − points · box .*decoded in the browser")
     assert page.evaluate("window.atelierSegment.stats.clicks") == 3
+
+
+@pytest.mark.browser
+def test_segment_tab_falls_back_to_the_server(browser, server, tmp_path):  # noqa: F811
+    """Without the browser runtime (here: its files refused) clicks go to the server, and the
+    tab says so."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    context.route("**/ui-static/ort/**", lambda route: route.abort())
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(server, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.atelierSegment?.ready === true", timeout=TIMEOUT_MS)
+        assert page.evaluate("window.atelierSegment.mode") == "server"
+        assert "Clicks run on the server" in page.locator("#decoder-mode").inner_text()
+        upload_character(page, tmp_path)
+        click_image(page, 192, 265)
+        text = wait_status(page, r"Object 1 · 1 \+ / 0 − points .* ms$")
+        assert "decoded in the browser" not in text
+        assert page.evaluate("window.atelierSegment.stats.clicks") == 0
+    finally:
+        context.close()

@@ -212,9 +212,13 @@ api.decode = async (sessionId, height, width, prompt, options = {}) => {
 
 // ---- the tab ------------------------------------------------------------------------------------
 
+let modeText = '';
+
+// The line above the image that says where clicks are decoded (kept there as Gradio re-renders).
 function modeLine(text) {
+  if (text !== undefined) modeText = text;
   const overlay = document.getElementById('overlay');
-  if (!overlay) return;
+  if (!overlay || !modeText) return;
   let line = document.getElementById(MODE_LINE_ID);
   if (!line) {
     line = document.createElement('div');
@@ -222,7 +226,7 @@ function modeLine(text) {
     line.style.cssText = 'font-size: 0.85em; opacity: 0.8; margin: 2px 0;';
     overlay.parentElement.insertBefore(line, overlay);
   }
-  line.textContent = text;
+  if (line.textContent !== modeText) line.textContent = modeText;
 }
 
 function fallBack(reason) {
@@ -243,15 +247,16 @@ function overlayImage() {
   return document.querySelector('#overlay img');
 }
 
-// Image pixel under the pointer (the overlay is scaled to fit and centred, never enlarged).
+// Image pixel under the pointer, computed as Gradio computes a click's index on an image (scaled
+// to fit and centred, never enlarged), so both paths put a click on the same pixel.
 function imagePoint(img, event) {
   const rect = img.getBoundingClientRect();
   const scale = Math.min(rect.width / img.naturalWidth, rect.height / img.naturalHeight, 1);
-  const left = rect.left + (rect.width - img.naturalWidth * scale) / 2;
-  const top = rect.top + (rect.height - img.naturalHeight * scale) / 2;
-  const x = Math.round((event.clientX - left) / scale);
-  const y = Math.round((event.clientY - top) / scale);
-  if (x < 0 || y < 0 || x > view.width || y > view.height) return null;
+  const left = (rect.width - img.naturalWidth * scale) / 2;
+  const top = (rect.height - img.naturalHeight * scale) / 2;
+  const x = Math.round((event.clientX - rect.left - left) / scale);
+  const y = Math.round((event.clientY - rect.top - top) / scale);
+  if (x < 0 || x >= img.naturalWidth || y < 0 || y >= img.naturalHeight) return null;
   return [x, y];
 }
 
@@ -430,6 +435,7 @@ function onLeave() {
 
 // The tab's object, as the server last rendered it (new image, other object, undo/redo, ...).
 function watchState() {
+  modeLine();
   const box = document.querySelector(STATE_SELECTOR);
   if (!box || box.value === viewText) return;
   viewText = box.value;
