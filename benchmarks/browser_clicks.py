@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from atelier3d.models.segment.sam import SamCheckpoint
 from benchmarks.common import (
@@ -117,12 +118,13 @@ def decode_count(metrics_url: str) -> float:
 
 @contextlib.contextmanager
 def served_app(checkpoint: SamCheckpoint, cache_dir: Path, metrics_port: int) -> Iterator[str]:
-    """The real app with its UI, as ``atelier3d serve`` starts it (the other models tiny)."""
+    """The real app with its UI, as ``atelier3d serve`` starts it (SAM runs ``checkpoint``;
+    models whose weights are not on this offline machine fall back to tiny)."""
     from atelier3d.serve import runner
 
     os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")
     port = free_port()
-    config = runner.load_serve_config(models="tiny", port=port, args_override={
+    config = runner.load_serve_config(models="auto", port=port, args_override={
         "cache_dir": str(cache_dir), "sam": {"checkpoint": str(checkpoint.path)}, "ui": True,
         "fair_use": {"exempt": [LOOPBACK]},
     })
@@ -195,6 +197,20 @@ def _by_path(urls: list[str], base_url: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def click_until(page: Page, x: float, y: float, done: str, attempts: int = 5) -> None:
+    """Clicks until ``done`` holds: a click that lands while Gradio's progress overlay still
+    covers the image (just after a reset) reaches neither path and is made again."""
+    for _ in range(attempts - 1):
+        page.mouse.click(x, y)
+        try:
+            page.wait_for_function(done, timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    page.mouse.click(x, y)
+    page.wait_for_function(done)
+
+
 def click_phase(page: Page, points: list[tuple[int, int]], in_browser: bool) -> list[float]:
     """Clicks each point (a reset every few), returns click-to-overlay times in ms."""
     page.evaluate(f"window.atelierSegment.mode = '{'browser' if in_browser else 'server'}'")
@@ -205,14 +221,12 @@ def click_phase(page: Page, points: list[tuple[int, int]], in_browser: bool) -> 
         sx, sy = screen_point(page, x, y)
         if in_browser:
             before = page.evaluate("window.atelierSegment.stats.clicks")
-            page.mouse.click(sx, sy)
-            page.wait_for_function(f"() => window.atelierSegment.stats.clicks > {before}")
+            click_until(page, sx, sy, f"() => window.atelierSegment.stats.clicks > {before}")
             times.append(page.evaluate("window.atelierSegment.stats.overlayAt - window.__t0"))
             page.wait_for_function(STEP_RECORDED)  # recorded and redrawn before the next click
         else:
             page.evaluate("window.__t1 = null")
-            page.mouse.click(sx, sy)
-            page.wait_for_function("() => window.__t1 !== null && window.__t1 > window.__t0")
+            click_until(page, sx, sy, "() => window.__t1 !== null && window.__t1 > window.__t0")
             times.append(page.evaluate("window.__t1 - window.__t0"))
         page.mouse.move(0, 0)  # off the image: no hover previews during the click phases
     return times
