@@ -16,7 +16,11 @@ install: $(VENV)/.installed
 # ".[server,gpu]" the same way (k8s/Dockerfile).
 CONSTRAINTS := constraints/tested.txt
 WHEELS := .cache/wheels
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) constraints/hy3dgen_wheel.py
+# The Segment tab's browser runtime (onnxruntime-web) comes from the npm registry at the version
+# and integrity package-lock.json pins; the Gateway serves it, so pages load nothing from outside.
+UI_STATIC := atelier3d/serve/ui/static
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) constraints/hy3dgen_wheel.py $(UI_STATIC)/package-lock.json
+	npm ci --prefix $(UI_STATIC) --ignore-scripts --no-audit --no-fund
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) constraints/hy3dgen_wheel.py $(WHEELS)

@@ -232,6 +232,10 @@ def test_keys_cannot_reach_each_others_sessions_and_jobs(auth_server):
             ("GET", f"/v1/sessions/{sid}", None), ("DELETE", f"/v1/sessions/{sid}", None),
             ("POST", f"/v1/sessions/{sid}/segment", {"points": [[80, 120]], "labels": [1]}),
             ("POST", f"/v1/sessions/{sid}/cutout", {"object_id": oid}),
+            ("GET", f"/v1/sessions/{sid}/embedding", None),
+            ("POST", f"/v1/sessions/{sid}/objects/{oid}/steps", {
+                "points": [[80, 120]], "labels": [1], "selected": 0,
+                "masks": [{"rle": {"size": [1, 1], "counts": [1]}, "score": 0.5}]}),
             ("POST", f"/v1/sessions/{sid}/objects", None),
             ("GET", f"/v1/sessions/{sid}/objects/{oid}", None),
             ("POST", f"/v1/sessions/{sid}/objects/{oid}/undo", None),

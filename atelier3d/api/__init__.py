@@ -28,8 +28,12 @@ from atelier3d.api.parse import (
 )
 from atelier3d.api.segment import (
     CutoutRequest,
+    DecoderGraph,
+    DecoderGraphs,
     MaskCandidate,
     ObjectState,
+    RecordedCandidate,
+    RecordStepRequest,
     SegmentRequest,
     SegmentResponse,
     SelectRequest,
@@ -40,6 +44,8 @@ from atelier3d.api.segment import (
 __all__ = [
     "Check",
     "CutoutRequest",
+    "DecoderGraph",
+    "DecoderGraphs",
     "EditJobRequest",
     "ErrorBody",
     "ErrorResponse",
@@ -61,6 +67,8 @@ __all__ = [
     "Pose",
     "RLE",
     "ReadyInfo",
+    "RecordStepRequest",
+    "RecordedCandidate",
     "SegmentRequest",
     "SegmentResponse",
     "SelectRequest",

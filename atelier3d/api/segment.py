@@ -92,3 +92,45 @@ class SelectRequest(ApiModel):
 class CutoutRequest(MaskSource):
     background: Literal["transparent", "white", "black"] = "transparent"
     crop: bool = Field(True, description="crop to the mask's bounding box")
+
+
+class RecordedCandidate(ApiModel):
+    rle: RLE
+    score: FiniteFloat = Field(description="SAM's predicted IoU, as the browser's decoder gave it")
+
+
+class RecordStepRequest(ApiModel):
+    """A step the browser decoded itself: its prompt and the candidates it chose from."""
+
+    points: list[Point] = Field(default_factory=list, description="[[x, y], ...] in pixels")
+    labels: list[Literal[0, 1]] = Field(default_factory=list)
+    box: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat] | None = None
+    masks: list[RecordedCandidate] = Field(min_length=1, max_length=3)
+    selected: int = Field(ge=0, description="index of the chosen candidate in masks")
+
+    @model_validator(mode="after")
+    def _check_step(self) -> RecordStepRequest:
+        if len(self.points) != len(self.labels):
+            raise ValueError(
+                f"points and labels differ in length ({len(self.points)} vs {len(self.labels)})"
+            )
+        if not self.points and self.box is None:
+            raise ValueError("give at least one point or a box")
+        if self.selected >= len(self.masks):
+            raise ValueError(f"selected {self.selected} but only {len(self.masks)} masks")
+        return self
+
+
+class DecoderGraph(ApiModel):
+    url: str = Field(description="versioned by the graph's hash: cache it forever")
+    sha256: str
+    bytes: int
+
+
+class DecoderGraphs(ApiModel):
+    """The ONNX prompt decoder graphs the SamDecoder replicas run, for clients that decode."""
+
+    multimask: DecoderGraph
+    single: DecoderGraph
+    embedding_dtype: Literal["float16"] = "float16"
+    embedding_shape: tuple[int, int, int, int] = (1, 256, 64, 64)

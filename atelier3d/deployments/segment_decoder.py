@@ -83,6 +83,10 @@ class SamDecoder:
     def info(self) -> ModelInfo:
         return sam_info(self.checkpoint)
 
+    def graph(self, multimask: bool) -> bytes:
+        """The ONNX file this replica runs, for clients that decode it themselves."""
+        return self.onnx_paths[multimask].read_bytes()
+
     def _embedding(self, ref: ray.ObjectRef) -> np.ndarray:
         key = ref.hex()
         count_embedding_lookup(hit=key in self.embeddings)

@@ -19,6 +19,7 @@ from atelier3d.serve.mesh.routes import build_mesh_router
 from atelier3d.serve.mesh.service import MeshService
 from atelier3d.serve.parse.routes import build_parse_router
 from atelier3d.serve.parse.service import ParseService
+from atelier3d.serve.segment.browser import BrowserSegment, build_browser_router
 from atelier3d.serve.segment.routes import build_router
 from atelier3d.serve.segment.service import SegmentService
 
@@ -40,6 +41,7 @@ def build_api(config: AppConfig, health: Health, service: SegmentService,
     install_error_handlers(app)
     app.include_router(build_health_router(health))
     app.include_router(build_router(service))
+    app.include_router(build_browser_router(BrowserSegment(service)))
     if parsing is not None:
         app.include_router(build_parse_router(parsing))
     if jobs is not None:

@@ -191,7 +191,12 @@ class SegmentService:
             current = target.current
             if current is None:
                 raise Conflict("nothing to refine: the object has no mask yet")
-            mask_logits = current.low_res[current.selected]
+            if current.low_res is not None:
+                mask_logits = current.low_res[current.selected]
+            else:  # a step the browser decoded: only its masks were recorded
+                mask = rle.decode(current.candidates[current.selected].rle.model_dump(),
+                                  session.size)
+                mask_logits = mask_to_logits(mask)
         elif request.mask_input is not None:
             mask = rle.decode(request.mask_input.model_dump(), session.size)
             mask_logits = mask_to_logits(mask)

@@ -26,7 +26,7 @@ class Step:
     labels: list[int]
     box: tuple[float, float, float, float] | None
     candidates: list[MaskCandidate]  # as the decoder made them and the API sends them
-    low_res: np.ndarray  # (K, 256, 256) logits of the candidates, for refinement
+    low_res: np.ndarray | None  # (K, 256, 256) logits, for refinement; None: decoded elsewhere
     selected: int
     uid: str | None = None  # its record's id in a shared store (Redis); None until saved there
 

@@ -46,7 +46,10 @@ UNTRAINED_BANNER = "⚠️ **Running with untrained (random) weights – masks a
 LOADING_BANNER = "⏳ The model weights are on disk; the models are loading."
 BANNER_POLL_S = 2.0
 
-CSS = "#overlay img { cursor: crosshair; }"
+CSS = "#overlay img { cursor: crosshair; } .a3d-hidden { display: none !important; }"
+
+# The Segment tab's in-browser decoder (atelier3d/serve/ui/static/segment_browser.js).
+HEAD = '<script type="module" src="/ui-static/segment_browser.js"></script>'
 
 
 def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
@@ -172,7 +175,7 @@ def mount_ui(app: FastAPI, health: Health, service: SegmentService,
     # run; cause inside Gradio not pinned down), without it they do.
     # With auth.ui_users, those files, the queue and the config all need the login.
     app = gr.mount_gradio_app(
-        app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS,
+        app, demo, path="/", footer_links=[], ssr_mode=False, css=CSS, head=HEAD,
         max_file_size=config.limits.max_upload_bytes, allowed_paths=[],
         auth=ui_login(config.auth.ui_users),
         auth_message="atelier3d: sign in" if config.auth.ui_users else None,

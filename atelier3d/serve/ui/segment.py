@@ -133,7 +133,7 @@ def _empty_view(ui: UiState | None = None) -> tuple:
     message = "Upload an image or pick an example to start."
     return (ui or UiState(), None, [], message, gr.update(choices=[], value=None),
             gr.update(interactive=False), gr.update(interactive=False),
-            gr.update(interactive=False))
+            gr.update(interactive=False), "{}")
 
 
 def _refused_view(ui: UiState | None = None) -> tuple:
@@ -167,7 +167,18 @@ async def _view(service: SegmentService, ui: UiState, obj: ObjectState | None = 
         gr.update(interactive=obj.can_undo),
         gr.update(interactive=obj.can_redo),
         gr.update(interactive=obj.selected is not None),  # reset: only when there is a mask
+        browser_view(ui, obj),
     )
+
+
+def browser_view(ui: UiState, obj: ObjectState) -> str:
+    """What the page's in-browser decoder needs to continue the object (segment_browser.js)."""
+    height, width = ui.image.shape[:2]
+    return json.dumps({
+        "session_id": ui.session_id, "object_id": obj.object_id, "width": width,
+        "height": height, "step": obj.step, "points": obj.points, "labels": obj.labels,
+        "box": obj.box, "selected": obj.selected,
+    })
 
 
 async def _wait_encoded(service: SegmentService, session_id: str,
@@ -232,7 +243,12 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
             candidates = gr.Gallery(label="Candidates (click to choose)",
                                     columns=3, height="auto", allow_preview=False,
                                     object_fit="contain", elem_id="candidates")
-    view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset]
+    # Hidden: the page's in-browser decoder reads the object from it, and clicks the button
+    # to have this view redrawn after it recorded a step.
+    browser_state = gr.Textbox("{}", elem_id="segment-state", elem_classes=["a3d-hidden"])
+    browser_sync = gr.Button("sync", elem_id="browser-sync", elem_classes=["a3d-hidden"])
+    view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset,
+                    browser_state]
 
     async def open_image(ui: UiState, data: bytes, name: str, request: gr.Request,
                          progress: gr.Progress, start: float) -> tuple:
@@ -351,6 +367,13 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
         ui.object_id, ui.corner = object_id, None
         return await _view(service, ui)
 
+    @guarded()
+    async def on_browser_step(ui: UiState) -> tuple:
+        if ui.session_id is None or ui.object_id is None:
+            return gr.skip()
+        ui.corner = None
+        return await _view(service, ui, note="decoded in the browser")
+
     def make_edit(action: str) -> Callable[[UiState], Awaitable[tuple]]:
         @guarded()
         async def on_edit(ui: UiState) -> tuple:
@@ -397,6 +420,7 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
     downscale.click(on_downscale, [state], [*view_outputs, upload, downscale], **events)
     overlay.select(on_click, [state, mode], view_outputs, **clicks)
     candidates.select(on_pick, [state], view_outputs, **clicks)
+    browser_sync.click(on_browser_step, [state], view_outputs, **clicks)
     new_object.click(on_new_object, [state], view_outputs, **events)
     objects.input(on_switch, [state, objects], view_outputs, **events)
     for button, action in ((undo, "undo"), (redo, "redo"), (reset, "reset")):
