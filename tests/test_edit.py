@@ -113,7 +113,8 @@ async def test_editor_streams_steps_then_a_png_identical_to_diffusers(editor, ti
     meta = result["meta"]
     assert meta | {"timings_ms": None} == {
         "seed": 3, "steps": STEPS, "true_cfg_scale": 4.0, "width": SIZE, "height": SIZE,
-        "pipeline": "edit", "preset": "free", "model": "qwen-edit-random", "timings_ms": None}
+        "pipeline": "edit", "preset": "free", "model": "qwen-edit-random", "cache": None,
+        "timings_ms": None}
     assert set(meta["timings_ms"]) == {"encode_ms", "denoise_ms", "decode_ms", "total_ms"}
 
     direct = direct_edit(DiffusionPipeline.from_pretrained(tiny_edit), image)
