@@ -45,7 +45,8 @@ def main(cache_dir: str, redis_url: str) -> None:
     config = runner.load_serve_config(models="tiny", port=port, args_override={
         "cache_dir": cache_dir, "ui": False,
         "sessions": {"backend": "redis", "redis_url": redis_url, "redis_prefix": "gwfault"},
-        "jobs": {"lease_s": LEASE_S}})
+        # Each Gateway replica dispatches max_running: two of them stay within Shape3D's 3.
+        "jobs": {"lease_s": LEASE_S, "mesh": {"max_running": 1, "max_queued": 32}}})
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Gateway":
             deployment["num_replicas"] = 2

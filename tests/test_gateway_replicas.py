@@ -40,7 +40,9 @@ def main(cache_dir: str, redis_url: str) -> None:
         "cache_dir": cache_dir, "ui": False,
         "limits": {"max_sessions_per_client": 1000},
         "sessions": {"backend": "redis", "redis_url": redis_url, "redis_prefix": PREFIX,
-                     "ttl_s": TTL_S}})
+                     "ttl_s": TTL_S},
+        # Each Gateway replica dispatches max_running: two of them stay within Shape3D's 3.
+        "jobs": {"mesh": {"max_running": 1, "max_queued": 32}}})
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Gateway":
             deployment["num_replicas"] = 2

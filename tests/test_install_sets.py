@@ -49,6 +49,7 @@ USED_WITHOUT_IMPORT = {
     "peft": "diffusers' load_lora_weights loads the Lightning LoRA through it",
     "accelerate": "diffusers and transformers place and quantize weights with it",
     "bitsandbytes": "diffusers' BitsAndBytesConfig (nf4/int8 editor) runs on it",
+    "xatlas": "hy3dgen's paint pipeline unwraps the mesh with it, without declaring it",
     "pytest-asyncio": "a pytest plugin (asyncio_mode = auto)",
     "ruff": "the lint command",
 }
