@@ -8,6 +8,7 @@ where the click landed, what was drawn, what the files contain.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -65,17 +66,27 @@ def server_clicks(context: BrowserContext) -> BrowserContext:
     return context
 
 
-@pytest.fixture()
-def page(browser: Browser, server: str) -> Iterator[Page]:
-    context = server_clicks(browser.new_context(viewport={"width": 1400, "height": 1100},
-                                                accept_downloads=True))
+@contextlib.contextmanager
+def opened(browser: Browser, server: str, server_side_clicks: bool = True) -> Iterator[Page]:
+    """The UI in a new browser context, loaded; clicks through the server or the page."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+    if server_side_clicks:
+        server_clicks(context)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(server, timeout=TIMEOUT_MS)
     for selector in ("#upload input[type=file]", "#status", "#overlay", "#candidates", "#export"):
         page.wait_for_selector(selector, state="attached")
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture()
+def page(browser: Browser, server: str) -> Iterator[Page]:
+    with opened(browser, server) as page:
+        yield page
 
 
 def tab(page: Page, name: str) -> Locator:
@@ -728,6 +739,16 @@ def test_3d_tab_layered_asset_from_the_parse_and_an_uploaded_cutout(page: Page,
     assert len(check_glb(page.request.get(page.evaluate("window.models")[-1]).body()).geometry) == 1
 
 
+def start_long_edit(page: Page, steps: int) -> None:
+    """Runs an edit of ``steps`` steps from the Edit tab's picked source, until it denoises."""
+    page.locator("#edit-parameters").click()
+    set_number(page, "edit-steps", steps)
+    record_progress(page, "edit-compare")
+    page.locator("#edit-run").click()
+    page.wait_for_function("() => (window.progress['edit-compare'] ?? []).some("
+                           "t => t.startsWith('Denoising'))", timeout=TIMEOUT_MS)
+
+
 def test_one_persons_long_edit_never_blocks_anothers_clicks(browser: Browser, server: str,
                                                             page: Page, tmp_path: Path) -> None:
     """Two people at once: while A's long edit runs, B uploads and clicks, and gets masks.
@@ -735,12 +756,7 @@ def test_one_persons_long_edit_never_blocks_anothers_clicks(browser: Browser, se
     segment_with_box(page, tmp_path)
     tab(page, "Edit").click()
     wait_picked(page, "edit-source", "Object 1 cut-out")
-    page.locator("#edit-parameters").click()
-    set_number(page, "edit-steps", 100)
-    record_progress(page, "edit-compare")
-    page.locator("#edit-run").click()
-    page.wait_for_function("() => (window.progress['edit-compare'] ?? []).some("
-                           "t => t.startsWith('Denoising'))", timeout=TIMEOUT_MS)
+    start_long_edit(page, 100)
 
     other = server_clicks(browser.new_context(viewport={"width": 1400, "height": 1100}))
     try:
