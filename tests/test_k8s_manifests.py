@@ -15,6 +15,8 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
+from atelier3d.config import AppConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
@@ -183,10 +185,17 @@ def test_the_gateways_keep_sessions_in_that_redis():
         assert env_secret(container, sessions["redis_password_env"]) == (ref["name"], ref["key"])
 
 
-def test_an_upgrade_starts_a_new_cluster():
-    strategy = rayservice()["spec"]["upgradeStrategy"]["type"]
-    assert strategy in UPGRADE_TYPES
-    assert strategy == "NewCluster"
+def test_an_upgrade_starts_a_new_cluster_and_lets_the_old_ones_jobs_finish():
+    spec = rayservice()["spec"]
+    assert spec["upgradeStrategy"]["type"] in UPGRADE_TYPES
+    assert spec["upgradeStrategy"]["type"] == "NewCluster"
+    # KubeRay deletes the old cluster 60 s after the switch unless told otherwise: its Gateways'
+    # running jobs (drained for up to jobs.drain_s) would die with it.
+    [gateway] = [d for d in yaml.safe_load(spec["serveConfigV2"])["applications"][0][
+        "deployments"] if d["name"] == "Gateway"]
+    assert spec["rayClusterDeletionDelaySeconds"] >= gateway["graceful_shutdown_timeout_s"]
+    assert gateway["graceful_shutdown_timeout_s"] > AppConfig.model_validate(
+        serve_args()).jobs.drain_s
 
 
 def test_no_service_can_select_pods_of_two_clusters():
