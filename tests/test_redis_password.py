@@ -32,6 +32,13 @@ async def test_sessions_reach_a_redis_with_the_password_the_environment_holds(mo
         try:
             session = await store.create("client", IMAGE, png_bytes(IMAGE))
             assert np.array_equal((await store.load(session.session_id)).image, IMAGE)
+            # job events and cancels go through pub/sub on the same client's connections
+            pubsub = store.redis.pubsub()
+            await pubsub.subscribe("events")
+            assert await store.redis.publish("events", "e1") == 1
+            messages = [await pubsub.get_message(timeout=5) for _ in range(2)]
+            assert [m["data"] for m in messages if m and m["type"] == "message"] == [b"e1"]
+            await pubsub.aclose()
         finally:
             await store.redis.aclose()
 
