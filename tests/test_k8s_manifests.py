@@ -102,6 +102,13 @@ def test_every_manifest_validates_against_kuberay_and_kubernetes_schemas(name):
         assert not schema_errors(document), (document["kind"], schema_errors(document))
 
 
+def test_every_kubernetes_object_in_k8s_is_validated():
+    objects = {path.name for path in K8S.glob("*.yaml")
+               if any(isinstance(d, dict) and {"apiVersion", "kind"} <= set(d)
+                      for d in yaml.safe_load_all(path.read_text()))}
+    assert objects == set(MANIFESTS)
+
+
 def set_at(document: dict, path: list, key: str, value) -> dict:
     changed = copy.deepcopy(document)
     node = changed
