@@ -287,6 +287,9 @@ class SessionSettings(_Strict):
         "sticky routing); redis: shared, so any Gateway replica serves any session"
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="with backend: redis")
+    redis_password_env: str | None = Field(
+        None, description="name of an environment variable of the Gateway's replica holding "
+        "the Redis password (e.g. from a Kubernetes Secret), to keep it out of redis_url")
     redis_prefix: str = Field("atelier3d", min_length=1, description="of every key written")
     lock_timeout_s: float = Field(
         10.0, gt=0, description="a session's Redis lock expires after this (a dead holder)"

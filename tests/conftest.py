@@ -19,9 +19,10 @@ from tests.helpers import GENERATED, free_port
 
 
 @contextlib.contextmanager
-def redis_server():
+def redis_server(*options: str):
     """A real ``redis-server`` (Debian's; ``make test-deps`` installs it) on a free port, in a
-    temporary directory, persisting nothing; stopped afterwards. Yields its URL."""
+    temporary directory, persisting nothing, with ``options`` added (``--requirepass X``);
+    stopped afterwards. Yields its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make test-deps` (apt-get install "
@@ -30,7 +31,7 @@ def redis_server():
     with tempfile.TemporaryDirectory(prefix="a3d-redis-") as directory:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes", *options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 10
@@ -38,7 +39,7 @@ def redis_server():
                 with contextlib.suppress(OSError), socket.create_connection(
                         ("127.0.0.1", port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up, password or not
                         break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server did not start (exit {proc.poll()})")

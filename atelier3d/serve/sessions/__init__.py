@@ -12,6 +12,7 @@ the 404 of an unknown id (``serve.auth``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
@@ -57,6 +58,19 @@ class SessionStore(Protocol):
     async def remove(self, session_id: str) -> None: ...
 
 
+def redis_password(config: AppConfig) -> str | None:
+    """The password ``sessions.redis_password_env`` names, read from this replica's environment;
+    a name that is not set fails the replica's start, saying which."""
+    name = config.sessions.redis_password_env
+    if name is None:
+        return None
+    password = os.environ.get(name)
+    if not password:
+        raise ValueError(f"sessions.redis_password_env is {name!r}, but no such environment "
+                         "variable is set (or it is empty) in the Gateway's replica")
+    return password
+
+
 def build_store(config: AppConfig) -> SessionStore:
     """The session store ``sessions.backend`` names: this replica's memory, or Redis."""
     sessions = config.sessions
@@ -66,6 +80,7 @@ def build_store(config: AppConfig) -> SessionStore:
             max_per_client=config.limits.max_sessions_per_client,
             max_history=sessions.max_history, prefix=sessions.redis_prefix,
             lock_timeout_s=sessions.lock_timeout_s, max_pixels=config.limits.max_pixels,
+            password=redis_password(config),
         )
     return MemorySessionStore(
         ttl_s=sessions.ttl_s,

@@ -183,10 +183,12 @@ class RedisSessionStore:
     def __init__(self, url: str, *, ttl_s: float, max_sessions: int, max_per_client: int,
                  max_history: int, prefix: str = "atelier3d", lock_timeout_s: float = 10.0,
                  lock_wait_s: float = 30.0, max_pixels: int = 36_000_000,
-                 clock: Callable[[], float] = time.monotonic, client: Any = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, client: Any = None,
+                 password: str | None = None) -> None:
         import redis.asyncio
 
-        self.redis = client or redis.asyncio.Redis.from_url(url)
+        # a password in the URL wins over ``password`` (redis-py's from_url)
+        self.redis = client or redis.asyncio.Redis.from_url(url, password=password)
         self.url = url
         self.ttl_s = ttl_s
         self.ttl_ms = max(1, int(ttl_s * 1000))
