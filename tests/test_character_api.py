@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
 import trimesh
+from PIL import Image
 
 from atelier3d.samples import drawn_character
+from atelier3d.serve.ui.character import stage_lines
 from atelier3d.stages.parse import GARMENT_LABELS, LABELS
-from tests.helpers import assert_error, uploaded
+from tests.helpers import ROOT, assert_error, uploaded
 
 STAGES = ["parse", "complete", "t_pose", "checks", "mesh"]
 FIGURE_BOX = [90, 30, 300, 620]  # x0, y0, x1, y1 around the drawn figure
@@ -63,12 +67,13 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def character(client):
-    """A session with the drawn character segmented, and the garment to complete: the largest
-    one the character's parse says something hides."""
+    """A session with the drawn character segmented (the best of SAM's candidates for the box,
+    as the CLI picks it), and the garment to complete: the largest one the character's parse
+    says something hides."""
     with uploaded(client, drawn_character()) as session_id:
         obj = client.post(f"/v1/sessions/{session_id}/objects").json()["object_id"]
         seg = client.post(f"/v1/sessions/{session_id}/segment",
-                          json={"box": FIGURE_BOX, "multimask": False, "object_id": obj})
+                          json={"box": FIGURE_BOX, "multimask": True, "object_id": obj})
         assert seg.status_code == 200, seg.text
         parse = client.post(f"/v1/sessions/{session_id}/parse", json={"object_id": obj}).json()
         hidden = [p for p in parse["parts"] if p["completed_url"] is not None
@@ -210,3 +215,44 @@ def test_bad_requests_are_4xx(client, first, character):
                                "reuse": {"parse_id": parse_id}})
     assert f"has no {absent}" in assert_error(r, 422)["message"]
     assert_error(client.post("/v1/sessions/nope/character3d", json={"object_id": obj}), 404)
+
+
+def test_cli_character_writes_the_asset_and_each_stage(server, character, tmp_path):
+    """The CLI (through ``Client.submit_character``): the same journey from an image file."""
+    _, _, garment = character
+    image = tmp_path / "character.png"
+    Image.fromarray(drawn_character()).save(image)
+    out = tmp_path / "out"
+    box = ",".join(map(str, FIGURE_BOX))
+    common = [sys.executable, "-m", "atelier3d", "character", str(image), "--server", server,
+              "--box", box, "--quiet"]
+    done = subprocess.run(
+        [*common, "--garment", garment, "--steps", "1", "--mesh-steps", "2", "--octree", "64",
+         "--no-texture", "-o", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "character: succeeded" in done.stdout and "check facing_front" in done.stdout
+    summary = json.loads((out / "stages.json").read_text())
+    assert list(summary["stages"]) == ["parse", f"complete.{garment}", "t_pose", "checks",
+                                       "mesh"]
+    assert (out / f"complete.{garment}.png").read_bytes().startswith(b"\x89PNG")
+    nodes = glb_nodes((out / "character.glb").read_bytes())
+    assert {"body", garment} <= nodes == set(summary["stages"]["mesh"]["nodes"])
+
+    bad = subprocess.run([*common, "--garment", "Cape", "-o", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 1 and "unknown garment 'Cape'" in bad.stderr
+
+
+def test_ui_tab_lists_the_stages(client, first):
+    """The UI's Character → 3D tab is on the page, and what it shows of a job's events: each
+    stage done, with what it made."""
+    page = client.get("/config")
+    assert page.status_code == 200
+    assert "character-run" in page.text and "character-stages" in page.text
+    _, events = first
+    shown = stage_lines(events)
+    assert shown.startswith("**100%**")
+    assert [line[:4] for line in shown.splitlines()[2:]] == ["- ✓ "] * len(STAGES)
+    assert "(skipped)" in shown.splitlines()[4]  # the T-pose, not asked for
+    started = next(i for i, e in enumerate(events) if e["type"] == "progress")
+    assert "- … Parse the character (0/1)" in stage_lines(events[:started + 1])

@@ -126,7 +126,7 @@ class Gateway:
         app = build_api(self.config, self.health, self.service, self.parsing, jobs, self.fair_use,
                         self.character)
         if self.config.ui:
-            app = mount_ui(app, self.health, self.service, self.parsing, jobs)
+            app = mount_ui(app, self.health, self.service, self.parsing, jobs, self.character)
         replica, node = replica_identity()
         app.add_middleware(ReplicaHeaders, replica=replica, node=node)
         app.add_middleware(ClientGone)
