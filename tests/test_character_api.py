@@ -88,6 +88,9 @@ def first(client, character):
     """The whole journey without a T-pose: every stage runs."""
     session_id, obj, garment = character
     job_id, events = run(client, session_id, {"object_id": obj, "garments": [garment], **FAST})
+    state = client.get(f"/v1/jobs/{job_id}").json()
+    print(f"character job stage_ms {state['stage_ms']} total_s "
+          f"{state['finished_at'] - state['started_at']:.1f}")  # shown with -s
     return job_id, events
 
 
@@ -165,6 +168,28 @@ def test_resume_from_mesh_reuses_earlier_results_without_rerunning(client, first
         {k: before[k] for k in ("parse_id", "completed", "checks_parse_id")}
     assert after["mesh_job_id"] != before["mesh_job_id"]
     assert {"body", garment} <= glb_nodes(client.get(f"/v1/jobs/{job_id}/result").content)
+
+
+def test_a_garment_nothing_hides_is_used_as_it_is(client, first, character):
+    """Resumed at the completion with another garment, one the parse found nothing hiding: no
+    edit runs for it, and its parse part is its layer."""
+    session_id, obj, _ = character
+    first_id, _ = first
+    parse_id = client.get(f"/v1/jobs/{first_id}").json()["result_meta"]["results"]["parse_id"]
+    parts = client.get(f"/v1/sessions/{session_id}/parses/{parse_id}").json()["parts"]
+    seen = [p["name"] for p in parts if p["completed_url"] is None
+            and p["name"] not in ("clothing", "hair", "body-skin")]
+    assert seen, "the tiny parse has no garment that nothing hides"
+    job_id, events = run(client, session_id, {
+        "object_id": obj, "garments": seen[:1], **FAST, "resume_from": "complete",
+        "previous_job_id": first_id})
+    made = artifacts(events)
+    assert made[f"complete.{seen[0]}"]["job_id"] is None
+    assert made[f"complete.{seen[0]}"]["reason"] == "nothing hides it"
+    assert [e for e in events if e["type"] == "progress" and e["stage"] == "complete"][-1][
+        "step"] == 100
+    mesh = made["mesh"]
+    assert seen[0] in mesh["nodes"] or seen[0] in mesh["skipped"]
 
 
 def test_t_pose_from_the_completed_garments(client, first, character):

@@ -257,10 +257,12 @@ class CharacterService:
         garments = plan.body.garments
         units = max(1, len(garments))
         yield progress("complete", 0, units * UNITS)
-        parsed = self._parse(await self.store.load(plan.session_id), results.parse_id)
+        session = await self.store.load(plan.session_id)
         options = plan.body.edit
         for index, garment in enumerate(garments):
-            if garment not in parsed.completed:  # nothing hides it: the part as it is
+            source = ImageSource(kind="part", parse_id=results.parse_id, part=garment)
+            if self.editing.resolver.hidden_region(session, source) is None:
+                # Nothing hides it: the part is used as it is.
                 results.completed[garment] = None
                 yield progress("complete", (index + 1) * UNITS, units * UNITS)
                 yield artifact(f"complete.{garment}", {
@@ -268,8 +270,7 @@ class CharacterService:
                     "reason": "nothing hides it", "results": results.model_dump()})
                 continue
             job = await self.editing.submit(EditJobRequest(
-                session_id=plan.session_id, preset="complete_occluded",
-                source=ImageSource(kind="part", parse_id=results.parse_id, part=garment),
+                session_id=plan.session_id, preset="complete_occluded", source=source,
                 seed=options.seed, steps=options.steps, true_cfg_scale=options.true_cfg_scale,
             ), plan.client)
             async for event in self._child(job, "complete", index, units):
@@ -291,9 +292,10 @@ class CharacterService:
             part = parts[garment]
             job_id = results.completed.get(garment)
             rgba = part.rgba
-            if job_id is not None and garment in parsed.completed:
-                rgba = completed_garment(part, parsed.completed[garment],
-                                         self._edit_image(session, job_id))
+            completed = parsed.completed.get(garment)
+            if job_id is not None and completed is not None \
+                    and completed.shape == part.rgba.shape:
+                rgba = completed_garment(part, completed, self._edit_image(session, job_id))
             layers[garment] = full_frame(parsed.size, part.box, rgba)
         return layers
 
