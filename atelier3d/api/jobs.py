@@ -28,7 +28,7 @@ class JobArtifact(ApiModel):
 
 class JobState(ApiModel):
     job_id: str
-    kind: Literal["edit", "mesh"]
+    kind: Literal["edit", "mesh", "character"]
     session_id: str | None
     status: JobStatus
     stage: str | None = Field(None, description="what runs now (denoise, volume_decode, ...)")

@@ -280,6 +280,59 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def cmd_character(args: argparse.Namespace) -> int:
+    """Character to 3D: a layered GLB of a character on a running server, in one job.
+
+    Uploads IMAGE, segments the character with point and/or box prompts, and runs one job that
+    parses it, completes the --garment(s) where something hides them, optionally edits it to a
+    front T-pose (--t-pose), runs the pre-3D checks and builds a layered asset (body, each
+    garment, hair as named nodes), showing each stage. Writes into OUTDIR: character.glb, each
+    edit as <stage>.png and stages.json (every stage's result and the checks).
+    """
+    def work() -> int:
+        if not Path(args.image).is_file():
+            raise CliError(f"no such image file: {args.image}", 2)
+        points, labels = _prompt(args)
+        if not points and args.box is None:
+            raise CliError("give --point and/or --box around the character", 2)
+        edit = {"seed": args.seed, "steps": args.steps, "width": args.width,
+                "height": args.height}
+        mesh = {"seed": args.seed, "steps": args.mesh_steps, "octree_resolution": args.octree,
+                "texture": not args.no_texture}
+        with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
+                _session(client, Path(args.image)) as info:
+            obj = client.create_object(info.session_id)
+            _segment(client, info.session_id, args, points, labels, object_id=obj.object_id)
+            submitted = client.submit_character(
+                info.session_id, obj.object_id, garments=args.garment, t_pose=args.t_pose,
+                edit={k: v for k, v in edit.items() if v is not None},
+                mesh={k: v for k, v in mesh.items() if v is not None})
+            _follow(client, submitted, "character", args.quiet)
+            state = client.get_job(submitted.job_id)
+            if state.status != "succeeded":
+                message = state.error.message if state.error else state.status
+                raise CliError(f"the character job {state.status}: {message}")
+            files = {"character.glb": client.job_result(submitted.job_id)}
+            stages = {a.name: a.meta for a in state.artifacts}
+            for name, meta in stages.items():
+                if meta.get("job_id") and name != "mesh":
+                    files[f"{name}.png"] = client.job_result(meta["job_id"])
+        for meta in stages.values():
+            meta.pop("results", None)
+        checks = stages.get("checks", {}).get("checks", [])
+        for check in checks:
+            print(f"check {check['name']}: {'pass' if check['passed'] else 'FAIL'}: "
+                  f"{check['reason']}")
+        print(f"nodes: {', '.join(stages.get('mesh', {}).get('nodes', []))}")
+        summary = {"results": (state.result_meta or {}).get("results"), "stages": stages}
+        files["stages.json"] = (json.dumps(summary, indent=1) + "\n").encode()
+        for name, data in files.items():
+            _write(args.output / name, data)
+        return 0
+
+    return _run(args, work)
+
+
 def _add_command(sub: argparse._SubParsersAction, func: Callable[[argparse.Namespace], int],
                  output: str, metavar: str | None = None) -> argparse.ArgumentParser:
     """The command ``func`` runs (``cmd_<name>``): IMAGE with point/box prompts, the server to
@@ -342,3 +395,17 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     mesh.add_argument("--faces", type=int, help="target face count after reduction")
     mesh.add_argument("--no-texture", action="store_true", help="the untextured shape only")
     _add_job_arguments(mesh)
+
+    character = _add_command(sub, cmd_character, output="folder for the results (created if "
+                             "needed)", metavar="OUTDIR")
+    character.add_argument("--garment", action="append", default=[], metavar="LABEL",
+                           help="an ATR garment to complete and build as its own node "
+                           "(e.g. Upper-clothes, Pants); repeatable")
+    character.add_argument("--t-pose", action="store_true",
+                           help="edit to a front T-pose full body before 3D")
+    character.add_argument("--width", type=int, help="the T-pose edit's width")
+    character.add_argument("--height", type=int, help="the T-pose edit's height")
+    character.add_argument("--mesh-steps", type=int, help="the mesh's diffusion steps")
+    character.add_argument("--octree", type=int, help="octree resolution of the surfaces")
+    character.add_argument("--no-texture", action="store_true", help="untextured meshes")
+    _add_job_arguments(character)

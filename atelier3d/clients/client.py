@@ -55,6 +55,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from atelier3d.api.character import CharacterJobRequest
 from atelier3d.api.common import RLE, ImageSource, ReadyInfo
 from atelier3d.api.edit import EditJobRequest
 from atelier3d.api.jobs import JobState, JobSubmitted
@@ -404,6 +405,17 @@ def submit_mesh_call(session_id: str | None = None, image: ImageInput | None = N
                  "data": {"request": body}, "headers": headers})
 
 
+def submit_character_call(session_id: str, object_id: str,
+                          garments: Sequence[str] = (), idempotency_key: str | None = None,
+                          **params: Any) -> Call[JobSubmitted]:
+    """Character to 3D of a segmented character. ``params``: t_pose, hair, edit (seed, steps,
+    true_cfg_scale, width, height), mesh (the mesh parameters), resume_from, previous_job_id,
+    reuse (a :class:`CharacterResults`)."""
+    request = CharacterJobRequest(object_id=object_id, garments=list(garments), **params)
+    return Call("POST", _session_url(session_id, "character3d"), _model(JobSubmitted),
+                {**_json_body(request), "headers": _idempotent(idempotency_key)})
+
+
 def _job_url(job_id: str, *rest: str) -> str:
     return "/".join(["/v1/jobs", _seg(job_id), *rest])
 
@@ -617,6 +629,10 @@ class _Endpoints:
     submit_mesh = _endpoint(
         submit_mesh_call,
         "Queues a 3D asset of a session's source or ``parts``, or of an RGBA ``image``.")
+    submit_character = _endpoint(
+        submit_character_call,
+        """Queues Character to 3D: parse, garment completion, optional T-pose, checks and a
+        layered GLB as one job; ``resume_from`` a stage reuses ``previous_job_id``'s results.""")
     get_job = _endpoint(get_job_call)
     cancel_job = _endpoint(cancel_job_call)
     job_result = _endpoint(

@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier3d.config import AppConfig
+from atelier3d.serve.character.service import CharacterService
 from atelier3d.serve.edit.service import EditService
 from atelier3d.serve.fair_use import FairUse
 from atelier3d.serve.health import Health
@@ -107,6 +108,7 @@ class Gateway:
         sources = SourceResolver(self.service, self.jobs)
         self.editing = EditService(self.service, self.jobs, sources, editor)
         self.meshing = MeshService(self.service, self.jobs, sources, shape3d, mesh_finish)
+        self.character = CharacterService(self.parsing, self.editing, self.meshing, self.jobs)
         self.health = Health({"sam_encoder": encoder, "sam_decoder": decoder,
                               "human_parser": parser, "image_editor": editor,
                               "shape3d": shape3d}, cache=self.config.cache_path,
@@ -121,9 +123,10 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         jobs = (self.jobs, self.editing, self.meshing)
-        app = build_api(self.config, self.health, self.service, self.parsing, jobs, self.fair_use)
+        app = build_api(self.config, self.health, self.service, self.parsing, jobs, self.fair_use,
+                        self.character)
         if self.config.ui:
-            app = mount_ui(app, self.health, self.service, self.parsing, jobs)
+            app = mount_ui(app, self.health, self.service, self.parsing, jobs, self.character)
         replica, node = replica_identity()
         app.add_middleware(ReplicaHeaders, replica=replica, node=node)
         app.add_middleware(ClientGone)

@@ -8,6 +8,8 @@ from fastapi import FastAPI
 
 from atelier3d.config import AppConfig
 from atelier3d.serve.auth import ApiKeyMiddleware, KeyRing
+from atelier3d.serve.character.routes import build_character_router
+from atelier3d.serve.character.service import CharacterService
 from atelier3d.serve.edit.routes import build_edit_router
 from atelier3d.serve.edit.service import EditService
 from atelier3d.serve.fair_use import FairUse, FairUseMiddleware
@@ -30,7 +32,8 @@ logger = logging.getLogger("ray.serve")
 
 def build_api(config: AppConfig, health: Health, service: SegmentService,
               parsing: ParseService | None = None, jobs: JobServices | None = None,
-              fair_use: FairUse | None = None) -> FastAPI:
+              fair_use: FairUse | None = None,
+              character: CharacterService | None = None) -> FastAPI:
     app = FastAPI(
         title="atelier3d",
         version="1",
@@ -49,6 +52,8 @@ def build_api(config: AppConfig, health: Health, service: SegmentService,
         app.include_router(build_edit_router(editing))
         app.include_router(build_mesh_router(meshing))
         app.include_router(build_jobs_router(job_service))
+    if character is not None:
+        app.include_router(build_character_router(character))
 
     app.add_middleware(BodyLimitMiddleware, config=config)
     keys = KeyRing(config.auth)

@@ -104,7 +104,7 @@ def build_jobs_router(jobs: JobService) -> APIRouter:
                          format: str | None = None) -> Response:
         job = await jobs.fetch(job_id)
         found = await jobs.fetch_result(job_id, artifact)
-        offered = FORMATS if job.kind.name == "mesh" else {"png": "image/png"}
+        offered = FORMATS if job.kind.name in ("mesh", "character") else {"png": "image/png"}
         if format is not None and format not in offered:
             raise BadRequest(f"format {format!r} is not offered for this job "
                              f"(use: {', '.join(offered)})")

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Literal
 from urllib.parse import quote
 
+import numpy as np
+
 from atelier3d.api.common import RLE
 from atelier3d.api.parse import ParsePart, ParseRequest, ParseResponse, ParseTimings
 from atelier3d.errors import NotFound
@@ -99,12 +101,22 @@ class ParseService:
         start = time.perf_counter()
         session = await self.store.load(session_id)
         mask = self.segmentation.source_mask(session, request, "select the character first")
+        return await self.parse_image(session_id, session.image, mask, request.object_id,
+                                      request.groups, request.complete_occlusions, start)
+
+    async def parse_image(self, session_id: str, image: np.ndarray, mask: np.ndarray,
+                          object_id: str | None = None, groups: list[str] | None = None,
+                          complete_occlusions: bool | None = None,
+                          start: float | None = None) -> ParseResponse:
+        """Parses ``image`` under ``mask`` and keeps the result with the session: the session's
+        own image, or one made from it (an edit's result, e.g. a T-pose)."""
+        start = time.perf_counter() if start is None else start
         result: ParseResult = await call_idempotent(
-            lambda: self.parser.parse.remote(session.image, mask, None, request.groups,
-                                             request.complete_occlusions), "parse")
+            lambda: self.parser.parse.remote(image, mask, None, groups, complete_occlusions),
+            "parse")
         parse_id = new_id("prs")
         total_ms = (time.perf_counter() - start) * 1000
-        response = self._response(session_id, parse_id, request.object_id, result, total_ms)
+        response = self._response(session_id, parse_id, object_id, result, total_ms)
         stored = StoredParse(response, result)
         await self.store.update(session_id, lambda s: self._keep(s, parse_id, stored))
         self.parse_seconds = 0.7 * self.parse_seconds + 0.3 * total_ms / 1000

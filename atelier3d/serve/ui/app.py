@@ -21,10 +21,12 @@ from starlette.types import Scope
 
 from atelier3d.errors import Unavailable
 from atelier3d.serve.auth import ui_login
+from atelier3d.serve.character.service import CharacterService
 from atelier3d.serve.health import Health
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.routes import JobServices
 from atelier3d.serve.segment.service import SegmentService
+from atelier3d.serve.ui.character import character_tab
 from atelier3d.serve.ui.common import EVENTS, ExportDir, Restore, UiState, guarded
 from atelier3d.serve.ui.edit import edit_tab
 from atelier3d.serve.ui.mesh import mesh_tab
@@ -53,7 +55,8 @@ HEAD = '<script type="module" src="/ui-static/segment_browser.js"></script>'
 
 
 def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
-             parsing: ParseService | None = None, jobs: JobServices | None = None) -> gr.Blocks:
+             parsing: ParseService | None = None, jobs: JobServices | None = None,
+             character: CharacterService | None = None) -> gr.Blocks:
     """The Segment tab, then Body & garments (with ``parsing``), then Edit and 3D (with
     ``jobs``, which need ``parsing`` too: their sources include the parse's parts)."""
     if jobs is not None and parsing is None:
@@ -79,7 +82,8 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
                 restores.append(parse.restore)
             if jobs is not None:
                 states[3], job_restores = _job_tabs(service, parsing, jobs, exports, tabs,
-                                                    [state, parse.state, states[2]], parse)
+                                                    [state, parse.state, states[2]], parse,
+                                                    character)
                 restores += job_restores
 
         poll = gr.Timer(BANNER_POLL_S, active=False)
@@ -130,8 +134,8 @@ def _kept(workspace: Workspace, states: list[gr.State | None]) -> list:
 
 
 def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
-              exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab
-              ) -> tuple[gr.State, list[Restore]]:
+              exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab,
+              character: CharacterService | None = None) -> tuple[gr.State, list[Restore]]:
     """The Edit and 3D tabs, and the buttons that send images to them from the tabs before;
     ``states``: the Segment, Body & garments and Edit tabs' states. Returns the 3D tab's state
     and both tabs' restores."""
@@ -139,6 +143,8 @@ def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
     studio = Studio(service, parsing, job_service, editing.resolver, exports, tabs, *states)
     edit = edit_tab(studio, editing)
     mesh = mesh_tab(studio, meshing)
+    if character is not None:
+        character_tab(studio, character)
     unparsed = "Parse the character and click a part first."
     studio.link_send(parse.send_edit, edit.picker, studio.shown_part, unparsed)
     studio.link_send(parse.send_3d, mesh.picker, studio.shown_part, unparsed)
@@ -163,11 +169,12 @@ class _UiMount(Mount):
 
 
 def mount_ui(app: FastAPI, health: Health, service: SegmentService,
-             parsing: ParseService | None = None, jobs: JobServices | None = None) -> FastAPI:
+             parsing: ParseService | None = None, jobs: JobServices | None = None,
+             character: CharacterService | None = None) -> FastAPI:
     """Mounts the UI at ``/``; routes already on ``app`` (/v1, /docs, /healthz) match first."""
     config = service.config
     workspaces = Workspaces(service, ExportDir())
-    demo = build_ui(health, service, workspaces, parsing, jobs)
+    demo = build_ui(health, service, workspaces, parsing, jobs, character)
     # Gradio serves only the files its events returned (copied into its cache, deleted after
     # an hour by delete_cache): no allowed_paths (tests/test_auth.py checks that the weights
     # cache, the tree and system files are not served). Not blocked_paths on the cache folder
