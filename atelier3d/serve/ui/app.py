@@ -28,12 +28,11 @@ from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.ui.common import EVENTS, ExportDir, Restore, UiState, guarded
 from atelier3d.serve.ui.edit import edit_tab
 from atelier3d.serve.ui.mesh import mesh_tab
-from atelier3d.serve.ui.parse import ParseTab, parse_tab
+from atelier3d.serve.ui.parse import ParseTab, ParseUi, parse_tab
 from atelier3d.serve.ui.segment import segment_tab
-from atelier3d.serve.ui.studio import EditUi, Studio, edit_source
+from atelier3d.serve.ui.studio import EditUi, MeshRun, Studio, edit_source
 from atelier3d.serve.ui.workspace import (
     UiCookieMiddleware,
-    Workspace,
     Workspaces,
     build_files_router,
     cookie_token,
@@ -64,7 +63,7 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
     with gr.Blocks(title="atelier3d", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         banner = gr.Markdown(visible=False, elem_id="weights-banner")
         state = gr.State(UiState())
-        # The states the load event replaces with the workspace's, in Workspace's order.
+        # The states the load event joins to the browser's workspace, in Workspace's order.
         states: list[gr.State | None] = [state, None, None, None]
         restores: list[Restore] = []
         if jobs is not None:
@@ -99,13 +98,17 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
             return (gr.update(visible=untrained, value=UNTRAINED_BANNER if untrained else ""),
                     gr.Timer(active=False))
 
-        @guarded()
-        async def on_load(request: gr.Request) -> tuple:
+        # Each tab's state in Workspace's order; a tab left out still has one, unused.
+        page = [given if given is not None else gr.State(empty) for given, empty in
+                zip(states, (None, ParseUi(), EditUi(), MeshRun()), strict=True)]
+
+        @guarded()  # under the Segment tab's lock: an upload already running ends first
+        async def on_load(ui: UiState, pui: ParseUi, eui: EditUi, run: MeshRun,
+                          request: gr.Request) -> tuple:
             workspace = workspaces.of(cookie_token({"cookie": request.headers.get("cookie")}),
                                       getattr(request, "username", None))
-            workspace.ui.reloaded = (workspace.ui.session_id is not None
-                                     or workspace.mesh.job_id is not None)
-            return *await show_banner(), *_kept(workspace, states)
+            workspaces.join(workspace, ui, pui, eui, run)
+            return await show_banner()
 
         def unchanged(_: UiState | None) -> tuple[dict, dict]:
             return gr.skip(), gr.skip()
@@ -114,19 +117,13 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
         async def on_poll() -> tuple[dict, gr.Timer]:
             return await show_banner()
 
-        kept = [s for s in states if s is not None]
-        load = demo.load(on_load, None, [banner, poll, *kept], **EVENTS, show_progress="hidden")
+        load = demo.load(on_load, page, [banner, poll], **EVENTS, show_progress="hidden")
         poll.tick(on_poll, None, [banner, poll], **EVENTS, show_progress="hidden")
         # Each tab shows again what it showed, side by side: a tab following a job for minutes
         # must not hold up the others.
         for restore in restores:
             load.then(restore.fn, restore.inputs, restore.outputs, **EVENTS)
     return demo
-
-
-def _kept(workspace: Workspace, states: list[gr.State | None]) -> list:
-    values = [workspace.ui, workspace.parse, workspace.edit, workspace.mesh]
-    return [value for value, state in zip(values, states, strict=True) if state is not None]
 
 
 def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
