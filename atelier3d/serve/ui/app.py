@@ -40,12 +40,21 @@ from atelier3d.serve.ui.workspace import (
 
 logger = logging.getLogger("ray.serve")
 
+# The first thing a person reads: what this is, and the flow the tabs follow.
+INTRO = ("# atelier3d\n"
+         "Segment an object → separate body & garments → edit it with text → turn it into a "
+         "3D asset. Each tab starts from what the one before made.")
 UNTRAINED_BANNER = "⚠️ **Running with untrained (random) weights – masks are meaningless**"
 # While the server pulls weights the banner says how far (/readyz's words), refreshed this often.
 LOADING_BANNER = "⏳ The model weights are on disk; the models are loading."
 BANNER_POLL_S = 2.0
 
-CSS = "#overlay img { cursor: crosshair; } .a3d-hidden { display: none !important; }"
+CSS = ("#overlay img { cursor: crosshair; } .a3d-hidden { display: none !important; }"
+       # A warning that reads as one (the untrained-weights banner), in light and dark themes.
+       # (!important: Gradio's block styles are more specific than one class)
+       " .a3d-warning { background: #fff3cd !important; border: 1px solid #f0c36d !important;"
+       " border-left: 6px solid #d99a00 !important; border-radius: 6px; padding: 4px 12px; }"
+       " .a3d-warning * { color: #4d3a00 !important; }")
 
 # The Segment tab's in-browser decoder (atelier3d/serve/ui/static/segment_browser.js).
 HEAD = '<script type="module" src="/ui-static/segment_browser.js"></script>'
@@ -61,7 +70,9 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
     weights: dict[str, str] = {}  # cached answer of health.ready(): weights never change
 
     with gr.Blocks(title="atelier3d", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        banner = gr.Markdown(visible=False, elem_id="weights-banner")
+        gr.Markdown(INTRO, elem_id="intro")
+        banner = gr.Markdown(visible=False, elem_id="weights-banner",
+                             elem_classes=["a3d-warning"])
         state = gr.State(UiState())
         # The states the load event joins to the browser's workspace, in Workspace's order.
         states: list[gr.State | None] = [state, None, None, None]
