@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 from atelier3d.config import AppConfig
 from atelier3d.serve.http import install_error_handlers
 from atelier3d.serve.segment.service import SegmentService
-from atelier3d.serve.ui.common import ExportDir
+from atelier3d.serve.ui.common import ExportDir, UiState
+from atelier3d.serve.ui.parse import ParseUi
+from atelier3d.serve.ui.studio import EditUi, MeshRun
 from atelier3d.serve.ui.workspace import COOKIE, UiCookieMiddleware, Workspaces, build_files_router
 
 USER_HEADER = "x-test-ui-user"  # stands for the UI login's user (Gradio's own cookie in the app)
@@ -95,3 +97,33 @@ def test_with_ui_logins_a_token_is_its_users_only(served) -> None:
     bobs = workspaces.of(token, "bob")
     assert bobs.token != token and bobs.ui.offered == {}
     assert workspaces.of(token, "alice").ui.offered  # alice's is untouched
+
+
+def test_a_page_used_before_its_load_event_keeps_its_work_and_downloads(served) -> None:
+    """An upload right after the page shows runs before the page's load event has joined the
+    page to its workspace: it works on the page's own state objects. Joining keeps those (with
+    their session and downloads) rather than the workspace's empty ones, so the page's owner
+    still gets its files, and a reload after that finds the work."""
+    service, workspaces, client = served
+    token = "quick-browser-token-0123456789"
+    client.cookies.set(COOKIE, token)
+    page_ui, page_parse, page_edit, page_mesh = UiState(), ParseUi(), EditUi(), MeshRun()
+    session = asyncio.run(service.store.create("ui:test", np.zeros((8, 8, 3), np.uint8)))
+    page_ui.session_id = session.session_id  # the upload, done before the load event ran
+    (file,) = workspaces.exports.offer(page_ui, {"character-object1.png": b"\x89PNG data"})
+
+    workspace = workspaces.of(token, None)
+    assert not workspaces.join(workspace, page_ui, page_parse, page_edit, page_mesh)
+    assert workspace.ui is page_ui and workspace.mesh is page_mesh
+    assert client.get(f"/ui-files/{file.file_id}/{file.name}").status_code == 200
+
+    # A reload: a new page, with new, unused state objects, gets the work put into them.
+    again_ui, again_parse, again_edit, again_mesh = UiState(), ParseUi(), EditUi(), MeshRun()
+    assert workspaces.join(workspaces.of(token, None), again_ui, again_parse, again_edit,
+                           again_mesh)
+    assert again_ui.session_id == session.session_id and again_ui.reloaded
+    assert again_ui.lock is not page_ui.lock  # the page's own lock, which its events hold
+    assert client.get(f"/ui-files/{file.file_id}/{file.name}").status_code == 200
+    # Files the new page offers are its browser's too.
+    (second,) = workspaces.exports.offer(again_ui, {"character-object2.png": b"\x89PNG 2"})
+    assert client.get(f"/ui-files/{second.file_id}/{second.name}").status_code == 200

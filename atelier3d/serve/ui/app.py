@@ -30,12 +30,11 @@ from atelier3d.serve.ui.character import character_tab
 from atelier3d.serve.ui.common import EVENTS, ExportDir, Restore, UiState, guarded
 from atelier3d.serve.ui.edit import edit_tab
 from atelier3d.serve.ui.mesh import mesh_tab
-from atelier3d.serve.ui.parse import ParseTab, parse_tab
+from atelier3d.serve.ui.parse import ParseTab, ParseUi, parse_tab
 from atelier3d.serve.ui.segment import segment_tab
-from atelier3d.serve.ui.studio import EditUi, Studio, edit_source
+from atelier3d.serve.ui.studio import EditUi, MeshRun, Studio, edit_source
 from atelier3d.serve.ui.workspace import (
     UiCookieMiddleware,
-    Workspace,
     Workspaces,
     build_files_router,
     cookie_token,
@@ -43,12 +42,21 @@ from atelier3d.serve.ui.workspace import (
 
 logger = logging.getLogger("ray.serve")
 
+# The first thing a person reads: what this is, and the flow the tabs follow.
+INTRO = ("# atelier3d\n"
+         "Segment an object → separate body & garments → edit it with text → turn it into a "
+         "3D asset. Each tab starts from what the one before made.")
 UNTRAINED_BANNER = "⚠️ **Running with untrained (random) weights – masks are meaningless**"
 # While the server pulls weights the banner says how far (/readyz's words), refreshed this often.
 LOADING_BANNER = "⏳ The model weights are on disk; the models are loading."
 BANNER_POLL_S = 2.0
 
-CSS = "#overlay img { cursor: crosshair; } .a3d-hidden { display: none !important; }"
+CSS = ("#overlay img { cursor: crosshair; } .a3d-hidden { display: none !important; }"
+       # A warning that reads as one (the untrained-weights banner), in light and dark themes.
+       # (!important: Gradio's block styles are more specific than one class)
+       " .a3d-warning { background: #fff3cd !important; border: 1px solid #f0c36d !important;"
+       " border-left: 6px solid #d99a00 !important; border-radius: 6px; padding: 4px 12px; }"
+       " .a3d-warning * { color: #4d3a00 !important; }")
 
 # The Segment tab's in-browser decoder (atelier3d/serve/ui/static/segment_browser.js).
 HEAD = '<script type="module" src="/ui-static/segment_browser.js"></script>'
@@ -65,9 +73,11 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
     weights: dict[str, str] = {}  # cached answer of health.ready(): weights never change
 
     with gr.Blocks(title="atelier3d", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        banner = gr.Markdown(visible=False, elem_id="weights-banner")
+        gr.Markdown(INTRO, elem_id="intro")
+        banner = gr.Markdown(visible=False, elem_id="weights-banner",
+                             elem_classes=["a3d-warning"])
         state = gr.State(UiState())
-        # The states the load event replaces with the workspace's, in Workspace's order.
+        # The states the load event joins to the browser's workspace, in Workspace's order.
         states: list[gr.State | None] = [state, None, None, None]
         restores: list[Restore] = []
         if jobs is not None:
@@ -103,13 +113,17 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
             return (gr.update(visible=untrained, value=UNTRAINED_BANNER if untrained else ""),
                     gr.Timer(active=False))
 
-        @guarded()
-        async def on_load(request: gr.Request) -> tuple:
+        # Each tab's state in Workspace's order; a tab left out still has one, unused.
+        page = [given if given is not None else gr.State(empty) for given, empty in
+                zip(states, (None, ParseUi(), EditUi(), MeshRun()), strict=True)]
+
+        @guarded()  # under the Segment tab's lock: an upload already running ends first
+        async def on_load(ui: UiState, pui: ParseUi, eui: EditUi, run: MeshRun,
+                          request: gr.Request) -> tuple:
             workspace = workspaces.of(cookie_token({"cookie": request.headers.get("cookie")}),
                                       getattr(request, "username", None))
-            workspace.ui.reloaded = (workspace.ui.session_id is not None
-                                     or workspace.mesh.job_id is not None)
-            return *await show_banner(), *_kept(workspace, states)
+            workspaces.join(workspace, ui, pui, eui, run)
+            return await show_banner()
 
         def unchanged(_: UiState | None) -> tuple[dict, dict]:
             return gr.skip(), gr.skip()
@@ -118,19 +132,13 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
         async def on_poll() -> tuple[dict, gr.Timer]:
             return await show_banner()
 
-        kept = [s for s in states if s is not None]
-        load = demo.load(on_load, None, [banner, poll, *kept], **EVENTS, show_progress="hidden")
+        load = demo.load(on_load, page, [banner, poll], **EVENTS, show_progress="hidden")
         poll.tick(on_poll, None, [banner, poll], **EVENTS, show_progress="hidden")
         # Each tab shows again what it showed, side by side: a tab following a job for minutes
         # must not hold up the others.
         for restore in restores:
             load.then(restore.fn, restore.inputs, restore.outputs, **EVENTS)
     return demo
-
-
-def _kept(workspace: Workspace, states: list[gr.State | None]) -> list:
-    values = [workspace.ui, workspace.parse, workspace.edit, workspace.mesh]
-    return [value for value, state in zip(values, states, strict=True) if state is not None]
 
 
 def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,

@@ -88,13 +88,15 @@ def all_formats(glb: bytes, stem: str) -> dict[str, bytes]:
 
 
 def opaque(image: np.ndarray) -> bool:
-    """Whether a picked image has nothing transparent: then the 3D model gets a rectangle, not
-    the object (the cut-outs of objects and parts have alpha; the original and edits do not)."""
+    """Whether a picked image has nothing transparent: then the server guesses the object (SAM's
+    automatic mask: the mesh service's ``_with_alpha``); the cut-outs of objects and parts
+    have alpha, the original and edits do not."""
     return image.ndim != 3 or image.shape[2] != 4 or bool((image[..., 3] == 255).all())
 
 
-OPAQUE = ("The picked image has no transparent background: the 3D asset will be of the whole "
-          "rectangle. Pick a cut-out (an object or a part) for the object alone.")
+OPAQUE = ("The picked image has no transparent background: the server cuts out what it takes "
+          "for its main object, which may not be the one you mean. Pick a cut-out (an object "
+          "or a part) to choose it yourself.")
 
 
 def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:

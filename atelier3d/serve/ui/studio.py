@@ -25,6 +25,8 @@ from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import StoredParse
 from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, guarded
 from atelier3d.serve.ui.parse import ParseUi
+from atelier3d.stages.mesh import MIN_BOX_PX
+from atelier3d.stages.parse import Part
 
 UPLOAD = "upload"  # the 3D tab's own choice: an image uploaded there, not from the session
 STAGES = {"encode": "Encoding", "denoise": "Denoising", "decode": "Decoding",
@@ -95,6 +97,14 @@ def source_of(key: str) -> ImageSource:
 
 def edit_source(edit: Edit) -> ImageSource:
     return ImageSource(kind="job", job_id=edit.job_id)
+
+
+def pickable(part: Part) -> bool:
+    """Whether a part of the parse is offered as a source: not when it is empty or a few stray
+    pixels of a label, which no edit or mesh can use (the 3D tab's own limit)."""
+    x0, y0, x1, y1 = part.box
+    return (max(x1 - x0, y1 - y0) >= MIN_BOX_PX and min(x1 - x0, y1 - y0) >= 2
+            and bool(part.region.any()))
 
 
 def optional(value: float | None) -> float | None:
@@ -202,6 +212,8 @@ class Studio:
                             source_key(ImageSource(kind="object", object_id=object_id))))
         stored = self.shown_parse(ui, pui)
         for part in stored.result.parts if stored else []:
+            if not pickable(part):
+                continue
             variants = [False, True] if part.name in stored.result.completed else [False]
             for completed in variants:
                 source = ImageSource(kind="part", parse_id=pui.parse_id, part=part.name,

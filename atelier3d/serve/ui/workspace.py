@@ -4,10 +4,11 @@ A Gradio tab's ``gr.State`` lives as long as the page: a reload starts with new,
 while the session, its parses and its jobs go on on the server. So the tabs' states (the
 Segment tab's ``UiState``, the parse shown, the edits, the 3D job) are kept here, by a random
 token that :class:`UiCookieMiddleware` gives each browser in an HttpOnly cookie, and the page's
-load event puts them back. A workspace is its browser's, and, with UI logins on, its user's: a
-token presented by another signed-in user finds nothing. It ends with its session (or after the
-session TTL unused), and with it the files it offered for download, which
-:func:`build_files_router` serves only to that browser (and user).
+load event puts them back, into the page's own state objects (:meth:`Workspaces.join`). A
+workspace is its browser's, and, with UI logins on, its user's: a token presented by another
+signed-in user finds nothing. It ends with its session (or after the session TTL unused), and
+with it the files it offered for download, which :func:`build_files_router` serves only to
+that browser (and user).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from http.cookies import SimpleCookie
 
 from fastapi import APIRouter, Request
@@ -71,6 +72,31 @@ class Workspaces:
         self.by_token[token] = workspace
         return workspace
 
+    def join(self, workspace: Workspace, ui: UiState, parse: ParseUi, edit: EditUi,
+             mesh: MeshRun) -> bool:
+        """Makes a loading page's own state objects ``workspace``'s; returns whether the page
+        has work to show again (it was reloaded).
+
+        The page's objects are kept, never swapped for the workspace's: an event the page
+        started before its load event ran (an upload right after the page showed) holds them,
+        and its result, written back into the page's state, would replace the workspace's
+        objects there, leaving the workspace without the work (and its downloads answering 404
+        to their owner). Unless the page has work of its own by then, the workspace's is put
+        into its objects (shallow copies: the offered files stay one dict)."""
+        page = (ui, parse, edit, mesh)
+        used = ui.session_id is not None or mesh.job_id is not None
+        kept = (workspace.ui, workspace.parse, workspace.edit, workspace.mesh)
+        if used:
+            if workspace.ui is not ui:  # replaced by what the page did meanwhile
+                self.exports.drop(workspace.ui)
+        else:
+            for old, new in zip(kept, page, strict=True):
+                if old is not new:
+                    _copy_into(old, new)
+        workspace.ui, workspace.parse, workspace.edit, workspace.mesh = page
+        ui.reloaded = not used and (ui.session_id is not None or mesh.job_id is not None)
+        return ui.reloaded
+
     def offered(self, token: str | None, user: str | None, file_id: str) -> OfferedFile:
         """A file offered to the browser of ``token`` (and ``user``), while its session lasts."""
         workspace = self.by_token.get(token) if token else None
@@ -93,6 +119,13 @@ class Workspaces:
             if workspace.last_used < cutoff:
                 del self.by_token[token]
                 self.exports.drop(workspace.ui)
+
+
+def _copy_into(source: object, target: object) -> None:
+    """``source``'s fields into ``target``, but its lock: ``target``'s events hold their own."""
+    for name in (f.name for f in fields(source)):  # type: ignore[arg-type]
+        if name != "lock":
+            setattr(target, name, getattr(source, name))
 
 
 def cookie_token(headers: list[tuple[bytes, bytes]] | dict) -> str | None:
