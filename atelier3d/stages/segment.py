@@ -124,6 +124,13 @@ class DecodeRequest:
     return_low_res: bool
 
 
+def routed(decoder, request: DecodeRequest):
+    """The SamDecoder handle to send ``request`` with: keyed by its embedding's reference
+    (Serve's ``multiplexed_model_id``), so Serve's router sends it to the replica that already
+    holds that embedding, and with several replicas each embedding is fetched by one."""
+    return decoder.options(multiplexed_model_id=request.embedding[0].hex())
+
+
 def mask_candidates(masks: np.ndarray, scores: np.ndarray) -> list[MaskCandidate]:
     """The decoder's ``(K, H, W)`` masks and predicted IoUs as the candidates it returns: the
     type the session stores and the API answers with."""
