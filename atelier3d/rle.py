@@ -8,13 +8,37 @@ from pycocotools import mask as mask_utils
 from atelier3d.errors import BadRequest
 
 
-def encode(masks: np.ndarray) -> list[dict]:
-    """``(K, H, W)`` booleans -> K COCO RLEs ``{"size": [H, W], "counts": str}``."""
+def _encode_coco(masks: np.ndarray) -> list[dict]:
     # pycocotools wants Fortran-ordered (H, W, K) uint8 and returns counts as bytes.
     fortran = np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8))
-    encoded = mask_utils.encode(fortran)
-    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}
-            for r in encoded]
+    return mask_utils.encode(fortran)
+
+
+def _as_json(coco: dict) -> dict:
+    return {"size": [int(s) for s in coco["size"]], "counts": coco["counts"].decode("ascii")}
+
+
+def encode(masks: np.ndarray) -> list[dict]:
+    """``(K, H, W)`` booleans -> K COCO RLEs ``{"size": [H, W], "counts": str}``."""
+    return [_as_json(r) for r in _encode_coco(masks)]
+
+
+def encode_measured(masks: np.ndarray) -> list[tuple[dict, list[int], int]]:
+    """``(K, H, W)`` booleans -> per mask its RLE, ``[x, y, w, h]`` box and area. The box and
+    area come from the array (pycocotools would decode the runs again for each)."""
+    masks = np.asarray(masks, bool)
+    areas = masks.sum(axis=(1, 2))
+    rows, cols = masks.any(axis=2), masks.any(axis=1)
+    measured = []
+    for encoded, area, row, col in zip(encode(masks), areas, rows, cols, strict=True):
+        if not area:
+            measured.append((encoded, [0, 0, 0, 0], 0))
+            continue
+        y0, y1 = np.flatnonzero(row)[[0, -1]]
+        x0, x1 = np.flatnonzero(col)[[0, -1]]
+        measured.append((encoded, [int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1)],
+                         int(area)))
+    return measured
 
 
 def _coco(rle: dict) -> dict:

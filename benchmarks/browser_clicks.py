@@ -72,6 +72,18 @@ PAGE_PROBES = """() => {
                                attributeFilter: ['src']});
 }"""
 
+# What a click that was not taken found: the page's decoder state, the element under the
+# pointer, the status line.
+PAGE_STATE = """([x, y]) => {
+    const a = window.atelierSegment;
+    const hit = document.elementFromPoint(x, y);
+    return {mode: a.mode, reason: a.reason, clicks: a.stats.clicks,
+            under_pointer: hit ? `${hit.tagName}#${hit.id}.${hit.className}` : null,
+            overlay_img: !!document.querySelector('#overlay img'),
+            state: document.querySelector('#segment-state textarea').value,
+            status: document.querySelector('#status').innerText};
+}"""
+
 STEP_RECORDED = """() => {
     const s = JSON.parse(document.querySelector('#segment-state textarea').value || '{}');
     const r = window.atelierSegment.lastRecorded;
@@ -208,7 +220,11 @@ def click_until(page: Page, x: float, y: float, done: str, attempts: int = 5) ->
         except PlaywrightTimeout:
             continue
     page.mouse.click(x, y)
-    page.wait_for_function(done)
+    try:
+        page.wait_for_function(done, timeout=60_000)
+    except PlaywrightTimeout:
+        state = page.evaluate(PAGE_STATE, [x, y])
+        raise RuntimeError(f"the click at ({x:.0f}, {y:.0f}) was not taken: {state}") from None
 
 
 def click_phase(page: Page, points: list[tuple[int, int]], in_browser: bool) -> list[float]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from atelier3d import rle
 from tests.helpers import png_bytes
@@ -251,3 +252,31 @@ def test_segment_tab_falls_back_to_the_server(browser, server, tmp_path):  # noq
         assert page.evaluate("window.atelierSegment.stats.clicks") == 0
     finally:
         context.close()
+
+
+@pytest.mark.browser
+def test_first_click_after_reset_is_decoded_in_the_browser(page, http, tmp_path):
+    """Reset empties the object (a server action); the next click is decoded here again, as a
+    fresh prompt, and recorded after the reset."""
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    upload_character(page, tmp_path)
+    page.wait_for_function("() => window.atelierSegment.stats.embeddingBytes > 0")
+    click_image(page, 192, 265)
+    wait_status(page, r"Object 1 · 1 \+ / 0 − points .*decoded in the browser")
+    page.locator("#reset").click()
+    wait_status(page, r"Object 1: click on the image")
+    click_image(page, 192, 400)
+    try:
+        page.wait_for_function("() => window.atelierSegment.stats.clicks === 2", timeout=60_000)
+    except PlaywrightTimeout:
+        state = page.evaluate("({mode: window.atelierSegment.mode,"
+                              " reason: window.atelierSegment.reason,"
+                              " state: document.querySelector('#segment-state textarea').value})")
+        raise AssertionError(
+            f"the click after the reset was not decoded: {state} {errors}") from None
+    wait_status(page, r"Object 1 · 1 \+ / 0 − points .*decoded in the browser")
+    assert page.evaluate("window.atelierSegment.mode") == "browser"
+    recorded = page.evaluate("window.atelierSegment.lastRecorded")
+    assert recorded["step"] == 3 and recorded["labels"] == [1] and recorded["can_undo"]
+    assert np.abs(np.subtract(recorded["points"], [[192, 400]])).max() <= 1

@@ -5,6 +5,7 @@ and its result."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +59,9 @@ class DecoderPrompt:
 
 def decoder_prompt(
     size: tuple[int, int],
-    points: np.ndarray | None,
-    labels: np.ndarray | None,
-    box: np.ndarray | None,
+    points: Sequence[Sequence[float]] | np.ndarray | None,
+    labels: Sequence[float] | np.ndarray | None,
+    box: Sequence[float] | np.ndarray | None,
     mask_logits: np.ndarray | None,
 ) -> DecoderPrompt:
     """Points, labels, box and low-res mask logits -> ONNX inputs (as in SAM's ONNX notebook).
@@ -114,21 +115,28 @@ def mask_to_logits(mask: np.ndarray, magnitude: float = 10.0) -> np.ndarray:
 class DecodeRequest:
     embedding: list  # [ObjectRef] - wrapped so Serve passes the reference, not the 4 MiB array
     size: tuple[int, int]
-    points: np.ndarray | None
-    labels: np.ndarray | None
-    box: np.ndarray | None
+    # The prompt as the client sent it (lists, or arrays): decoder_prompt converts it once.
+    points: Sequence[Sequence[float]] | np.ndarray | None
+    labels: Sequence[float] | np.ndarray | None
+    box: Sequence[float] | np.ndarray | None
     mask_logits: np.ndarray | None
     multimask: bool
     return_low_res: bool
+
+
+def routed(decoder, request: DecodeRequest):
+    """The SamDecoder handle to send ``request`` with: keyed by its embedding's reference
+    (Serve's ``multiplexed_model_id``), so Serve's router sends it to the replica that already
+    holds that embedding, and with several replicas each embedding is fetched by one."""
+    return decoder.options(multiplexed_model_id=request.embedding[0].hex())
 
 
 def mask_candidates(masks: np.ndarray, scores: np.ndarray) -> list[MaskCandidate]:
     """The decoder's ``(K, H, W)`` masks and predicted IoUs as the candidates it returns: the
     type the session stores and the API answers with."""
     return [
-        MaskCandidate(rle=encoded, score=float(score), bbox=rle.bbox_xywh(encoded),
-                      area=rle.area(encoded))
-        for encoded, score in zip(rle.encode(masks), scores, strict=True)
+        MaskCandidate(rle=encoded, score=float(score), bbox=bbox, area=area)
+        for (encoded, bbox, area), score in zip(rle.encode_measured(masks), scores, strict=True)
     ]
 
 

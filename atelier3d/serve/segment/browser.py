@@ -33,6 +33,7 @@ from atelier3d.errors import NotFound
 from atelier3d.serve.http import ERRORS, ApiRoute
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session, Step
+from atelier3d.stages.segment import mask_candidates
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
 ORT_PACKAGE = STATIC_DIR / "node_modules" / "onnxruntime-web"
@@ -122,9 +123,7 @@ class BrowserSegment:
 def _candidates(session: Session, request: RecordStepRequest) -> list[MaskCandidate]:
     """The browser's masks, checked against the image and re-encoded as the decoder would."""
     masks = np.stack([rle.decode(m.rle.model_dump(), session.size) for m in request.masks])
-    return [MaskCandidate(rle=encoded, score=m.score, bbox=rle.bbox_xywh(encoded),
-                          area=rle.area(encoded))
-            for encoded, m in zip(rle.encode(masks), request.masks, strict=True)]
+    return mask_candidates(masks, np.array([m.score for m in request.masks]))
 
 
 def build_browser_router(browser: BrowserSegment) -> APIRouter:

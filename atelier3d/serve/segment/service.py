@@ -49,7 +49,7 @@ from atelier3d.serve.sessions.session import (
     Step,
     new_id,
 )
-from atelier3d.stages.segment import DecodeRequest, DecodeResult, mask_to_logits
+from atelier3d.stages.segment import DecodeRequest, DecodeResult, mask_to_logits, routed
 
 logger = logging.getLogger("ray.serve")
 
@@ -182,6 +182,12 @@ class SegmentService:
                 raise BadRequest(f"box {list(request.box)} lies outside the {width}x{height} image")
 
     async def segment(self, session_id: str, request: SegmentRequest) -> SegmentResponse:
+        return (await self.segment_step(session_id, request))[0]
+
+    async def segment_step(self, session_id: str, request: SegmentRequest
+                           ) -> tuple[SegmentResponse, ObjectState | None]:
+        """``segment``, and the object's state after the step (``None`` without an object),
+        read in the same store update, so the UI need not load the session again to show it."""
         start = time.perf_counter()
         session = await self.store.load(session_id)
         self._check_prompt(session, request)
@@ -206,9 +212,10 @@ class SegmentService:
         decode_request = DecodeRequest(
             embedding=[ref],
             size=session.size,
-            points=np.array(request.points, np.float64) if request.points else None,
-            labels=np.array(request.labels, np.float64) if request.labels else None,
-            box=np.array(request.box, np.float64) if request.box is not None else None,
+            # As sent: small lists pickle cheaper than arrays; decoder_prompt converts once.
+            points=request.points or None,
+            labels=request.labels or None,
+            box=request.box,
             mask_logits=mask_logits,
             multimask=request.multimask,
             return_low_res=target is not None,
@@ -216,7 +223,7 @@ class SegmentService:
         result = await self._decode(session, decode_request)
         candidates = result.candidates
         selected = result.best
-        step_index = None
+        state = None
         if target is not None:
             step = Step(
                 points=[tuple(p) for p in request.points],
@@ -226,14 +233,18 @@ class SegmentService:
                 low_res=result.low_res,
                 selected=selected,
             )
-            step_index = await self.store.update(
-                session_id, lambda s: s.get_object(request.object_id).push(step))
+
+            def push(session: Session) -> ObjectState:
+                session.get_object(request.object_id).push(step)
+                return self.object_state(session, request.object_id)
+
+            state = await self.store.update(session_id, push)
         end = time.perf_counter()
         return SegmentResponse(
             masks=candidates,
             selected=selected,
             object_id=request.object_id,
-            step=step_index,
+            step=state.step if state is not None else None,
             timings_ms=Timings(
                 wait_embedding_ms=(waited - start) * 1000,
                 decode_ms=result.decode_ms,
@@ -243,7 +254,7 @@ class SegmentService:
 
     async def _decode(self, session: Session, request: DecodeRequest) -> DecodeResult:
         def decode() -> Awaitable[DecodeResult]:
-            return self.decoder.decode.remote(request)
+            return routed(self.decoder, request).decode.remote(request)
 
         try:
             return await call_idempotent(decode, "decode")
@@ -339,7 +350,7 @@ class SegmentService:
         ref = await self.encoder.encode.remote(image)._to_object_ref()
         result = await self.decoder.decode.remote(DecodeRequest(
             embedding=[ref], size=(height, width), points=None, labels=None,
-            box=np.array([dx, dy, width - dx, height - dy], np.float64), mask_logits=None,
+            box=(dx, dy, width - dx, height - dy), mask_logits=None,
             multimask=True, return_low_res=False,
         ))
         mask = rle.decode(result.candidates[result.best].rle.model_dump(), (height, width))

@@ -339,9 +339,10 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
             # Refine the mask the object has (its logits), as SAM's own demo does.
             refine=obj.selected is not None,
         )
-        result = await service.segment(ui.session_id, request)
+        # The object's new state comes back with the step: no second load to show it.
+        result, obj = await service.segment_step(ui.session_id, request)
         note = f"{result.timings_ms.total_ms:.0f} ms"
-        return await _view(service, ui, note=note)
+        return await _view(service, ui, obj, note=note)
 
     @guarded()
     async def on_pick(ui: UiState, evt: gr.SelectData) -> tuple:
