@@ -17,6 +17,7 @@ from atelier3d.serve.jobs.routes import build_jobs_router
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.mesh.routes import build_mesh_router
 from atelier3d.serve.mesh.service import MeshService
+from atelier3d.serve.openapi_links import document_links
 from atelier3d.serve.parse.routes import build_parse_router
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.segment.browser import BrowserSegment, build_browser_router
@@ -49,6 +50,7 @@ def build_api(config: AppConfig, health: Health, service: SegmentService,
         app.include_router(build_edit_router(editing))
         app.include_router(build_mesh_router(meshing))
         app.include_router(build_jobs_router(job_service))
+    document_links(app)
 
     app.add_middleware(BodyLimitMiddleware, config=config)
     keys = KeyRing(config.auth)
