@@ -12,7 +12,13 @@ fuzzer gets through are cancelled at once (a real edit takes seconds of CPU here
 fixed, so CI sees the same requests every run.
 
 Assertions, for every response: no 5xx; a 4xx is one the contract lists (plus 405) and its body
-is exactly ``{"error": {"code": str, "message": str}}`` as JSON. The number of requests and
+is exactly ``{"error": {"code": str, "message": str}}`` as JSON; and schemathesis' own
+conformance checks (``CONFORMANCE``): the status is one the operation documents, the content
+type one it documents, the body valid against the documented schema.
+
+Stateful: schemathesis' state machine follows the OpenAPI links (``serve/openapi_links.py``:
+a created session, object or job's id to the operations that take it), with the same checks;
+uploads are replaced by real images so that the links have ids to carry. The number of requests and
 the status classes seen are printed (``-s``) and written to ``$ATELIER3D_FUZZ_REPORT`` when set.
 ``ATELIER3D_FUZZ_EXAMPLES`` (default 70) sets the examples per operation and mode (heavy
 operations get half), ``ATELIER3D_FUZZ_SEED`` another seed for a longer exploration.
@@ -40,6 +46,12 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import HypothesisException  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 EXAMPLES = int(os.environ.get("ATELIER3D_FUZZ_EXAMPLES", "70"))
 SEED = int(os.environ.get("ATELIER3D_FUZZ_SEED", "7"))
@@ -55,6 +67,9 @@ _CUTOUT = np.zeros((96, 64, 4), np.uint8)
 _CUTOUT[20:80, 16:48] = (200, 60, 40, 255)
 CUTOUT_PNG = png_bytes(_CUTOUT)  # an RGBA cut-out, what an uploaded mesh needs
 SMALL_MESH = json.dumps({"steps": 1, "octree_resolution": 32, "texture": False})
+CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance,
+               response_schema_conformance]
+STATEFUL_EXAMPLES = int(os.environ.get("ATELIER3D_FUZZ_STATEFUL", "25"))
 
 
 @dataclass
@@ -238,6 +253,15 @@ def check_response(response) -> str | None:
     return None
 
 
+def conformance(case, response) -> str | None:
+    """What schemathesis' ``CONFORMANCE`` checks find wrong with an answer, or None."""
+    try:
+        case.validate_response(response, checks=CONFORMANCE)
+    except Exception as exc:  # noqa: BLE001 - schemathesis' FailureGroup, its text the finding
+        return f"conformance: {str(exc)[:800]}"
+    return None
+
+
 def describe(case, response, problem: str) -> str:
     request = response.request if response is not None else None
     body = request.body if request is not None else case.body
@@ -305,6 +329,9 @@ class Fuzzer:
                 self.report.failures.append(describe(case, None, f"no answer: {exc!r}"))
                 return
             self.record(label, response, case)
+            problem = conformance(case, response)
+            if problem is not None:
+                self.report.failures.append(describe(case, response, problem))
             self.cancel_submitted(response)
 
         return run
@@ -354,3 +381,47 @@ def test_fuzz_every_v1_operation(server):
     # Every /v1 operation of the contract was exercised.
     assert len(report.per_operation) >= 25, sorted(report.per_operation)
     assert np.all([n > 0 for n in report.per_operation.values()])
+
+
+def real_uploads(case) -> None:
+    """A generated upload (an image that is random bytes) made a real one, so that the links
+    from what it creates have ids to carry."""
+    path, method = case.operation.path, case.method.upper()
+    if method != "POST" or not isinstance(case.body, dict) or "image" not in case.body:
+        return
+    if path == "/v1/sessions":
+        case.body = {"image": png_bytes(IMAGE)}
+    elif path == "/v1/jobs/mesh":
+        case.body = {"image": CUTOUT_PNG, "request": SMALL_MESH}
+
+
+def test_stateful_links(server):
+    """Schemathesis' state machine over the OpenAPI links, with the conformance checks: every
+    response conforms, and links were followed (a created session and job read through them)."""
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    followed: Counter = Counter()
+    failures: list[str] = []
+
+    class Links(schema.as_state_machine()):
+        def step(self, input):
+            if input.transition is not None and input.is_applied:
+                followed[f"{input.case.method.upper()} {input.case.operation.path}"] += 1
+            return super().step(input)
+
+        def before_call(self, case) -> None:
+            real_uploads(case)
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+            problem = check_response(response) or conformance(case, response)
+            if problem is not None:
+                failures.append(describe(case, response, problem))
+
+    start = time.monotonic()
+    Links.run(settings=settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=6,
+                                deadline=None, database=None, derandomize=True,
+                                suppress_health_check=list(HealthCheck)))
+    print("STATEFUL-REPORT", json.dumps({"followed": dict(followed), "failures": len(failures),
+                                         "seconds": round(time.monotonic() - start, 1)}))
+    assert not failures, "\n".join(failures[:40])
+    assert followed["GET /v1/sessions/{session_id}"] + followed[
+        "POST /v1/sessions/{session_id}/objects"] > 0, followed

@@ -300,7 +300,8 @@ LEASE_S = 2.0
 async def test_a_job_whose_replica_is_killed_fails_retryably_for_its_followers(redis_url):
     """Replica a (a process of its own) runs a job and is SIGKILLed mid-job. Replica b's
     follower sees the job fail as retryable once a's lease lapses, never hangs; b's status and
-    cancel agree; a second job of a's, only queued, fails the same way."""
+    cancel agree. A second job of a's, only queued behind the first, is taken over by b (its
+    follower, finding the lease lapsed, claims it) and runs there to the end."""
     prefix = f"test-{secrets.token_hex(4)}"
     replica_a = subprocess.Popen([sys.executable, "-m", "tests.test_redis_sessions", redis_url,
                                   prefix], cwd=ROOT, env=driver_env(), stdout=subprocess.PIPE,
@@ -338,15 +339,22 @@ async def test_a_job_whose_replica_is_killed_fails_retryably_for_its_followers(r
     assert delay_s <= LEASE_S + 2.0, delay_s  # the lease, a follower's poll, the load
     view = await b.fetch(ids["running"])
     assert view.status == "failed" and view.error["code"] == "gateway_lost"
-    # the queued one fails the same way (once), and a cancel of it finds it over already
-    async def queued_types() -> list[str]:
-        return [e["type"] async for e in b.follow(ids["queued"])]
+    # the queued one is b's now: one taken_over event, queued in b's queue, run, succeeded
+    async def queued_events() -> list[dict]:
+        return [e async for e in b.follow(ids["queued"])]
 
-    types = await asyncio.wait_for(queued_types(), timeout=10 * LEASE_S)
-    assert types[-1] == "failed" and types.count("failed") == 1, types
-    queued = await b.fetch(ids["queued"])
-    assert queued.status == "failed" and queued.error["retryable"] is True
-    with pytest.raises(Conflict, match="already failed"):
+    events = await asyncio.wait_for(queued_events(), timeout=10 * LEASE_S)
+    types = [e["type"] for e in events]
+    assert types.count("taken_over") == 1 and types[-1] == "succeeded", types
+    assert "failed" not in types and types.index("taken_over") < types.index("started"), types
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert ids["queued"] in b.jobs and not b.jobs[ids["queued"]].remote
+    assert (await b.fetch_result(ids["queued"])).data == b"next"
+    await b.records.flush()
+    # what happened is in Redis for every replica, and the request is no longer kept there
+    assert (await b.records.load(ids["queued"])).status == "succeeded"
+    assert not await store.redis.exists(b.records.key(ids["queued"], "request"))
+    with pytest.raises(Conflict, match="already succeeded"):
         await b.cancel(ids["queued"])
 
 

@@ -19,6 +19,7 @@ from atelier3d.serve.jobs.routes import build_jobs_router
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.mesh.routes import build_mesh_router
 from atelier3d.serve.mesh.service import MeshService
+from atelier3d.serve.openapi_links import document_links
 from atelier3d.serve.parse.routes import build_parse_router
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.segment.browser import BrowserSegment, build_browser_router
@@ -54,6 +55,7 @@ def build_api(config: AppConfig, health: Health, service: SegmentService,
         app.include_router(build_jobs_router(job_service))
     if character is not None:
         app.include_router(build_character_router(character))
+    document_links(app)
 
     app.add_middleware(BodyLimitMiddleware, config=config)
     keys = KeyRing(config.auth)

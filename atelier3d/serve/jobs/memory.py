@@ -4,6 +4,7 @@ jobs (in ``Session.jobs``) and nothing else; there are no other replicas' jobs t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from atelier3d.config import JobSettings
 from atelier3d.errors import NotFound, TooManyRequests
@@ -22,7 +23,7 @@ class MemoryJobStore:
     # ---- this replica's jobs ------------------------------------------------------------------
 
     async def add(self, job: Job, session: Session | None, owner: str,
-                  key: str | None) -> str | None:
+                  key: str | None, request: Any) -> str | None:
         if session is not None:
             session.jobs[job.job_id] = job
         return None  # the service's own keys are all there is

@@ -25,8 +25,10 @@ class KindQueue:
         wake.set()
         self.on_change()
 
-    def admit(self, job: Job) -> None:
-        if len(self.waiting) >= self.settings.max_queued:
+    def admit(self, job: Job, taken_over: bool = False) -> None:
+        """Queues ``job`` last; 503 when ``max_queued`` wait already, unless it is
+        ``taken_over`` from a lost replica (it was admitted once: refusing it would lose it)."""
+        if len(self.waiting) >= self.settings.max_queued and not taken_over:
             raise Unavailable(
                 f"{len(self.waiting)} {job.kind.name} jobs are waiting already; retry later",
                 retry_after_s=max(1.0, job.kind.mean_seconds),

@@ -29,12 +29,20 @@ positions and ETAs are the running replica's (each replica has its own queue,
 
 A replica that dies (killed, its pod removed) takes its jobs' tasks with it. So that they do not
 stay ``queued``/``running`` forever, each unfinished job has a lease, ``P:job:<id>:lease``
-(``jobs.lease_s``), which its replica's watcher renews. Whoever looks at a job whose lease has
-lapsed (a follower, a status read, a cancel) finishes it in Redis: status ``failed``, error
-``gateway_lost`` with ``retryable: true``, and that last event, once (a compare-and-set on its
-state); the record is marked ``lost``, so that a replica that was only stalled, not dead, stops
-writing to it and lets its job go. The request itself is not kept in Redis, so such a job is not
-run again elsewhere: the client submits it again.
+(``jobs.lease_s``; its value and the hash's ``owner`` name the replica that runs it), which its
+replica's watcher renews. While a job is queued, its deployment's request is kept too,
+``P:job:<id>:request`` (pickled: Redis is trusted as the Gateway's own memory is). Whoever looks
+at a job whose lease has lapsed (a follower, a status read, a cancel):
+
+- takes a queued job over: claims its lease and ``owner`` (a compare-and-set in one script, so
+  one replica wins), queues it in its own queue with a ``taken_over`` event, and runs it there;
+- finishes a running one (or a queued one whose request is gone) in Redis: status ``failed``,
+  error ``gateway_lost`` with ``retryable: true``, and that last event, once (a compare-and-set
+  on its state); the record is marked ``lost``. A running job's model call died with its
+  replica and what it streamed is not replayed: the client submits it again.
+
+A replica that was only stalled, not dead, finds its job ``lost`` or owned by another replica,
+stops writing to it and lets it go.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import pickle
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -60,15 +70,18 @@ logger = logging.getLogger("ray.serve")
 WATCH_S = 1.0  # how often a replica looks for cancellations of the jobs it runs anyway
 POLL_S = 1.0  # how often a follower on another replica reads the event list anyway
 
-# ARGV: hash, events, ttl_ms, state, session key set ('' if none), n events, events...,
-#       m records, m x (key, value) -> 0 if the job's record is gone (nothing written), else 1
+# ARGV: hash, events, ttl_ms, state, session key set ('' if none), owner, n events, events...,
+#       m records, m x (key, value) -> 0 if the job's record is gone, lost or another replica's
+#       (nothing written), else 1
 _WRITE = """
 local hash, events, ttl, skeys = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
 if redis.call('EXISTS', hash) == 0 then return 0 end
 if redis.call('HEXISTS', hash, 'lost') == 1 then return 0 end
+local owner = redis.call('HGET', hash, 'owner')
+if owner and owner ~= ARGV[6] then return 0 end
 redis.call('HSET', hash, 'state', ARGV[4])
-local n = tonumber(ARGV[6])
-local i = 7
+local n = tonumber(ARGV[7])
+local i = 8
 for _ = 1, n do
   redis.call('RPUSH', events, ARGV[i])
   i = i + 1
@@ -99,7 +112,23 @@ redis.call('PUBLISH', events, 1)
 return 1
 """
 
+# ARGV: hash, lease, request, owner, lease_ms -> the request (this replica owns the job now),
+# or nil: the lease is back, the job is lost, not queued any more, or its request is gone
+_TAKE_OVER = """
+local hash, lease, request = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', lease) == 1 then return false end
+if redis.call('HEXISTS', hash, 'lost') == 1 then return false end
+local state = redis.call('HGET', hash, 'state')
+if not state or cjson.decode(state).status ~= 'queued' then return false end
+local body = redis.call('GET', request)
+if not body then return false end
+redis.call('SET', lease, ARGV[4], 'PX', ARGV[5])
+redis.call('HSET', hash, 'owner', ARGV[4])
+return body
+"""
+
 RESULT = "result"
+REQUEST = "request"
 GATEWAY_LOST = {
     "code": "gateway_lost", "retryable": True,
     "message": "the Gateway replica running this job stopped before it finished (its lease "
@@ -136,20 +165,23 @@ def _dumps(value: Any) -> str:
 
 class RedisJobStore:
     """``JobStore`` in Redis. ``kinds`` and ``local`` (this replica's jobs) are the service's;
-    ``forget`` lets go of one of them."""
+    ``forget`` lets go of one of them, ``adopt`` queues one taken over from a lost replica."""
 
     def __init__(self, settings: JobSettings, sessions: RedisSessionStore,
                  kinds: Mapping[str, JobKind], local: Mapping[str, Job],
-                 forget: Callable[[Job], None]) -> None:
+                 forget: Callable[[Job], None], adopt: Callable[[Job, Any], None]) -> None:
         self.settings = settings
         self.sessions = sessions
         self.kinds = kinds
         self.local = local
         self._forget = forget
+        self._adopt = adopt
+        self.owner = secrets.token_hex(8)  # this replica, as the lease and ``owner`` name it
         self.redis = sessions.redis
         self.prefix = sessions.prefix
         self._script = self.redis.register_script(_WRITE)
         self._lost = self.redis.register_script(_LOST)
+        self._claim_queued = self.redis.register_script(_TAKE_OVER)
         self.lease_ms = max(1, int(settings.lease_s * 1000))
         self.cancels_channel = f"{self.prefix}:job-cancels"
         self._queue: asyncio.Queue | None = None
@@ -179,10 +211,11 @@ class RedisJobStore:
     # ---- the running replica's side -----------------------------------------------------------
 
     async def add(self, job: Job, session: Session | None, owner: str,
-                  key: str | None) -> str | None:
-        """Writes a new job's record, claims its idempotency key and lists it in its session's
-        record. Where another replica got the key first, leaves nothing of this job behind."""
-        await self._create(job)
+                  key: str | None, request: Any) -> str | None:
+        """Writes a new job's record and its request, claims its idempotency key and lists it
+        in its session's record. Where another replica got the key first, leaves nothing of
+        this job behind."""
+        await self._create(job, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
         if key:
             found = await self._claim(owner, key, job)
             if found is not None:
@@ -214,15 +247,17 @@ class RedisJobStore:
             await self.sessions.update(session.session_id,
                                        lambda s, gone=oldest: s.jobs.pop(gone, None))
 
-    async def _create(self, job: Job) -> None:
+    async def _create(self, job: Job, request: bytes) -> None:
         ttl = self.ttl_ms(job.session_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(job.job_id), mapping={"state": _dumps(record(job))})
+            pipe.hset(self.key(job.job_id), mapping={"state": _dumps(record(job)),
+                                                     "owner": self.owner})
             pipe.pexpire(self.key(job.job_id), ttl)
-            pipe.set(self.key(job.job_id, "lease"), "1", px=self.lease_ms)
+            pipe.set(self.key(job.job_id, "lease"), self.owner, px=self.lease_ms)
+            pipe.set(self.key(job.job_id, REQUEST), request, px=ttl)
             if job.session_id:
                 pipe.sadd(self._session_keys(job.session_id), self.key(job.job_id),
-                          self.key(job.job_id, "events"))
+                          self.key(job.job_id, "events"), self.key(job.job_id, REQUEST))
             pipe.sadd(self.active_key(job.client), job.job_id)
             pipe.pexpire(self.active_key(job.client), max(ttl, self.lease_ms))
             await pipe.execute()
@@ -276,12 +311,16 @@ class RedisJobStore:
             blobs.append((RESULT, job.result.data))
         args: list = [self.key(job.job_id), self.key(job.job_id, "events"),
                       self.ttl_ms(job.session_id), _dumps(record(job)),
-                      self._session_keys(job.session_id), len(events),
+                      self._session_keys(job.session_id), self.owner, len(events),
                       *[_dumps(e) for e in events], len(blobs)]
         for name, data in blobs:
             args += [self.key(job.job_id, name), data]
-        await self._script(args=args)
-        if job.finished:  # its last event is written: nothing left to lease or count
+        kept = await self._script(args=args)
+        if kept and job.status != "queued" and REQUEST not in written:
+            # started (or ended): no other replica can take it over now
+            await self.redis.delete(self.key(job.job_id, REQUEST))
+            written.add(REQUEST)
+        if kept and job.finished:  # its last event is written: nothing left to lease or count
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(self.key(job.job_id, "lease"))
                 pipe.srem(self.active_key(job.client), job.job_id)
@@ -314,7 +353,7 @@ class RedisJobStore:
                 return
             renew = time.monotonic() - renewed >= self.settings.lease_s / 4
             try:
-                cancel, gone = await self._check(running, renew)
+                cancel, gone, taken = await self._check(running, renew)
             except Exception:  # noqa: BLE001 - Redis unreachable for a moment: try again
                 if _cancelling():
                     raise
@@ -326,8 +365,9 @@ class RedisJobStore:
                 job = self.local.get(job_id)
                 if job is not None and not job.finished and job.task is not None:
                     job.task.cancel()
-            if gone:
-                await self.redis.delete(*[self.key(job_id, "lease") for job_id in gone])
+            ended = [job_id for job_id in gone if job_id not in taken]
+            if ended:  # (a job taken over has another replica's lease now)
+                await self.redis.delete(*[self.key(job_id, "lease") for job_id in ended])
             for job_id in gone:
                 job = self.local.get(job_id)
                 if job is not None:
@@ -335,21 +375,27 @@ class RedisJobStore:
                                    job_id[:10])
                     self._forget(job)
 
-    async def _check(self, job_ids: list[str], renew: bool) -> tuple[list[str], list[str]]:
+    async def _check(self, job_ids: list[str],
+                     renew: bool) -> tuple[list[str], list[str], list[str]]:
         """Of the jobs this replica runs: those another replica cancelled; those whose record
-        went (deleted with their session, or expired) or was finished as lost. ``renew``: their
-        leases are renewed too; one that had lapsed already is finished as lost here."""
+        went (deleted with their session, or expired), was finished as lost or taken over
+        (also listed third). ``renew``: their leases are renewed too; one that had lapsed
+        already is finished as lost here."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(self.key(job_id), "cancel", "state", "lost")
+                pipe.hmget(self.key(job_id), "cancel", "state", "lost", "owner")
                 if renew:
                     pipe.pexpire(self.key(job_id, "lease"), self.lease_ms)
             replies = await pipe.execute()
         states = replies[::2] if renew else replies
         leases = replies[1::2] if renew else [True] * len(job_ids)
-        cancel, gone = [], []
-        for job_id, (flag, state, lost), leased in zip(job_ids, states, leases, strict=True):
-            if state is None or lost:
+        cancel, gone, taken = [], [], []
+        for job_id, (flag, state, lost, owner), leased in zip(job_ids, states, leases,
+                                                               strict=True):
+            if owner is not None and owner.decode() != self.owner:
+                gone.append(job_id)
+                taken.append(job_id)
+            elif state is None or lost:
                 gone.append(job_id)
             elif not leased and json.loads(state)["status"] not in FINISHED:
                 # (a job that has just finished here has no lease left: it is not lost)
@@ -357,7 +403,7 @@ class RedisJobStore:
                 gone.append(job_id)
             elif flag:
                 cancel.append(job_id)
-        return cancel, gone
+        return cancel, gone, taken
 
     def forget(self, job_id: str) -> None:
         self._written.pop(job_id, None)
@@ -425,13 +471,46 @@ class RedisJobStore:
             return None
         state = json.loads(raw)
         if state["status"] not in FINISHED and not leased:
-            await self._finish_lost(job_id)
+            await self._lapsed(job_id)
+            if job_id in self.local:  # taken over: this replica runs it now
+                return self.local[job_id]
             state = await self._state(job_id)
             if state is None:
                 return None
         if state["kind"] not in self.kinds:
             return None
         return self._view(job_id, state)
+
+    async def _lapsed(self, job_id: str) -> None:
+        """The job's lease lapsed: taken over here if it was queued, else finished as lost."""
+        if not await self._take_over(job_id):
+            await self._finish_lost(job_id)
+
+    async def _take_over(self, job_id: str) -> bool:
+        """Claims a queued job whose replica was lost and queues it here (``adopt``), with its
+        events so far; False when it was not queued, or another replica claimed it first."""
+        body = await self._claim_queued(args=[self.key(job_id), self.key(job_id, "lease"),
+                                              self.key(job_id, REQUEST), self.owner,
+                                              self.lease_ms])
+        if body is None:
+            return False
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self.key(job_id), "state")
+                pipe.lrange(self.key(job_id, "events"), 0, -1)
+                raw, events = await pipe.execute()
+            job = self._view(job_id, json.loads(raw))
+            request = pickle.loads(body)  # noqa: S301 - written by a Gateway replica (add)
+        except Exception:  # noqa: BLE001 - a record this replica cannot run: it fails as lost
+            logger.exception("job %s: taking it over failed", job_id[:10])
+            await self.redis.delete(self.key(job_id, "lease"))
+            return False
+        job.remote, job.recorded_eta, job.queue_position = False, None, None
+        job.events = [json.loads(e) for e in events]
+        job.events_sent = len(job.events)
+        self._written[job_id] = set()
+        self._adopt(job, request)
+        return True
 
     async def _finish_lost(self, job_id: str) -> None:
         """The job's replica stopped renewing its lease: the job fails as retryable, with its
@@ -487,7 +566,7 @@ class RedisJobStore:
                     return
                 if not events:
                     if not leased:
-                        await self._finish_lost(job_id)
+                        await self._lapsed(job_id)
                         continue
                     await appended(POLL_S)
 
@@ -554,7 +633,7 @@ class RedisJobStore:
         """The job's records and its idempotency key."""
         state, idem = await self.redis.hmget(self.key(job_id), "state", "idem")
         keys = [self.key(job_id), self.key(job_id, "events"), self.key(job_id, RESULT),
-                self.key(job_id, "lease")]
+                self.key(job_id, "lease"), self.key(job_id, REQUEST)]
         if state is not None:
             keys += [self.key(job_id, f"artifact:{name}")
                      for name in json.loads(state)["artifacts"]]

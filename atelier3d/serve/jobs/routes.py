@@ -97,7 +97,8 @@ def build_jobs_router(jobs: JobService) -> APIRouter:
                                           "X-Accel-Buffering": "no"})
 
     @router.get("/{job_id}/result", response_class=Response,
-                responses={200: {"content": {"image/png": {}, "model/gltf-binary": {}}}},
+                responses={200: {"content": {"image/png": {},
+                                             **{media: {} for media in FORMATS.values()}}}},
                 summary="The result (PNG of an edit; GLB, or OBJ/PLY/STL, of a mesh); "
                 "artifact=shape gives the untextured mesh as soon as it exists")
     async def job_result(job_id: str, artifact: str | None = None,

@@ -36,7 +36,15 @@ from atelier3d.serve.fair_use import FairUse
 from atelier3d.serve.jobs.queue import KindQueue
 from atelier3d.serve.jobs.runner import JobRunner
 from atelier3d.serve.jobs.store import build_job_store
-from atelier3d.serve.jobs.types import JOB_GONE, Artifact, Job, JobKind, Queued, fingerprint
+from atelier3d.serve.jobs.types import (
+    JOB_GONE,
+    Artifact,
+    Job,
+    JobKind,
+    Queued,
+    TakenOver,
+    fingerprint,
+)
 from atelier3d.serve.sessions import SessionStore
 from atelier3d.serve.sessions.session import Session, new_id
 
@@ -55,7 +63,8 @@ class JobService:
         self.keys: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
         self.unowned: OrderedDict[str, Job] = OrderedDict()  # session-less jobs, oldest first
         store.on_drop.append(self._forget_session)
-        self.records = build_job_store(settings, store, self.kinds, self.jobs, self._forget)
+        self.records = build_job_store(settings, store, self.kinds, self.jobs, self._forget,
+                                       self._adopt)
         self.runner = JobRunner(settings, store, self.records)
         self.draining = False
 
@@ -95,7 +104,7 @@ class JobService:
         queue = self.queues[kind_name]
         queue.admit(job)
         try:
-            taken = await self.records.add(job, session, owner, idempotency_key)
+            taken = await self.records.add(job, session, owner, idempotency_key, request)
             existing = await self._taken(taken) if taken is not None else None
         except BaseException:
             queue.leave(job)
@@ -116,6 +125,22 @@ class JobService:
         self.records.watch()
         logger.info("job %s (%s) queued", job.job_id[:10], kind_name)
         return job
+
+    def _adopt(self, job: Job, request: Any) -> None:
+        """Queues here ``job``, taken over (its events so far with it) from a Gateway replica
+        that was lost while the job was queued there."""
+        queue = self.queues[job.kind.name]
+        queue.admit(job, taken_over=True)
+        self.jobs[job.job_id] = job
+        if job.session_id is None:
+            self.unowned[job.job_id] = job
+        self.runner.emit(job, TakenOver(reason="the Gateway replica it was queued on was lost; "
+                                               "this one queues it now"))
+        self.runner.start(job, request, queue)
+        self._announce_positions()
+        self.records.watch()
+        logger.warning("job %s (%s) taken over from a lost Gateway replica", job.job_id[:10],
+                       job.kind.name)
 
     async def _by_key(self, owner: str, key: str) -> Job | None:
         """The job an idempotency key names, if any."""

@@ -11,7 +11,7 @@ events and results in Redis, so that any replica answers ``fetch``, ``follow``, 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from atelier3d.config import JobSettings
 from atelier3d.serve.jobs.memory import MemoryJobStore
@@ -26,9 +26,10 @@ class JobStore(Protocol):
     # ---- this replica's jobs, as they happen ----------------------------------------------------
 
     async def add(self, job: Job, session: Session | None, owner: str,
-                  key: str | None) -> str | None:
-        """Keeps a new job: in its session's jobs, with its idempotency key. Returns the id of
-        the job ``key`` names already (another replica took it meanwhile), and then keeps
+                  key: str | None, request: Any) -> str | None:
+        """Keeps a new job: in its session's jobs, with its idempotency key and, while it is
+        queued, its deployment's ``request`` (so another replica can take it over). Returns the
+        id of the job ``key`` names already (another replica took it meanwhile), and then keeps
         nothing of this one."""
         ...
 
@@ -96,9 +97,11 @@ class JobStore(Protocol):
 
 
 def build_job_store(settings: JobSettings, sessions: SessionStore, kinds: Mapping[str, JobKind],
-                    local: Mapping[str, Job], forget: Callable[[Job], None]) -> JobStore:
+                    local: Mapping[str, Job], forget: Callable[[Job], None],
+                    adopt: Callable[[Job, Any], None]) -> JobStore:
     """The job store that goes with ``sessions``. ``kinds`` and ``local`` (the jobs this replica
-    runs) are the service's, read as they change; ``forget`` lets go of one of them."""
+    runs) are the service's, read as they change; ``forget`` lets go of one of them; ``adopt``
+    queues here a job (and its request) taken over from a lost replica."""
     if isinstance(sessions, RedisSessionStore):
-        return RedisJobStore(settings, sessions, kinds, local, forget)
+        return RedisJobStore(settings, sessions, kinds, local, forget, adopt)
     return MemoryJobStore(settings, sessions, forget)

@@ -1,9 +1,9 @@
 """What a job is: its kind, its state and results, the events it goes through, its API view.
 
 A job's events are typed where they are made (``Queued``, ``Started``, ``Progress``,
-``ArtifactReady``, ``Retrying``, ``Finished``); ``Job.record`` turns one into what the NDJSON/SSE
-stream sends, ``{"seq", "job_id", "status", "progress", "type", <the event's fields>, "eta_s"}``,
-and keeps it in ``Job.events``, the stream's log.
+``ArtifactReady``, ``Retrying``, ``TakenOver``, ``Finished``); ``Job.record`` turns one into what
+the NDJSON/SSE stream sends, ``{"seq", "job_id", "status", "progress", "type", <the event's
+fields>, "eta_s"}``, and keeps it in ``Job.events``, the stream's log.
 """
 
 from __future__ import annotations
@@ -110,6 +110,14 @@ class Retrying(JobEvent):
 
     type: ClassVar[str] = "retrying"
     attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TakenOver(JobEvent):
+    """The Gateway replica it was queued on was lost: another replica queues it now."""
+
+    type: ClassVar[str] = "taken_over"
     reason: str
 
 

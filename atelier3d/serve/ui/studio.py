@@ -128,6 +128,8 @@ def describe(event: dict) -> str:
         text = "Starting"
     elif kind == "retrying":
         text = f"A worker was lost; running again (attempt {event['attempt']})"
+    elif kind == "taken_over":
+        text = "Its server was lost while queued; queued again on another"
     else:  # the job finished
         return kind.capitalize()
     eta = event.get("eta_s")
