@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Literal
 from urllib.parse import quote
 
+from atelier3d import rle
 from atelier3d.api.common import RLE
 from atelier3d.api.parse import ParsePart, ParseRequest, ParseResponse, ParseTimings
 from atelier3d.errors import NotFound
@@ -105,7 +106,7 @@ class ParseService:
         parse_id = new_id("prs")
         total_ms = (time.perf_counter() - start) * 1000
         response = self._response(session_id, parse_id, request.object_id, result, total_ms)
-        stored = StoredParse(response, result)
+        stored = StoredParse(response, result, mask=rle.encode(mask[None])[0], request=request)
         await self.store.update(session_id, lambda s: self._keep(s, parse_id, stored))
         self.parse_seconds = 0.7 * self.parse_seconds + 0.3 * total_ms / 1000
         logger.info("session %s: parse %s, %d labels, %d parts in %.0f ms", session_id[:10],

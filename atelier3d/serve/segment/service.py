@@ -225,6 +225,9 @@ class SegmentService:
                 candidates=candidates,
                 low_res=result.low_res,
                 selected=selected,
+                refine=request.refine,
+                mask_input=request.mask_input.model_dump() if request.mask_input else None,
+                multimask=request.multimask,
             )
             step_index = await self.store.update(
                 session_id, lambda s: s.get_object(request.object_id).push(step))
