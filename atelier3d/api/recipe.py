@@ -51,12 +51,15 @@ class RecipeParse(ApiModel):
 
 
 class RecipeEdit(EditJobRequest):
-    """An edit job as submitted, with the values the server chose filled in (steps, CFG,
-    size); ids in its sources are the recipe's."""
+    """An edit job as submitted, with the steps and CFG the server chose filled in; ids in its
+    sources are the recipe's."""
 
     kind: Literal["edit"] = "edit"
     job_id: str
     session_id: str | None = None  # the replay's session
+    output_size: tuple[int, int] | None = Field(
+        None, description="[width, height] of the result; width and height stay as submitted "
+        "(unset: the pipeline's size for the source, which a masked edit must leave unset)")
 
 
 class RecipeMesh(MeshJobRequest):

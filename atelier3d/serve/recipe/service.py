@@ -138,10 +138,10 @@ class RecipeService:
         body = {k: v for k, v in job.request.items() if k not in ("session_id", "upload_sha256")}
         if job.kind.name == "edit":
             meta = job.result.meta
-            chosen = {"steps": meta["steps"], "true_cfg_scale": meta["true_cfg_scale"],
-                      "width": meta["width"], "height": meta["height"]}
+            chosen = {"steps": meta["steps"], "true_cfg_scale": meta["true_cfg_scale"]}
             body.update({k: v for k, v in chosen.items() if body.get(k) is None})
-            return RecipeEdit(**body, job_id=job.job_id)
+            return RecipeEdit(**body, job_id=job.job_id,
+                              output_size=(meta["width"], meta["height"]))
         defaults = self.config.mesh
         body.update({k: getattr(defaults, k) for k in MESH_PARAMS
                      if body.get(k) is None and hasattr(defaults, k)})
@@ -272,7 +272,7 @@ class Replay:
                 if done.status != "succeeded":
                     raise Conflict(f"replayed job {source.job_id!r} {done.status}: "
                                    f"recipe job {entry.job_id!r} needs its result")
-        body = entry.model_dump(exclude={"kind", "job_id"})
+        body = entry.model_dump(exclude={"kind", "job_id", "output_size"})
         body["session_id"] = self.session_id
         body["source"] = self._source(entry.job_id, entry.source)
         if isinstance(entry, RecipeEdit):
