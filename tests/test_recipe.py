@@ -16,7 +16,10 @@ import trimesh
 from PIL import Image
 
 from atelier3d import rle
+from atelier3d.api.segment import MaskCandidate
 from atelier3d.samples import drawn_character
+from atelier3d.serve.sessions.records import pack_step, unpack_step
+from atelier3d.serve.sessions.session import Step
 from tests.helpers import ROOT, assert_error, png_bytes, uploaded
 
 IMAGE = drawn_character()
@@ -166,3 +169,25 @@ def test_replay_refuses_other_models_and_other_images(http, journey):
     broken = http.post("/v1/recipes/replay", files={"image": image},
                        data={"recipe": json.dumps({**journey["recipe"], "schema_version": 9})})
     assert "schema_version" in assert_error(broken, 422)["message"]
+
+
+def test_redis_step_records_keep_how_a_step_was_asked():
+    """Sessions in Redis export the same recipe: a step's record keeps refine, mask_input and
+    multimask."""
+    mask = rle.encode(np.ones((1, 4, 4), bool))[0]
+    candidate = MaskCandidate(rle=mask, score=0.5, bbox=(0, 0, 4, 4), area=16)
+    step = Step(points=[(1.0, 2.0)], labels=[1], box=None, candidates=[candidate], low_res=None,
+                selected=0, refine=True, mask_input=mask, multimask=False)
+    back = unpack_step(pack_step(step), "uid")
+    assert (back.refine, back.mask_input, back.multimask) == (True, mask, False)
+
+
+def test_replay_cli_refuses_a_file_that_is_not_a_recipe(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"schema_version": 1, "objects": []}))
+    done = subprocess.run(
+        [sys.executable, "-m", "atelier3d", "replay", str(path), "--image", str(path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "is not a recipe: image_sha256: Field required" in done.stderr
