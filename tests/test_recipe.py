@@ -139,8 +139,9 @@ def test_recipe_replays_to_identical_masks_edits_and_meshes(http, journey, tmp_p
                    for i, job_id in enumerate(journey["jobs"])]
         for before, after in zip(journey["results"][:2], results[:2], strict=True):
             np.testing.assert_array_equal(pixels(after), pixels(before))
-        for (v0, f0), (v1, f1) in zip(geometry(journey["results"][2]), geometry(results[2]),
-                                      strict=True):
+        recorded_mesh = geometry(journey["results"][2])
+        assert recorded_mesh and all(len(faces) for _, faces in recorded_mesh)
+        for (v0, f0), (v1, f1) in zip(recorded_mesh, geometry(results[2]), strict=True):
             np.testing.assert_array_equal(v1, v0)
             np.testing.assert_array_equal(f1, f0)
         # The replayed session exports the same recipe, up to its ids.
