@@ -16,6 +16,7 @@ import yaml
 
 from atelier3d import hardware
 from atelier3d.clients.cli import add_client_commands
+from atelier3d.clients.recipe_cli import add_recipe_commands
 from atelier3d.config import AppConfig
 from atelier3d.models import pull
 from atelier3d.serve import runner
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_pull)
 
     add_client_commands(sub)
+    add_recipe_commands(sub)
     return parser
 
 

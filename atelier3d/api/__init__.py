@@ -26,6 +26,7 @@ from atelier3d.api.parse import (
     ParseTimings,
     Pose,
 )
+from atelier3d.api.recipe import Recipe, ReplayResponse
 from atelier3d.api.segment import (
     CutoutRequest,
     DecoderGraph,
@@ -67,8 +68,10 @@ __all__ = [
     "Pose",
     "RLE",
     "ReadyInfo",
+    "Recipe",
     "RecordStepRequest",
     "RecordedCandidate",
+    "ReplayResponse",
     "SegmentRequest",
     "SegmentResponse",
     "SelectRequest",

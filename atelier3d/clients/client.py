@@ -61,6 +61,7 @@ from atelier3d.api.edit import EditJobRequest
 from atelier3d.api.jobs import JobState, JobSubmitted
 from atelier3d.api.mesh import MeshJobRequest, MeshPart
 from atelier3d.api.parse import ParseRequest, ParseResponse, PartGroup
+from atelier3d.api.recipe import Recipe, ReplayResponse
 from atelier3d.api.segment import (
     CutoutRequest,
     MaskCandidate,
@@ -483,6 +484,21 @@ def _followed(event: dict, job_id: str, progress: Callable[[dict], None] | None)
     return True
 
 
+def export_recipe_call(session_id: str) -> Call[Recipe]:
+    return Call("GET", _session_url(session_id, "recipe"), _model(Recipe))
+
+
+def replay_call(recipe: Recipe | dict, image: ImageInput) -> Call[ReplayResponse]:
+    """A new session of ``image`` with the recipe's clicks and parses done and its jobs
+    submitted (they run as ordinary jobs: follow them with ``wait_job``)."""
+    text = Recipe.model_validate(recipe).model_dump_json(exclude_none=True)
+    name, data = image_bytes(image)
+    return Call("POST", "/v1/recipes/replay", _model(ReplayResponse),
+                {"files": {"image": (name, data, "application/octet-stream"),
+                           "recipe": ("recipe.json", text.encode(), "application/json")}},
+                retry=False)
+
+
 def ready_call() -> Call[ReadyInfo]:
     return Call("GET", "/readyz", _model(ReadyInfo))
 
@@ -638,6 +654,12 @@ class _Endpoints:
     job_result = _endpoint(
         job_result_call,
         "The result's bytes (PNG; GLB or ``format`` obj/ply/stl) or an ``artifact``'s.")
+
+    # recipes
+
+    export_recipe = _endpoint(
+        export_recipe_call, "The session's clicks, parses, edits, meshes and models as a recipe.")
+    replay = _endpoint(replay_call)
 
     # health
 

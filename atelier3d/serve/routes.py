@@ -22,6 +22,8 @@ from atelier3d.serve.mesh.service import MeshService
 from atelier3d.serve.openapi_links import document_links
 from atelier3d.serve.parse.routes import build_parse_router
 from atelier3d.serve.parse.service import ParseService
+from atelier3d.serve.recipe.routes import build_recipe_router
+from atelier3d.serve.recipe.service import RecipeService
 from atelier3d.serve.segment.browser import BrowserSegment, build_browser_router
 from atelier3d.serve.segment.routes import build_router
 from atelier3d.serve.segment.service import SegmentService
@@ -53,6 +55,9 @@ def build_api(config: AppConfig, health: Health, service: SegmentService,
         app.include_router(build_edit_router(editing))
         app.include_router(build_mesh_router(meshing))
         app.include_router(build_jobs_router(job_service))
+        if parsing is not None:
+            app.include_router(build_recipe_router(
+                RecipeService(service, parsing, job_service, editing, meshing, health)))
     if character is not None:
         app.include_router(build_character_router(character))
     document_links(app)

@@ -27,6 +27,7 @@ from atelier3d.api.character import (
 )
 from atelier3d.api.common import ImageSource, MaskSource
 from atelier3d.api.edit import EditJobRequest
+from atelier3d.api.parse import ParseRequest
 from atelier3d.config import JobKindSettings
 from atelier3d.errors import ApiError, BadRequest, Conflict, NotFound, Unprocessable
 from atelier3d.imaging import crop_with_margin, decode_png
@@ -243,8 +244,11 @@ class CharacterService:
         session = await self.store.load(plan.session_id)
         mask = self.segmentation.source_mask(session, MaskSource(object_id=plan.body.object_id),
                                              "segment the character first")
+        recorded = ParseRequest(object_id=plan.body.object_id, groups=PARSE_GROUPS,
+                                complete_occlusions=True)
         response = await self.parsing.parse_image(plan.session_id, session.image, mask,
-                                                  plan.body.object_id, PARSE_GROUPS, True)
+                                                  plan.body.object_id, PARSE_GROUPS, True,
+                                                  recorded=recorded)
         results.parse_id = response.parse_id
         parsed = self._parse(await self.store.load(plan.session_id), response.parse_id)
         self._garments_in(parsed, plan.body.garments, "the character's parse")

@@ -144,6 +144,7 @@ def record(job: Job) -> dict:
         "stage": job.stage, "step": job.step, "total": job.total, "progress": job.progress,
         "queue_position": job.queue_position, "started_at": job.started_at,
         "finished_at": job.finished_at, "error": job.error, "eta_s": eta,
+        "request": job.request,
         "artifacts": {name: {"media_type": a.media_type, "meta": a.meta}
                       for name, a in job.artifacts.items()},
         "result": ({"media_type": job.result.media_type, "meta": job.result.meta}
@@ -543,7 +544,7 @@ class RedisJobStore:
                   progress=state["progress"], queue_position=state["queue_position"],
                   started_at=state["started_at"], finished_at=state["finished_at"],
                   error=state["error"], stage_ms=state["stage_ms"], remote=True,
-                  recorded_eta=state["eta_s"])
+                  recorded_eta=state["eta_s"], request=state.get("request"))
         job.artifacts = {name: Artifact(a["media_type"], b"", a["meta"])
                          for name, a in state["artifacts"].items()}
         if state["result"] is not None:

@@ -100,7 +100,8 @@ class JobService:
         self._sweep_unowned()
         if session is not None:
             await self.records.make_room(session)
-        job = Job(new_id("job"), kind, session.session_id if session else None, client, digest)
+        job = Job(new_id("job"), kind, session.session_id if session else None, client, digest,
+                  request=payload)
         queue = self.queues[kind_name]
         queue.admit(job)
         try:

@@ -165,6 +165,7 @@ class Job:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_report: float = 0.0  # perf_counter of the last progress report (or the start)
     stage_done: dict[str, float] = field(default_factory=dict)  # stage -> fraction done
+    request: dict | None = None  # the API body as submitted (a session's recipe reads it)
 
     @property
     def finished(self) -> bool:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from atelier3d import rle
 from atelier3d.api.common import RLE
 from atelier3d.api.parse import ParsePart, ParseRequest, ParseResponse, ParseTimings
 from atelier3d.errors import NotFound
@@ -102,14 +103,17 @@ class ParseService:
         session = await self.store.load(session_id)
         mask = self.segmentation.source_mask(session, request, "select the character first")
         return await self.parse_image(session_id, session.image, mask, request.object_id,
-                                      request.groups, request.complete_occlusions, start)
+                                      request.groups, request.complete_occlusions, start,
+                                      recorded=request)
 
     async def parse_image(self, session_id: str, image: np.ndarray, mask: np.ndarray,
                           object_id: str | None = None, groups: list[str] | None = None,
                           complete_occlusions: bool | None = None,
-                          start: float | None = None) -> ParseResponse:
+                          start: float | None = None,
+                          recorded: ParseRequest | None = None) -> ParseResponse:
         """Parses ``image`` under ``mask`` and keeps the result with the session: the session's
-        own image, or one made from it (an edit's result, e.g. a T-pose)."""
+        own image (``recorded``: the request a recipe replays), or one made from it (an edit's
+        result, e.g. a T-pose)."""
         start = time.perf_counter() if start is None else start
         result: ParseResult = await call_idempotent(
             lambda: self.parser.parse.remote(image, mask, None, groups, complete_occlusions),
@@ -118,6 +122,8 @@ class ParseService:
         total_ms = (time.perf_counter() - start) * 1000
         response = self._response(session_id, parse_id, object_id, result, total_ms)
         stored = StoredParse(response, result)
+        if recorded is not None:  # a parse of the session's own image, as a recipe replays it
+            stored.mask, stored.request = rle.encode(mask[None])[0], recorded
         await self.store.update(session_id, lambda s: self._keep(s, parse_id, stored))
         self.parse_seconds = 0.7 * self.parse_seconds + 0.3 * total_ms / 1000
         logger.info("session %s: parse %s, %d labels, %d parts in %.0f ms", session_id[:10],

@@ -111,7 +111,7 @@ class BrowserSegment:
         candidates = await asyncio.to_thread(_candidates, session, request)
         step = Step(points=[tuple(p) for p in request.points], labels=list(request.labels),
                     box=request.box, candidates=candidates, low_res=None,
-                    selected=request.selected)
+                    selected=request.selected, multimask=len(candidates) > 1)
 
         def push(session: Session) -> ObjectState:
             session.get_object(object_id).push(step)

@@ -232,6 +232,9 @@ class SegmentService:
                 candidates=candidates,
                 low_res=result.low_res,
                 selected=selected,
+                refine=request.refine,
+                mask_input=request.mask_input.model_dump() if request.mask_input else None,
+                multimask=request.multimask,
             )
 
             def push(session: Session) -> ObjectState:

@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from atelier3d.api.parse import Check, ParseResponse, Pose
+from atelier3d.api.parse import Check, ParseRequest, ParseResponse, Pose
 from atelier3d.api.segment import MaskCandidate
 from atelier3d.serve.sessions.session import Step, StoredParse
 from atelier3d.stages.parse import ParseResult, Part
@@ -54,6 +54,9 @@ def pack_step(step: Step) -> bytes:
         "box": list(step.box) if step.box is not None else None,
         "candidates": [c.model_dump(mode="json") for c in step.candidates],
         "selected": step.selected,
+        "refine": step.refine,
+        "mask_input": step.mask_input,
+        "multimask": step.multimask,
     }
     arrays = {"low_res": shared_logits(step.low_res)} if step.low_res is not None else {}
     return pack(meta, arrays)
@@ -69,6 +72,9 @@ def unpack_step(blob: bytes, uid: str) -> Step:
         low_res=arrays.get("low_res"),
         selected=int(meta["selected"]),
         uid=uid,
+        refine=bool(meta.get("refine", False)),
+        mask_input=meta.get("mask_input"),
+        multimask=bool(meta.get("multimask", True)),
     )
 
 
@@ -94,6 +100,8 @@ def pack_parse(stored: StoredParse) -> bytes:
         "checks": [c.model_dump(mode="json") for c in result.checks],
         "parts": parts,
         "timings_ms": result.timings_ms,
+        "mask": stored.mask,
+        "request": stored.request.model_dump(mode="json") if stored.request else None,
     }
     return pack(meta, arrays, compress=True)
 
@@ -118,4 +126,7 @@ def unpack_parse(blob: bytes) -> StoredParse:
         completed=completed,
         timings_ms=meta["timings_ms"],
     )
-    return StoredParse(ParseResponse.model_validate(meta["response"]), result)
+    request = meta.get("request")
+    return StoredParse(ParseResponse.model_validate(meta["response"]), result,
+                       mask=meta.get("mask"),
+                       request=ParseRequest.model_validate(request) if request else None)

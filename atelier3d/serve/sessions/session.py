@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from atelier3d.api.parse import ParseResponse
+from atelier3d.api.parse import ParseRequest, ParseResponse
 from atelier3d.api.segment import MaskCandidate
 from atelier3d.errors import NotFound
 from atelier3d.stages.parse import ParseResult
@@ -29,6 +29,10 @@ class Step:
     low_res: np.ndarray | None  # (K, 256, 256) logits, for refinement; None: decoded elsewhere
     selected: int
     uid: str | None = None  # its record's id in a shared store (Redis); None until saved there
+    # How it was asked for beyond the prompt, so a recipe replays it the same way.
+    refine: bool = False
+    mask_input: dict | None = None  # an RLE
+    multimask: bool = True
 
 
 @dataclass
@@ -102,3 +106,6 @@ class StoredParse:
     response: ParseResponse
     result: ParseResult
     assets: dict[tuple[str, str | None], bytes] = field(default_factory=dict)
+    # What was asked for (a recipe's parse): the mask parsed (an RLE) and the request's options.
+    mask: dict | None = None
+    request: ParseRequest | None = None

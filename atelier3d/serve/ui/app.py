@@ -24,6 +24,7 @@ from atelier3d.serve.auth import ui_login
 from atelier3d.serve.character.service import CharacterService
 from atelier3d.serve.health import Health
 from atelier3d.serve.parse.service import ParseService
+from atelier3d.serve.recipe.service import RecipeService
 from atelier3d.serve.routes import JobServices
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.ui.character import character_tab
@@ -31,6 +32,7 @@ from atelier3d.serve.ui.common import EVENTS, ExportDir, Restore, UiState, guard
 from atelier3d.serve.ui.edit import edit_tab
 from atelier3d.serve.ui.mesh import mesh_tab
 from atelier3d.serve.ui.parse import ParseTab, ParseUi, parse_tab
+from atelier3d.serve.ui.recipe import recipe_tab
 from atelier3d.serve.ui.segment import segment_tab
 from atelier3d.serve.ui.studio import EditUi, MeshRun, Studio, edit_source
 from atelier3d.serve.ui.workspace import (
@@ -95,6 +97,8 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
                                                     [state, parse.state, states[2]], parse,
                                                     character)
                 restores += job_restores
+                with gr.Tab("Recipe", id="recipe"):
+                    recipe_tab(RecipeService(service, parsing, *jobs, health), state, exports)
 
         poll = gr.Timer(BANNER_POLL_S, active=False)
 
