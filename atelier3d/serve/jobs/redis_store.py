@@ -31,7 +31,7 @@ A replica that dies (killed, its pod removed) takes its jobs' tasks with it. So 
 stay ``queued``/``running`` forever, each unfinished job has a lease, ``P:job:<id>:lease``
 (``jobs.lease_s``; its value and the hash's ``owner`` name the replica that runs it), which its
 replica's watcher renews. While a job is queued, its deployment's request is kept too,
-``P:job:<id>:request`` (pickled: Redis is trusted as the Gateway's own memory is). Whoever looks
+``P:job:<id>:request`` (``requests.py``: JSON and arrays, nothing that runs code). Whoever looks
 at a job whose lease has lapsed (a follower, a status read, a cancel):
 
 - takes a queued job over: claims its lease and ``owner`` (a compare-and-set in one script, so
@@ -52,7 +52,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import pickle
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -60,6 +59,7 @@ from typing import Any
 
 from atelier3d.config import JobSettings
 from atelier3d.errors import NotFound, TooManyRequests
+from atelier3d.serve.jobs.requests import decode_request, encode_request
 from atelier3d.serve.jobs.types import FINISHED, JOB_GONE, Artifact, Job, JobKind
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.sessions.session import Session
@@ -216,7 +216,7 @@ class RedisJobStore:
         """Writes a new job's record and its request, claims its idempotency key and lists it
         in its session's record. Where another replica got the key first, leaves nothing of
         this job behind."""
-        await self._create(job, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
+        await self._create(job, encode_request(request))
         if key:
             found = await self._claim(owner, key, job)
             if found is not None:
@@ -501,7 +501,7 @@ class RedisJobStore:
                 pipe.lrange(self.key(job_id, "events"), 0, -1)
                 raw, events = await pipe.execute()
             job = self._view(job_id, json.loads(raw))
-            request = pickle.loads(body)  # noqa: S301 - written by a Gateway replica (add)
+            request = decode_request(body)
         except Exception:  # noqa: BLE001 - a record this replica cannot run: it fails as lost
             logger.exception("job %s: taking it over failed", job_id[:10])
             await self.redis.delete(self.key(job_id, "lease"))
