@@ -11,6 +11,7 @@ from atelier3d.imaging import crop_with_margin, decode_png
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
+from atelier3d.stages.parse import hidden_region
 
 OBJECT_MARGIN = 0.1  # of the mask box's longer side: context around a cut-out
 
@@ -50,10 +51,7 @@ class SourceResolver:
         if source.kind != "part":
             return None
         part, completed = self.part(session, source)
-        if completed is None or completed.shape[:2] != part.rgba.shape[:2]:
-            return None
-        hidden = (completed[..., 3] > 0) & (part.rgba[..., 3] == 0)
-        return hidden if hidden.any() else None
+        return hidden_region(part.rgba, completed)
 
     def part(self, session: Session, source: ImageSource):
         stored = session.parses.get(source.parse_id)
