@@ -173,3 +173,47 @@ def test_cli_completes_a_part_showing_its_region_first(server, tmp_path, tiny_di
     proc = run_cli(str(photo), "--server", server, "--part", part["name"],
                    "-o", str(tmp_path / "x.png"), command="edit")
     assert proc.returncode == 2 and "--part needs the character" in proc.stderr
+
+
+def garment_photo() -> np.ndarray:
+    """A reference image of its own: a striped coat on grey."""
+    photo = np.full((160, 128, 3), 120, np.uint8)
+    photo[20:150, 24:104] = (30, 60, 160)
+    photo[20:150:12, 24:104] = (230, 200, 40)
+    return photo
+
+
+def test_cli_edits_with_a_reference_image(server, tmp_path, tiny_dir):
+    """``atelier3d edit IMAGE --reference GARMENT`` uploads the garment as a session of its own
+    and names it as an extra source: the Plus pipeline on both images, as diffusers runs it."""
+    from atelier3d.models.edit.lightning import EDIT_2509_FILES
+    from atelier3d.models.edit.qwen_image_edit import tiny_edit_dir, tiny_lightning_dir
+
+    photo, garment = tmp_path / "character.png", tmp_path / "coat.png"
+    Image.fromarray(IMAGE).save(photo)
+    Image.fromarray(garment_photo()).save(garment)
+    prompt = "dress the character in the coat of image 2"
+    proc = run_cli(str(photo), "--server", server, "--reference", str(garment), "--prompt", prompt,
+                   "--steps", str(STEPS), "--seed", str(SEED), "--width", "256", "--height", "256",
+                   "--quiet", "-o", str(tmp_path / "dressed.png"), command="edit")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with one_thread():
+        expected = direct(tiny_edit_dir(tiny_dir, plus=True), tiny_lightning_dir(tiny_dir),
+                          EDIT_2509_FILES[1], [IMAGE, garment_photo()], steps=STEPS,
+                          prompt=prompt, size=256, seed=SEED)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "dressed.png")), expected)
+
+    proc = run_cli(str(photo), "--server", server, "--reference", str(tmp_path / "none.png"),
+                   "--prompt", prompt, "-o", str(tmp_path / "x.png"), command="edit")
+    assert proc.returncode == 2 and "no such reference image" in proc.stderr
+
+
+def test_a_reference_session_must_exist(http, character):
+    session = character[0]
+    r = http.post("/v1/jobs/edit", json={
+        "session_id": session, "prompt": "wear the coat",
+        "extra_sources": [{"kind": "session", "session_id": "ses_nothere"}]})
+    assert r.status_code == 404 and "session" in r.json()["error"]["message"]
+    r = http.post("/v1/jobs/edit", json={"session_id": session, "prompt": "wear the coat",
+                                          "extra_sources": [{"kind": "session"}]})
+    assert r.status_code == 422 and "session_id" in r.text

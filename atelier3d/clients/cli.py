@@ -282,14 +282,22 @@ def cmd_edit(args: argparse.Namespace) -> int:
     Uploads IMAGE and edits it (or, with --point/--box, the segmented object's cut-out; adding
     --part NAME, that part of the object's parse) with a preset and/or a prompt, showing progress;
     writes the result PNG. complete_occluded on a part repaints what hid it (printed first, and
-    written with --region-out) unless --mask gives another region.
+    written with --region-out) unless --mask gives another region. --reference adds a garment or
+    reference image (a server with a multi-image model, e.g. Qwen-Image-Edit-2509).
     """
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)
         mask = read_mask(args.mask) if args.mask is not None else None
+        for reference in args.reference:
+            if not reference.is_file():
+                raise CliError(f"no such reference image: {reference}", 2)
         with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
-                _session(client, Path(args.image)) as info:
+                _session(client, Path(args.image)) as info, contextlib.ExitStack() as uploads:
+            # Each reference is uploaded as a session of its own, named as an extra source.
+            extra = [{"kind": "session",
+                      "session_id": uploads.enter_context(_session(client, ref)).session_id}
+                     for ref in args.reference]
             if args.part is not None:
                 source = _part_source(client, info.session_id, args)
             else:
@@ -298,7 +306,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 info.session_id, prompt=args.prompt, preset=args.preset, source=source,
                 seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
                 true_cfg_scale=args.true_cfg_scale, width=args.width, height=args.height,
-                mask=mask)
+                mask=mask, extra_sources=extra)
             _follow(client, submitted, "edit", args.quiet)
             png = client.job_result(submitted.job_id)
         _write(args.output, png)
@@ -397,6 +405,10 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
                       "clothing, hair, body-skin); needs --point/--box")
     edit.add_argument("--mask", type=Path, metavar="PNG",
                       help="the region to repaint, white on black, sized like the edited image")
+    edit.add_argument("--reference", type=Path, action="append", default=[], metavar="IMAGE",
+                      help="a garment or reference image the edit uses besides IMAGE (at most "
+                      "2; the prompt names them, e.g. 'dress the character in the coat of "
+                      "image 2')")
     edit.add_argument("--region-out", type=Path, metavar="PNG",
                       help="with --part and complete_occluded: write the hidden region here")
     _add_job_arguments(edit)

@@ -25,6 +25,8 @@ class SourceResolver:
         """The source's pixels: (H, W, 3) RGB, or (H, W, 4) RGBA for cut-outs."""
         if source.kind == "original":
             return session.image
+        if source.kind == "session":  # the store hides other clients' sessions (404)
+            return self.segmentation.store.get(source.session_id).image
         if source.kind == "object":
             mask = self.segmentation.source_mask(
                 session, MaskSource(object_id=source.object_id), "segment the object first")
@@ -67,6 +69,11 @@ class SourceResolver:
 def job_sources(sources: list[ImageSource | None]) -> list[str]:
     """The job ids among ``sources`` (earlier edits used as inputs)."""
     return [s.job_id for s in sources if s is not None and s.kind == "job"]
+
+
+def session_sources(sources: list[ImageSource | None]) -> list[str]:
+    """The ids of other sessions among ``sources`` (their uploads used as references)."""
+    return [s.session_id for s in sources if s is not None and s.kind == "session"]
 
 
 def decode_mask(mask: RLE, shape: tuple[int, int]) -> np.ndarray:
