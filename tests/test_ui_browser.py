@@ -807,3 +807,23 @@ def test_edit_tab_sends_the_region_painted_over_the_source(page: Page, tmp_path:
     h, w = cutout.shape[:2]
     # A band across the middle: nowhere near the top or bottom of the source.
     assert pixels > 0 and 0 < x0 < x1 <= w and h * 0.25 < y0 < y1 < h * 0.75, (text, (h, w))
+
+
+def test_edit_tab_dresses_the_character_with_a_reference_image(page: Page,
+                                                               tmp_path: Path) -> None:
+    """A garment uploaded beside the source goes with the edit: the server runs its
+    multi-image pipeline on both."""
+    segment_with_box(page, tmp_path)
+    tab(page, "Edit").click()
+    wait_picked(page, "edit-source", "Object 1 cut-out")
+    coat = np.full((160, 128, 3), 120, np.uint8)
+    coat[20:150, 24:104] = (30, 60, 160)
+    Image.fromarray(coat).save(tmp_path / "coat.png")
+    page.locator("#edit-reference input[type=file]").set_input_files(str(tmp_path / "coat.png"))
+    page.locator("#edit-reference img").first.wait_for()
+    page.locator("#edit-parameters").click()
+    set_number(page, "edit-steps", 2)
+    set_number(page, "edit-width", 256)
+    set_number(page, "edit-height", 256)
+    page.locator("#edit-run").click()
+    wait_text(page, "#edit-status", r"done in .* multi-image pipeline")

@@ -10,7 +10,7 @@ from atelier3d.serve.ui.region import (
     mask_rle,
     painted_mask,
     region_value,
-    repainted_note,
+    result_note,
 )
 
 
@@ -41,6 +41,7 @@ def test_the_status_says_what_the_server_repainted():
     mask[10:20, 15:30] = True
     encoded = mask_rle(mask)
     assert rle.decode(encoded.model_dump(), (40, 30)).sum() == 150
-    note = repainted_note({"mask": encoded.model_dump()})
+    note = result_note({"mask": encoded.model_dump()})
     assert note == " · repainted 150 px in x 15–30, y 10–20"
-    assert repainted_note({"mask": None}) == repainted_note(None) == ""
+    assert result_note({"mask": None, "pipeline": "edit"}) == result_note(None) == ""
+    assert result_note({"mask": None, "pipeline": "plus"}) == " · multi-image pipeline"

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 
+from atelier3d.api.common import ImageSource
 from atelier3d.api.edit import EditJobRequest
 from atelier3d.config import SIZE_MULTIPLE
 from atelier3d.errors import NotFound
-from atelier3d.imaging import decode_png
+from atelier3d.imaging import decode_png, encode_png
 from atelier3d.serve.edit.service import EditService
 from atelier3d.serve.ui.common import EVENTS, Restore, UiState, client_key, guarded
 from atelier3d.serve.ui.parse import ParseUi
@@ -28,7 +29,7 @@ from atelier3d.serve.ui.region import (
     mask_rle,
     painted_mask,
     region_value,
-    repainted_note,
+    result_note,
 )
 from atelier3d.serve.ui.studio import (
     Edit,
@@ -97,6 +98,10 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                     layers=False,
                     brush=gr.Brush(colors=[REGION_HEX], color_mode="fixed"),
                     eraser=gr.Eraser(), height=320, elem_id="edit-region")
+                reference = gr.Image(
+                    label="Reference image, optional: a garment to dress the character in (a "
+                    "server with a multi-image model)", type="numpy", image_mode="RGB",
+                    sources=("upload",), format="png", height=160, elem_id="edit-reference")
                 preset = gr.Dropdown([(preset_words(name), name) for name in PRESETS],
                                      value="full_body", label="Preset", elem_id="edit-preset")
                 preset_info = gr.Markdown(preset_text("full_body"), elem_id="edit-preset-text")
@@ -185,7 +190,7 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
             yield (failed, *[gr.skip()] * 4, cancel_button(False))
             return
         seconds = job.finished_at - job.started_at
-        note = f"**{edit.label}** · done in {seconds:.1f} s" + repainted_note(job.result.meta)
+        note = f"**{edit.label}** · done in {seconds:.1f} s" + result_note(job.result.meta)
         yield await view(ui, pui, eui, edit, note, source_key(edit.source))
 
     @guarded(lock=False)  # an edit takes a while: the tab's other events must not wait
@@ -193,7 +198,8 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                      prompt_text: str, negative_text: str, seed_value: float | None,
                      steps_value: float | None, cfg_value: float | None,
                      width_value: float | None, height_value: float | None,
-                     region_painted: dict | None, request: gr.Request,
+                     region_painted: dict | None, reference_image: np.ndarray | None,
+                     request: gr.Request,
                      progress: gr.Progress = gr.Progress()  # noqa: B008
                      ) -> AsyncIterator[tuple]:
         if ui.session_id is None or key is None:
@@ -201,12 +207,18 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
             yield gr.skip()
             return
         shape = (await asyncio.to_thread(studio.image, ui, key)).shape[:2]
+        extra = []
+        if reference_image is not None:  # kept as an upload of its own, named as a source
+            data = await asyncio.to_thread(encode_png, reference_image)
+            upload = await editing.store.create(client_key(request), reference_image, data)
+            extra = [ImageSource(kind="session", session_id=upload.session_id)]
         body = EditJobRequest(
             session_id=ui.session_id, source=source_of(key), preset=preset_name,
             prompt=prompt_text or "", negative_prompt=(negative_text or "").strip() or None,
             seed=int(seed_value or 0), steps=optional(steps_value),
             true_cfg_scale=optional(cfg_value), width=optional(width_value),
             height=optional(height_value), mask=mask_rle(painted_mask(region_painted, shape)),
+            extra_sources=extra,
         )
         source_label = await studio.label(ui, pui, eui, key)
         job = await editing.submit(body, client=client_key(request))
@@ -257,6 +269,6 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
         changed.change(on_region, [studio.state, source, preset], [region], **EVENTS,
                        show_progress="hidden")
     run.click(on_run, [*studio.states, source, preset, prompt, negative, seed, steps, cfg, width,
-                       height, region], outputs, **events)
+                       height, region, reference], outputs, **events)
     history.select(on_history, studio.states, outputs, **events)
     return EditTab(picker, to_3d, Restore(on_restore, studio.states, outputs))

@@ -51,10 +51,12 @@ def mask_rle(mask: np.ndarray | None) -> RLE | None:
     return None if mask is None else RLE(**rle.encode(mask[None])[0])
 
 
-def repainted_note(meta: dict | None) -> str:
-    """What the server says it repainted (its result's mask), for the status line."""
-    encoded = (meta or {}).get("mask")
-    if not encoded:
-        return ""
-    x, y, w, h = rle.bbox_xywh(encoded)
-    return f" · repainted {rle.area(encoded)} px in x {x}–{x + w}, y {y}–{y + h}"
+def result_note(meta: dict | None) -> str:
+    """What the server says it ran, for the status line: the region it repainted (its result's
+    mask), or the multi-image pipeline when reference images went with the edit."""
+    meta = meta or {}
+    encoded = meta.get("mask")
+    if encoded:
+        x, y, w, h = rle.bbox_xywh(encoded)
+        return f" · repainted {rle.area(encoded)} px in x {x}–{x + w}, y {y}–{y + h}"
+    return " · multi-image pipeline" if meta.get("pipeline") == "plus" else ""
