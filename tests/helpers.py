@@ -182,13 +182,18 @@ PUBLISHED_SCHEDULER = {
 
 
 def direct(pipe_dir, lora_dir, weight_name: str, images: list[np.ndarray], steps: int,
-           lora: bool = True, prompt: str = PROMPT, size: int = SIZE, seed: int = 5
-           ) -> np.ndarray:
+           lora: bool = True, prompt: str = PROMPT, size: int | None = SIZE, seed: int = 5,
+           negative_prompt: str = " ", mask: np.ndarray | None = None) -> np.ndarray:
     """The edit with diffusers alone: the pipeline, the published scheduler, load_lora_weights,
-    no CFG (as Lightning runs)."""
+    no CFG (as Lightning runs). With ``mask``, QwenImageEditInpaintPipeline repaints that region
+    from noise (strength 1) at the image's own size."""
     # diffusers and torch load here: most tests that import this module never edit
     import torch
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        DiffusionPipeline,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditInpaintPipeline,
+    )
     from PIL import Image
 
     pipe = DiffusionPipeline.from_pretrained(pipe_dir)
@@ -196,7 +201,31 @@ def direct(pipe_dir, lora_dir, weight_name: str, images: list[np.ndarray], steps
     if lora:
         pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
     pil = [Image.fromarray(i) for i in images]
-    out = pipe(image=pil if len(pil) > 1 else pil[0], prompt=prompt, negative_prompt=" ",
-               true_cfg_scale=1.0, num_inference_steps=steps, width=size, height=size,
-               generator=torch.Generator("cpu").manual_seed(seed))
-    return np.asarray(out.images[0])
+    inputs = dict(image=pil if len(pil) > 1 else pil[0], prompt=prompt,
+                  negative_prompt=negative_prompt, true_cfg_scale=1.0, num_inference_steps=steps,
+                  generator=torch.Generator("cpu").manual_seed(seed))
+    if mask is not None:
+        pipe = QwenImageEditInpaintPipeline(**pipe.components)
+        inputs |= dict(mask_image=Image.fromarray(mask.astype(np.uint8) * 255), strength=1.0)
+    else:
+        inputs |= dict(width=size, height=size)
+    return np.asarray(pipe(**inputs).images[0])
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The replica's torch threads: the same sums in the same order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    """An RGBA cut-out composited on white, as the editor takes it."""
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from atelier3d import rle
 from atelier3d.config import EditSettings
 from atelier3d.errors import BadRequest, Unprocessable
 from atelier3d.stages.edit import PRESETS, EditRequest
@@ -114,7 +115,7 @@ async def test_editor_streams_steps_then_a_png_identical_to_diffusers(editor, ti
     assert meta | {"timings_ms": None} == {
         "seed": 3, "steps": STEPS, "true_cfg_scale": 4.0, "width": SIZE, "height": SIZE,
         "pipeline": "edit", "preset": "free", "model": "qwen-edit-random", "cache": None,
-        "timings_ms": None}
+        "mask": None, "timings_ms": None}
     assert set(meta["timings_ms"]) == {"encode_ms", "denoise_ms", "decode_ms", "total_ms"}
 
     direct = direct_edit(DiffusionPipeline.from_pretrained(tiny_edit), image)
@@ -170,6 +171,7 @@ async def test_masked_edit_runs_the_inpaint_pipeline(editor, image):
     assert [e["step"] for e in events if e.get("stage") == "denoise"] == [1]
     meta = events[-1]["meta"]
     assert meta["pipeline"] == "inpaint" and meta["preset"] == "complete_occluded"
+    np.testing.assert_array_equal(rle.decode(meta["mask"], mask.shape), mask)  # as it ran
     # The inpaint pipeline keeps the image's aspect ratio at ~1 MP.
     assert abs(meta["width"] / meta["height"] - 64 / 96) < 0.05
     assert decode(events[-1]["data"]).shape == (meta["height"], meta["width"], 3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from atelier3d.samples import drawn_character
-from tests.helpers import direct, uploaded
+from tests.helpers import direct, one_thread, uploaded
 
 STEPS = 3
 
@@ -143,19 +142,6 @@ def served_edit(http, body: dict) -> np.ndarray:
     job_id = submit(http, body).json()["job_id"]
     assert wait(http, job_id)[-1]["type"] == "succeeded"
     return np.asarray(Image.open(io.BytesIO(http.get(f"/v1/jobs/{job_id}/result").content)))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The replica's torch threads: the same sums in the same order."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("images", [1, 2], ids=["one image", "with a reference image"])

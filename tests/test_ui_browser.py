@@ -776,3 +776,54 @@ def test_one_persons_long_edit_never_blocks_anothers_clicks(browser: Browser, se
         other.close()
     page.locator("#edit-cancel").click()
     wait_text(page, "#edit-status", "cancelled")
+
+
+def test_edit_tab_sends_the_region_painted_over_the_source(page: Page, tmp_path: Path) -> None:
+    """A stroke painted on the Edit tab's region reaches the server as the edit's mask: the
+    result names the region the editor repainted, where the stroke was drawn."""
+    segment_with_box(page, tmp_path)
+    tab(page, "Edit").click()
+    wait_picked(page, "edit-source", "Object 1 cut-out")
+    cutout = np.asarray(Image.open(io.BytesIO(page.request.get(
+        loaded_src(page, "#edit-preview")).body())))
+    region = page.locator("#edit-region")
+    canvas = region.locator("canvas").first
+    canvas.wait_for()
+    region.get_by_role("button", name="Brush", exact=True).first.click()
+    box = canvas.bounding_box()
+    # A horizontal stroke across the middle of the canvas, where the cut-out is drawn.
+    y = box["y"] + box["height"] * 0.5
+    page.mouse.move(box["x"] + box["width"] * 0.4, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=12)
+    page.mouse.up()
+    page.locator("#edit-parameters").click()
+    set_number(page, "edit-steps", 2)
+    page.locator("#edit-run").click()
+    text = wait_text(page, "#edit-status", r"done in .* repainted \d+ px")
+    found = re.search(r"repainted (\d+) px in x (\d+)–(\d+), y (\d+)–(\d+)", text)
+    assert found, text
+    pixels, x0, x1, y0, y1 = (int(v) for v in found.groups())
+    h, w = cutout.shape[:2]
+    # A band across the middle: nowhere near the top or bottom of the source.
+    assert pixels > 0 and 0 < x0 < x1 <= w and h * 0.25 < y0 < y1 < h * 0.75, (text, (h, w))
+
+
+def test_edit_tab_dresses_the_character_with_a_reference_image(page: Page,
+                                                               tmp_path: Path) -> None:
+    """A garment uploaded beside the source goes with the edit: the server runs its
+    multi-image pipeline on both."""
+    segment_with_box(page, tmp_path)
+    tab(page, "Edit").click()
+    wait_picked(page, "edit-source", "Object 1 cut-out")
+    coat = np.full((160, 128, 3), 120, np.uint8)
+    coat[20:150, 24:104] = (30, 60, 160)
+    Image.fromarray(coat).save(tmp_path / "coat.png")
+    page.locator("#edit-reference input[type=file]").set_input_files(str(tmp_path / "coat.png"))
+    page.locator("#edit-reference img").first.wait_for()
+    page.locator("#edit-parameters").click()
+    set_number(page, "edit-steps", 2)
+    set_number(page, "edit-width", 256)
+    set_number(page, "edit-height", 256)
+    page.locator("#edit-run").click()
+    wait_text(page, "#edit-status", r"done in .* multi-image pipeline")

@@ -54,19 +54,22 @@ class ImageSource(ApiModel):
     ``original``: the uploaded image. ``object``: an object's cut-out (RGBA, cropped to its mask
     with a margin). ``part``: a garment/part cut-out of a parse (``completed``: its version with
     the occluded part filled in). ``job``: the result of an earlier edit job of the same session.
+    ``session``: the image uploaded to another session of the same client (a garment or
+    reference photo, for a multi-image edit).
     """
 
-    kind: Literal["original", "object", "part", "job"] = "original"
+    kind: Literal["original", "object", "part", "job", "session"] = "original"
     object_id: str | None = None
     parse_id: str | None = None
     part: str | None = None
     completed: bool = False
     job_id: str | None = None
+    session_id: str | None = None
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> ImageSource:
         needed = {"original": (), "object": ("object_id",), "part": ("parse_id", "part"),
-                  "job": ("job_id",)}[self.kind]
+                  "job": ("job_id",), "session": ("session_id",)}[self.kind]
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.kind!r} source needs {', '.join(missing)}")

@@ -72,6 +72,10 @@ class ParsePart(ApiModel):
     completed_url: str | None = Field(
         None, description="the cut-out with its occluded part filled in, when something hid it"
     )
+    hidden: RLE | None = Field(
+        None, description="what the completed version adds, sized like the cut-out: the region "
+        "a complete_occluded edit of this part repaints when sent without a mask (send a changed "
+        "one as the edit's mask to repaint another)")
 
 
 class ParseTimings(ApiModel):

@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import io
 import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from atelier3d.clients.client import (
     API_KEY_ENV,
@@ -17,6 +21,7 @@ from atelier3d.clients.client import (
     ApiError,
     Client,
     ProgressBar,
+    mask_to_array,
     segment_call,
 )
 
@@ -225,22 +230,83 @@ def _follow(client, submitted, label: str, quiet: bool) -> None:
     print(f"{label}: {state.status} in {state.finished_at - state.created_at:.1f}s ({timings})")
 
 
+def read_mask(path: Path) -> np.ndarray:
+    """A mask drawn as an image: light pixels (grey level over 127, or opaque ones of an image
+    with alpha) are the region to repaint."""
+    if not path.is_file():
+        raise CliError(f"no such mask file: {path}", 2)
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA"):
+                return np.asarray(image.getchannel("A")) > 127
+            return np.asarray(image.convert("L")) > 127
+    except OSError as exc:
+        raise CliError(f"cannot read the mask {path}: {exc}", 2) from None
+
+
+def _part_source(client, session_id: str, args: argparse.Namespace) -> dict:
+    """With --part: the segmented character's parse, and that part of it."""
+    if not args.point and args.box is None:
+        raise CliError("--part needs the character: give --point or --box", 2)
+    points, labels = _prompt(args)
+    obj = client.create_object(session_id)
+    _segment(client, session_id, args, points, labels, object_id=obj.object_id)
+    parse = client.parse(session_id, object_id=obj.object_id)
+    parts = {part.name: part for part in parse.parts}
+    if args.part not in parts:
+        raise CliError(f"no part {args.part!r} in the parse (it has: "
+                       f"{', '.join(parts) or 'none'})")
+    part = parts[args.part]
+    if args.preset == "complete_occluded" and args.mask is None:
+        if part.hidden is None:
+            raise CliError(f"nothing hides part {args.part!r}: give --mask with the region to "
+                           "complete")
+        hidden = mask_to_array(part.hidden)
+        # Shown before it runs: the region the completion repaints (edit it, pass it as --mask).
+        print(f"hidden region of {args.part}: {int(hidden.sum())} px of {part.bbox[2]}x"
+              f"{part.bbox[3]}")
+        if args.region_out is not None:
+            _write(args.region_out, _png(hidden))
+    return {"kind": "part", "parse_id": parse.parse_id, "part": args.part}
+
+
+def _png(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     """Edit an image with text on a running server.
 
-    Uploads IMAGE and edits it (or, with --point/--box, the segmented object's cut-out) with a
-    preset and/or a prompt, showing progress; writes the result PNG.
+    Uploads IMAGE and edits it (or, with --point/--box, the segmented object's cut-out; adding
+    --part NAME, that part of the object's parse) with a preset and/or a prompt, showing progress;
+    writes the result PNG. complete_occluded on a part repaints what hid it (printed first, and
+    written with --region-out) unless --mask gives another region. --reference adds a garment or
+    reference image (a server with a multi-image model, e.g. Qwen-Image-Edit-2509).
     """
     def work() -> int:
         if not Path(args.image).is_file():
             raise CliError(f"no such image file: {args.image}", 2)
+        mask = read_mask(args.mask) if args.mask is not None else None
+        for reference in args.reference:
+            if not reference.is_file():
+                raise CliError(f"no such reference image: {reference}", 2)
         with Client(args.server, timeout=args.timeout, api_key=args.api_key) as client, \
-                _session(client, Path(args.image)) as info:
-            source = _optional_source(client, info.session_id, args)
+                _session(client, Path(args.image)) as info, contextlib.ExitStack() as uploads:
+            # Each reference is uploaded as a session of its own, named as an extra source.
+            extra = [{"kind": "session",
+                      "session_id": uploads.enter_context(_session(client, ref)).session_id}
+                     for ref in args.reference]
+            if args.part is not None:
+                source = _part_source(client, info.session_id, args)
+            else:
+                source = _optional_source(client, info.session_id, args)
             submitted = client.submit_edit(
                 info.session_id, prompt=args.prompt, preset=args.preset, source=source,
                 seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
-                true_cfg_scale=args.true_cfg_scale, width=args.width, height=args.height)
+                true_cfg_scale=args.true_cfg_scale, width=args.width, height=args.height,
+                mask=mask, extra_sources=extra)
             _follow(client, submitted, "edit", args.quiet)
             png = client.job_result(submitted.job_id)
         _write(args.output, png)
@@ -387,6 +453,17 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--true-cfg-scale", type=float)
     edit.add_argument("--width", type=int)
     edit.add_argument("--height", type=int)
+    edit.add_argument("--part", metavar="NAME",
+                      help="edit this part of the character's parse (an ATR label or a group: "
+                      "clothing, hair, body-skin); needs --point/--box")
+    edit.add_argument("--mask", type=Path, metavar="PNG",
+                      help="the region to repaint, white on black, sized like the edited image")
+    edit.add_argument("--reference", type=Path, action="append", default=[], metavar="IMAGE",
+                      help="a garment or reference image the edit uses besides IMAGE (at most "
+                      "2; the prompt names them, e.g. 'dress the character in the coat of "
+                      "image 2')")
+    edit.add_argument("--region-out", type=Path, metavar="PNG",
+                      help="with --part and complete_occluded: write the hidden region here")
     _add_job_arguments(edit)
 
     mesh = _add_command(sub, cmd_mesh, output="where to write the mesh (.glb, .obj, .ply or .stl)")

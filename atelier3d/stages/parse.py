@@ -91,6 +91,16 @@ class ParseResult:
         return self.pose.keypoints if self.pose is not None else []
 
 
+def hidden_region(part_rgba: np.ndarray, completed: np.ndarray | None) -> np.ndarray | None:
+    """What a part's completed version adds (what hair or arms hid of it), in the part's crop:
+    the region a ``complete_occluded`` edit of the part repaints unless given another. None when
+    nothing was completed."""
+    if completed is None or completed.shape[:2] != part_rgba.shape[:2]:
+        return None
+    hidden = (completed[..., 3] > 0) & (part_rgba[..., 3] == 0)
+    return hidden if hidden.any() else None
+
+
 # OpenPose's 18 body points, built from BlazePose's (neck = mid-shoulders), and its drawing
 # conventions (limb pairs and colours as ControlNet's openpose annotator), so pose maps can
 # condition OpenPose-trained generators.

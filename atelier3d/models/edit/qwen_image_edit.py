@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from atelier3d import rle
 from atelier3d.config import EditSettings, ModelsMode, Quantization, default_cache_dir
 from atelier3d.imaging import encode_png
 from atelier3d.models.edit.cache import step_cache
@@ -489,6 +490,8 @@ def run_edit(pipes: EditPipelines, request: EditRequest, reporter: Any) -> dict[
             "true_cfg_scale": kwargs["true_cfg_scale"], "width": image.width,
             "height": image.height, "pipeline": name, "preset": request.preset,
             "model": pipes.name, "cache": cache.kind if cache else None,
+            # the region repainted, as the replica got it (None: the whole image)
+            "mask": rle.encode(request.mask[None])[0] if request.mask is not None else None,
             "timings_ms": {k: round(v, 1) for k, v in timings.items()},
         },
     }

@@ -6,7 +6,12 @@ import numpy as np
 
 from atelier3d.api.edit import EditJobRequest
 from atelier3d.serve.jobs.service import JobService
-from atelier3d.serve.jobs.sources import SourceResolver, decode_mask, job_sources
+from atelier3d.serve.jobs.sources import (
+    SourceResolver,
+    decode_mask,
+    job_sources,
+    session_sources,
+)
 from atelier3d.serve.jobs.types import Job, streaming_kind
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
@@ -48,7 +53,10 @@ class EditService:
         session = await self.store.load(body.session_id)
 
         async def build() -> EditRequest:
-            await self.jobs.prefetch(session, job_sources([body.source, *body.extra_sources]))
+            sources = [body.source, *body.extra_sources]
+            await self.jobs.prefetch(session, job_sources(sources))
+            for other in session_sources(sources):  # held here for the resolver (Redis store)
+                await self.store.load(other)
             return self.request(body, session)
 
         return await self.jobs.submit("edit", build, body.model_dump(), session=session,

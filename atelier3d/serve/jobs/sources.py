@@ -11,6 +11,7 @@ from atelier3d.imaging import crop_with_margin, decode_png
 from atelier3d.serve.jobs.service import JobService
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session
+from atelier3d.stages.parse import hidden_region
 
 OBJECT_MARGIN = 0.1  # of the mask box's longer side: context around a cut-out
 
@@ -24,6 +25,8 @@ class SourceResolver:
         """The source's pixels: (H, W, 3) RGB, or (H, W, 4) RGBA for cut-outs."""
         if source.kind == "original":
             return session.image
+        if source.kind == "session":  # the store hides other clients' sessions (404)
+            return self.segmentation.store.get(source.session_id).image
         if source.kind == "object":
             mask = self.segmentation.source_mask(
                 session, MaskSource(object_id=source.object_id), "segment the object first")
@@ -50,10 +53,7 @@ class SourceResolver:
         if source.kind != "part":
             return None
         part, completed = self.part(session, source)
-        if completed is None or completed.shape[:2] != part.rgba.shape[:2]:
-            return None
-        hidden = (completed[..., 3] > 0) & (part.rgba[..., 3] == 0)
-        return hidden if hidden.any() else None
+        return hidden_region(part.rgba, completed)
 
     def part(self, session: Session, source: ImageSource):
         stored = session.parses.get(source.parse_id)
@@ -69,6 +69,11 @@ class SourceResolver:
 def job_sources(sources: list[ImageSource | None]) -> list[str]:
     """The job ids among ``sources`` (earlier edits used as inputs)."""
     return [s.job_id for s in sources if s is not None and s.kind == "job"]
+
+
+def session_sources(sources: list[ImageSource | None]) -> list[str]:
+    """The ids of other sessions among ``sources`` (their uploads used as references)."""
+    return [s.session_id for s in sources if s is not None and s.kind == "session"]
 
 
 def decode_mask(mask: RLE, shape: tuple[int, int]) -> np.ndarray:

@@ -31,7 +31,14 @@ from atelier3d.imaging import encode_png
 from atelier3d.serve.faults import call_idempotent
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import Session, StoredParse, new_id
-from atelier3d.stages.parse import LABELS, ParseResult, colorize, render_pose_map
+from atelier3d.stages.parse import (
+    LABELS,
+    ParseResult,
+    Part,
+    colorize,
+    hidden_region,
+    render_pose_map,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,6 +55,11 @@ def parse_url(session_id: str, parse_id: str, *rest: str) -> str:
 def _part_urls(session_id: str, parse_id: str, name: str) -> tuple[str, str]:
     base = parse_url(session_id, parse_id, "parts", quote(name, safe=""))
     return f"{base}.png", f"{base}/completed.png"
+
+
+def _hidden_rle(part: Part, completed: np.ndarray | None) -> RLE | None:
+    hidden = hidden_region(part.rgba, completed)
+    return None if hidden is None else RLE(**rle.encode(hidden[None])[0])
 
 
 def parts_zip(result: ParseResult) -> bytes:
@@ -141,6 +153,7 @@ class ParseService:
                 name=part.name, labels=[LABELS[i] for i in part.labels],
                 bbox=(x0, y0, x1 - x0, y1 - y0), url=url,
                 completed_url=completed_url if part.name in result.completed else None,
+                hidden=_hidden_rle(part, result.completed.get(part.name)),
             ))
         return ParseResponse(
             parse_id=parse_id,

@@ -16,13 +16,21 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 
+from atelier3d.api.common import ImageSource
 from atelier3d.api.edit import EditJobRequest
 from atelier3d.config import SIZE_MULTIPLE
 from atelier3d.errors import NotFound
-from atelier3d.imaging import decode_png
+from atelier3d.imaging import decode_png, encode_png
 from atelier3d.serve.edit.service import EditService
 from atelier3d.serve.ui.common import EVENTS, Restore, UiState, client_key, guarded
 from atelier3d.serve.ui.parse import ParseUi
+from atelier3d.serve.ui.region import (
+    REGION_HEX,
+    mask_rle,
+    painted_mask,
+    region_value,
+    result_note,
+)
 from atelier3d.serve.ui.studio import (
     Edit,
     EditUi,
@@ -84,6 +92,16 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                 source = gr.Dropdown(label="Source", choices=[], elem_id="edit-source")
                 preview = gr.Image(label="Source image", interactive=False, format="png",
                                    height=200, elem_id="edit-preview")
+                region = gr.ImageEditor(
+                    label="Region to repaint: paint it, or erase (none: the whole image)",
+                    type="numpy", image_mode="RGBA", format="png", sources=(), transforms=(),
+                    layers=False,
+                    brush=gr.Brush(colors=[REGION_HEX], color_mode="fixed"),
+                    eraser=gr.Eraser(), height=320, elem_id="edit-region")
+                reference = gr.Image(
+                    label="Reference image, optional: a garment to dress the character in (a "
+                    "server with a multi-image model)", type="numpy", image_mode="RGB",
+                    sources=("upload",), format="png", height=160, elem_id="edit-reference")
                 preset = gr.Dropdown([(preset_words(name), name) for name in PRESETS],
                                      value="full_body", label="Preset", elem_id="edit-preset")
                 preset_info = gr.Markdown(preset_text("full_body"), elem_id="edit-preset-text")
@@ -117,6 +135,19 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
     picker = Picker("edit", source)
     studio.link(picker, tab, preview)
     studio.link_cancel(cancel, studio.edit_state, "edit")
+
+    @guarded()
+    async def on_region(ui: UiState, key: str | None, preset_name: str) -> dict | None:
+        """The source under an empty layer; complete_occluded on a part starts with the region
+        the server would repaint (its hidden region), to be seen and changed before it runs."""
+        if ui.session_id is None or key is None:
+            return None
+        source = source_of(key)
+        image = await asyncio.to_thread(studio.image, ui, key)
+        hidden = None
+        if preset_name == "complete_occluded":
+            hidden = editing.resolver.hidden_region(editing.store.get(ui.session_id), source)
+        return region_value(image, hidden)
 
     async def result(edit: Edit) -> np.ndarray:
         return await asyncio.to_thread(decode_png, jobs.result(edit.job_id).data)
@@ -159,7 +190,7 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
             yield (failed, *[gr.skip()] * 4, cancel_button(False))
             return
         seconds = job.finished_at - job.started_at
-        note = f"**{edit.label}** · done in {seconds:.1f} s"
+        note = f"**{edit.label}** · done in {seconds:.1f} s" + result_note(job.result.meta)
         yield await view(ui, pui, eui, edit, note, source_key(edit.source))
 
     @guarded(lock=False)  # an edit takes a while: the tab's other events must not wait
@@ -167,6 +198,7 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                      prompt_text: str, negative_text: str, seed_value: float | None,
                      steps_value: float | None, cfg_value: float | None,
                      width_value: float | None, height_value: float | None,
+                     region_painted: dict | None, reference_image: np.ndarray | None,
                      request: gr.Request,
                      progress: gr.Progress = gr.Progress()  # noqa: B008
                      ) -> AsyncIterator[tuple]:
@@ -174,12 +206,19 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
             gr.Info("Upload an image in the Segment tab first.")
             yield gr.skip()
             return
+        shape = (await asyncio.to_thread(studio.image, ui, key)).shape[:2]
+        extra = []
+        if reference_image is not None:  # kept as an upload of its own, named as a source
+            data = await asyncio.to_thread(encode_png, reference_image)
+            upload = await editing.store.create(client_key(request), reference_image, data)
+            extra = [ImageSource(kind="session", session_id=upload.session_id)]
         body = EditJobRequest(
             session_id=ui.session_id, source=source_of(key), preset=preset_name,
             prompt=prompt_text or "", negative_prompt=(negative_text or "").strip() or None,
             seed=int(seed_value or 0), steps=optional(steps_value),
             true_cfg_scale=optional(cfg_value), width=optional(width_value),
-            height=optional(height_value),
+            height=optional(height_value), mask=mask_rle(painted_mask(region_painted, shape)),
+            extra_sources=extra,
         )
         source_label = await studio.label(ui, pui, eui, key)
         job = await editing.submit(body, client=client_key(request))
@@ -226,7 +265,10 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
     outputs = [status, compare, history, source, to_3d, cancel]
     events = {**EVENTS, "show_progress_on": [compare]}
     preset.change(preset_text, [preset], [preset_info], **EVENTS, show_progress="hidden")
+    for changed in (source, preset):
+        changed.change(on_region, [studio.state, source, preset], [region], **EVENTS,
+                       show_progress="hidden")
     run.click(on_run, [*studio.states, source, preset, prompt, negative, seed, steps, cfg, width,
-                       height], outputs, **events)
+                       height, region, reference], outputs, **events)
     history.select(on_history, studio.states, outputs, **events)
     return EditTab(picker, to_3d, Restore(on_restore, studio.states, outputs))
