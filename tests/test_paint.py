@@ -73,6 +73,9 @@ def test_shape3d_paints_and_its_glb_equals_the_paint_pipeline_called_directly(ti
     result = events[-1]
     assert result["type"] == "result" and result["meta"]["texture"] == "paint"
     assert "texture_note" not in result["meta"]
+    # painting reports its phases (delight + unwrap, renders, multiview, bake, inpaint)
+    phases = [(e["step"], e["total"]) for e in events if e.get("stage") == "texture"]
+    assert phases == [(i, paint.PAINT_PHASES) for i in range(1, paint.PAINT_PHASES + 1)]
 
     shape = _only_mesh(shape_event["data"])
     x0, y0, x1, y1 = alpha_box(image)
