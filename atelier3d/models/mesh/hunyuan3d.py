@@ -537,8 +537,11 @@ class _Stages:
             now = perf_counter()
             self.timings_ms[stage] += (now - self._since) * 1000
             self._since = now
-        named = (part + 1, self.parts) if self.parts > 1 else (None, None)
-        self.reporter.report(stage, part * steps + step, self.parts * steps, *named)
+        done, total = part * steps + step, self.parts * steps
+        if self.parts > 1:
+            self.reporter.report(stage, done, total, part + 1, self.parts)
+        else:
+            self.reporter.report(stage, done, total)
 
     def done(self, stage: str, part: int) -> None:
         self.step(stage, part, 1, 1)
