@@ -549,11 +549,11 @@ class _Stages:
     def denoised(self, part: int, step: int) -> None:
         self.step("denoise", part, step, self.steps)
 
-    def decoding(self, part: int, chunks: int | None) -> Callable[[int], None]:
-        """``decode_volume``'s ``before_chunk``: a cancel check before each batch of query
-        points, and ``VOLUME_STEPS`` reports spread over the ``chunks`` batches (where the
-        decoder's count is unknown, a step per batch up to the last but one; the stage's last
-        step is reported when the volume is decoded)."""
+    def decoding(self, part: int, chunks: int | None) -> tuple[Callable[[int], None], int]:
+        """``decode_volume``'s ``before_chunk`` and the stage's steps: a cancel check before
+        each batch of query points, and up to ``VOLUME_STEPS`` reports spread over the
+        ``chunks`` batches (where the decoder's count is unknown, a step per batch up to the
+        last but one). The caller reports the last step when the volume is decoded."""
         steps = min(VOLUME_STEPS, chunks) if chunks else VOLUME_STEPS
 
         def before_chunk(index: int) -> None:
@@ -565,8 +565,7 @@ class _Stages:
             elif 0 < index < steps:
                 self.step("volume_decode", part, index, steps)
 
-        self.volume_steps = steps
-        return before_chunk
+        return before_chunk, steps
 
 
 def _surface(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stages,
@@ -575,10 +574,11 @@ def _surface(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _St
     latents = diffuse(pipeline, rgba, params.seed, params.steps, params.guidance_scale,
                       on_conditioned=lambda: stages.done("conditioning", part),
                       on_step=lambda step: stages.denoised(part, step))
-    chunks = volume_chunks(pipeline, params.octree_resolution, params.num_chunks)
+    before_chunk, volume_steps = stages.decoding(
+        part, volume_chunks(pipeline, params.octree_resolution, params.num_chunks))
     grid = decode_volume(pipeline, latents, params.octree_resolution, params.num_chunks,
-                         params.mc_level, before_chunk=stages.decoding(part, chunks))
-    stages.step("volume_decode", part, stages.volume_steps, stages.volume_steps)
+                         params.mc_level, before_chunk=before_chunk)
+    stages.step("volume_decode", part, volume_steps, volume_steps)
     mesh = extract_surface(
         pipeline, grid, params.octree_resolution, params.mc_level,
         on_step=lambda step: stages.step("mesh_extraction", part, step, SURFACE_STEPS))
