@@ -258,7 +258,8 @@ def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
                        faces, texture], outputs, **EVENTS, show_progress_on=[stage_times],
               preprocess=False)  # the upload undecoded (see uploaded_file); the rest as sent
     upload.upload(on_upload, [*studio.states, upload], [source], **EVENTS, preprocess=False)
-    return MeshTab(picker, running, Restore(on_restore, [studio.state, running], outputs))
+    return MeshTab(picker, running, Restore(on_restore, [studio.state, running], outputs,
+                                            progress_on=[stage_times]))
 
 
 def source_stem(label: str) -> str:
