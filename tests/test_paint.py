@@ -138,6 +138,7 @@ def main(cache_dir: str, out_dir: str) -> None:
         runner.stop()
 
 
+@pytest.mark.cluster  # a Ray of its own, in a subprocess
 def test_served_painted_glb_equals_the_paint_pipeline_called_directly(tiny_dir, tiny_paint,
                                                                        tmp_path):
     """``texture: paint`` served: Shape3D's ``/readyz`` says it paints, the job's events end
