@@ -47,7 +47,8 @@ class Clock:
     def __init__(self) -> None:
         self.start, self.shape_at = time.perf_counter(), 0.0
 
-    def report(self, stage: str, step: int, total: int) -> None: ...
+    def report(self, stage: str, step: int, total: int, part: int | None = None,
+               parts: int | None = None) -> None: ...
 
     def artifact(self, name: str, media_type: str, data: bytes, meta: dict | None = None) -> None:
         self.shape_at = time.perf_counter() - self.start

@@ -7,12 +7,15 @@ functions, in this process; the served jobs with real models are in test_edit_ap
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
 import ray.exceptions
 
 from atelier3d.config import JobKindSettings, JobSettings
+from atelier3d.deployments.streaming import stream_blocking
 from atelier3d.errors import Conflict, NotFound, Unavailable
 from atelier3d.serve.jobs import routes as api_jobs
 from atelier3d.serve.jobs.service import JobService
@@ -196,3 +199,57 @@ async def test_a_session_does_not_expire_under_its_waiting_job():
     await asyncio.sleep(0.5)
     with pytest.raises(NotFound):
         store.get(session.session_id)
+
+
+def layered_mesh_work(request: dict, reporter) -> dict:
+    """A two-part 'mesh' as the mesh model reports one: per part a quick denoise (2 steps),
+    then a volume decode reported from inside (4 steps) that takes most of the time; then a
+    one-step texture per part. Steps count on over the parts, each report names its part."""
+    for part in range(2):
+        for step in (1, 2):
+            time.sleep(0.005)
+            reporter.report("denoise", part * 2 + step, 4, part + 1, 2)
+        for step in range(1, 5):
+            time.sleep(0.1)
+            reporter.report("volume_decode", part * 4 + step, 8, part + 1, 2)
+    for part in range(2):
+        time.sleep(0.02)
+        reporter.report("texture", part + 1, 2, part + 1, 2)
+    return {"media_type": "text/plain", "data": request["name"].encode(), "meta": {}}
+
+
+async def test_progress_rises_with_inner_steps_and_follows_measured_stage_times():
+    """The stated shares are wrong on purpose (denoise 90%): the first job's bar follows them,
+    the next one's follows the stage times measured on the first (the volume decode is most of
+    the time, so most of the bar), and every inner step of every stage moves it on."""
+    store = MemorySessionStore(ttl_s=60, max_sessions=10, max_per_client=10)
+    jobs = JobService(JobSettings(max_jobs_per_session=4), store)
+    lock = threading.Lock()
+    kind = JobKind("edit", JobKindSettings(max_running=1, max_queued=4),
+                   lambda request: stream_blocking(
+                       lambda reporter: layered_mesh_work(request, reporter), lock),
+                   {"denoise": 0.9, "volume_decode": 0.05, "texture": 0.05})
+    jobs.register(kind)
+
+    def bar(job) -> list[tuple[str, int, float]]:
+        return [(e["stage"], e["step"], e["progress"]) for e in job.events
+                if e["type"] == "progress"]
+
+    first = await jobs.wait((await submit(jobs, store, "first")).job_id)
+    assert first.status == "succeeded"
+    # stated shares: the bar is at 45% once the first part's (quick) denoising is done
+    assert next(p for s, step, p in bar(first) if (s, step) == ("denoise", 2)) >= 0.44
+    # measured: 8 x 100 ms against 4 x 5 ms and 2 x 20 ms (more on a loaded machine)
+    assert kind.weights()["volume_decode"] > 0.5
+
+    second = await jobs.wait((await submit(jobs, store, "second")).job_id)
+    steps = bar(second)
+    progress = [p for _, _, p in steps]
+    # every inner step moves the bar on, never back; the volume decode fills most of it
+    assert all(b > a for a, b in zip(progress, progress[1:], strict=False)), steps
+    after_denoise = next(p for s, step, p in steps if (s, step) == ("denoise", 2))
+    assert after_denoise < 0.2, steps
+    events = [e for e in second.events if e["type"] == "progress"]
+    assert [(e["part"], e["parts"]) for e in events if e["stage"] == "volume_decode"] == \
+        [(1, 2)] * 4 + [(2, 2)] * 4
+    assert second.events[-1]["progress"] == 1.0

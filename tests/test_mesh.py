@@ -88,11 +88,17 @@ def test_deployment_matches_hy3dgen_called_directly(loop, shape3d):
     events = run(loop, shape3d, image=IMAGE, seed=7, target_face_count=FACES, **FAST)
 
     stages = [(e["stage"], e["step"], e["total"]) for e in events if e["type"] == "progress"]
+    # inside the long stages too: the volume decoder's 35 batches of 8000 query points (65^3
+    # at octree 64) as 20 steps, marching cubes and the export, the clean-up's three steps
+    volume = min(H.VOLUME_STEPS, -(-(OCTREE + 1) ** 3 // MeshSettings().num_chunks))
+    assert volume == 20
     assert stages == [("conditioning", 1, 1), *[("denoise", i, STEPS) for i in (1, 2, 3)],
-                      ("volume_decode", 1, 1), ("mesh_extraction", 1, 1), ("postprocess", 1, 1),
-                      ("texture", 1, 1)]
+                      *[("volume_decode", i, volume) for i in range(1, volume + 1)],
+                      ("mesh_extraction", 1, 2), ("mesh_extraction", 2, 2),
+                      *[("postprocess", i, 3) for i in (1, 2, 3)], ("texture", 1, 1)]
     kinds = [e["type"] if e["type"] != "artifact" else e["name"] for e in events]
-    assert kinds.index("shape") == kinds.index("progress", 6) + 1  # right after postprocess
+    last_postprocess = max(i for i, e in enumerate(events) if e.get("stage") == "postprocess")
+    assert kinds.index("shape") == last_postprocess + 1  # right after the clean-up
     assert kinds[-1] == "result" and kinds.count("shape") == 1
     shape_event, result = events[kinds.index("shape")], events[-1]
     assert shape_event["media_type"] == result["media_type"] == GLB
@@ -232,6 +238,11 @@ def test_layered_asset_has_a_node_per_part_in_one_frame(loop, shape3d):
     stages = [(e["stage"], e["step"], e["total"]) for e in events if e["type"] == "progress"]
     assert ("conditioning", 2, 2) in stages and ("denoise", 2 * STEPS, 2 * STEPS) in stages
     assert stages[-2:] == [("texture", 1, 2), ("texture", 2, 2)]
+    # each report names its part ("part 2/2"); a stage's steps count on over the parts
+    progress = [e for e in events if e["type"] == "progress"]
+    assert all(e["parts"] == 2 for e in progress)
+    volume = [(e["part"], e["step"]) for e in progress if e["stage"] == "volume_decode"]
+    assert volume == [(1 + (i > H.VOLUME_STEPS), i) for i in range(1, 2 * H.VOLUME_STEPS + 1)]
 
     scene = load_glb(events[-1]["data"])
     assert set(scene.graph.nodes_geometry) == {"body", "hat"}
@@ -278,6 +289,9 @@ def test_server_limits_and_info(loop, shape3d):
     info = shape3d.info()
     assert info.model_type == f"{H.TINY_DIR}+texture=project"
     assert info.weights == "untrained" and len(info.checkpoint_sha256) == 64
+    # texture: auto on the CPU projects, and /readyz's info says so and why
+    assert info.note.startswith("colours are projected from the input view, not painted")
+    assert "CUDA" in info.note
     assert alpha_box(IMAGE) == (30, 20, 100, 140)
 
 
@@ -306,12 +320,22 @@ def test_flashvdm_decoding_on_the_tiny_model(tiny):
     model = H.load_shape_pipeline(settings, "real")
     assert isinstance(model.pipeline.vae.volume_decoder, FlashVDMVolumeDecoding)
 
-    class Silent:
-        def report(self, *args): ...
+    class Recorder:
+        reports: list[tuple[str, int, int]] = []
+
+        def report(self, stage, step, total, part=None, parts=None):
+            self.reports.append((stage, step, total))
+
         def artifact(self, *args): ...
         def check_cancelled(self): ...
 
     # 128: decoded at 63, then refined near the surface at 126
+    recorder = Recorder()
     out = H.generate(model, MeshRequest.build(image=IMAGE, steps=STEPS, octree_resolution=128),
-                     Silent(), settings)
+                     recorder, settings)
     assert out["meta"]["faces"] > 0 and out["meta"]["texture"] == "none"
+    # FlashVDM's batches are not known beforehand: a step per batch, the last at the end
+    volume = [(step, total) for stage, step, total in recorder.reports
+              if stage == "volume_decode"]
+    steps = [step for step, _ in volume]
+    assert len(volume) >= 2 and steps == sorted(set(steps)) and volume[-1][0] == volume[-1][1]

@@ -596,13 +596,19 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
 
 
 def model_urls(page: Page) -> None:
-    """Records every model the 3D viewer was given, in ``window.models``."""
+    """Records every model the 3D viewer was given, in ``window.models``, and in
+    ``window.modelsCovered`` whether a progress overlay lay over the viewer when it got it (the
+    job still runs when it gets the untextured shape: an overlay there would hide it)."""
     page.evaluate("""() => {
         const seen = window.models = [];
+        const covered = window.modelsCovered = [];
         new MutationObserver(() => {
             const link = document.querySelector('#mesh-viewer [data-testid=model3d-download-link]');
             const href = link?.getAttribute('href');
-            if (href && seen[seen.length - 1] !== href) seen.push(href);
+            if (href && seen[seen.length - 1] !== href) {
+                seen.push(href);
+                covered.push(!!document.querySelector('#mesh-viewer [role=progressbar]'));
+            }
         }).observe(document.body, {subtree: true, childList: true, attributes: true});
     }""")
 
@@ -638,13 +644,25 @@ def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
     page.locator("#mesh-parameters").click()
     set_number(page, "mesh-steps", MESH_STEPS)  # the tiny random Hunyuan3D
     set_number(page, "mesh-octree", 64)
+    # The bar shows where the stage times will be, clear of the viewer.
+    record_progress(page, "mesh-timings")
     record_progress(page, "mesh-viewer")
     model_urls(page)
     page.locator("#mesh-run").click()
     wait_text(page, "#mesh-status", r"3D asset of Object 1 cut-out · done in")
-    assert_real_progress(progress_texts(page, "mesh-viewer"), MESH_STAGES, MESH_STEPS, least=4)
-    # The untextured shape showed first, then the finished asset.
+    # texture: auto on the CPU: the tab says the colours are projected, not painted, and why
+    expect(page.locator("#mesh-status")).to_contain_text(
+        "Colours are projected from the picture (the back mirrors the front), not painted by "
+        "Hunyuan3D-Paint: this server's mesh model runs on the CPU")
+    texts = progress_texts(page, "mesh-timings")
+    assert_real_progress(texts, MESH_STAGES, MESH_STEPS, least=4)
+    # The volume decode reports from inside (20 steps); the bar shows several of them.
+    assert len({t for t in texts if re.match(r"Decoding the volume \d+/20", t)}) >= 2, texts
+    # The untextured shape showed first, then the finished asset; nothing lay over the viewer
+    # while the job ran, so the shape was there to see before the coloured one.
     models = page.evaluate("window.models")
+    assert page.evaluate("window.modelsCovered") == [False] * len(models)
+    assert progress_texts(page, "mesh-viewer") == []
     # Named after the image and the source (the upload was character.png).
     assert models[0].endswith("character-object1.shape.glb"), models
     assert models[-1].endswith("character-object1.glb"), models
@@ -678,17 +696,17 @@ def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
     # a new job clears the last one's downloads and times.
     expect(page.locator("#mesh-cancel")).to_be_disabled()
     set_number(page, "mesh-steps", 150)
-    record_progress(page, "mesh-viewer")
+    record_progress(page, "mesh-timings")
     page.locator("#mesh-run").click()
     expect(page.locator("#mesh-download a[download]")).to_have_count(0)
     expect(page.locator("#mesh-timings")).not_to_contain_text("Total")
     wait_text(page, "#mesh-status", "Making a 3D asset of Object 1 cut-out")
-    page.wait_for_function("() => window.progress['mesh-viewer'].some("
+    page.wait_for_function("() => window.progress['mesh-timings'].some("
                            "t => t.startsWith('Denoising'))", timeout=TIMEOUT_MS)
     page.locator("#mesh-cancel").click()
     wait_text(page, "#mesh-status", "The 3D job was cancelled")
     expect(page.locator("#mesh-cancel")).to_be_disabled()
-    steps = [int(m.group(1)) for t in progress_texts(page, "mesh-viewer")
+    steps = [int(m.group(1)) for t in progress_texts(page, "mesh-timings")
              if (m := re.match(r"Denoising (\d+)/150", t))]
     # The status above says it was cancelled before the end: during denoising, or at the
     # volume decode where the tiny model's 150 steps outran the click.
@@ -712,8 +730,12 @@ def test_3d_tab_layered_asset_from_the_parse_and_an_uploaded_cutout(page: Page,
     layered = page.locator("#mesh-layered input")
     until_kept(layered.check, layered.is_checked, "the layered box")
     model_urls(page)
+    record_progress(page, "mesh-timings")
     page.locator("#mesh-run").click()
     wait_text(page, "#mesh-status", r"3D asset of \d+ parts, layered · done in")
+    # The bar says which part runs: "Denoising 4/6 · part 2/2".
+    texts = progress_texts(page, "mesh-timings")
+    assert any(re.search(r" · part [2-9]\d*/\d+", t) for t in texts), texts
     scene = check_glb(page.request.get(page.evaluate("window.models")[-1]).body())
     nodes = set(scene.graph.nodes_geometry)
     garments = {LABELS[i] for i in GARMENT_LABELS}

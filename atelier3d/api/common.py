@@ -80,6 +80,9 @@ class ModelInfo(ApiModel):
     model_type: str
     weights: Literal["trained", "untrained"]
     checkpoint_sha256: str
+    note: str | None = Field(None, description="where the model does less than its config "
+                             "could mean, what and why (Shape3D under texture: auto projecting "
+                             "colours instead of painting them)")
 
 
 class ReadyInfo(ApiModel):

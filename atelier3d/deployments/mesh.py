@@ -1,10 +1,11 @@
 """Shape3D: image-to-3D with Hunyuan3D-2 (hy3dgen), streamed as progress events.
 
 ``generate`` yields the events of ``atelier3d.deployments.streaming``: progress per stage
-(``conditioning``, ``denoise`` per step, ``volume_decode``, ``mesh_extraction``, ``postprocess``,
-``texture``), the untextured mesh as the ``shape`` artifact (GLB), then the textured GLB as the
-result. hy3dgen keeps per-call state on the pipeline object (the scheduler's timesteps and step
-index): calls on one replica are serialised by a lock, a cancelled one stops at its next step.
+(``conditioning``, ``denoise`` per step, ``volume_decode``, ``mesh_extraction``, ``postprocess``
+and ``texture`` in steps from inside each), the untextured mesh as the ``shape`` artifact
+(GLB), then the textured GLB as the result. hy3dgen keeps per-call state on the pipeline
+object (the scheduler's timesteps and step index): calls on one replica are serialised by a
+lock, a cancelled one stops at its next step.
 
 ``shape`` is a job's accelerator half only (``mesh.stages: split``): its events up to
 ``mesh_extraction``, then a result whose ``surfaces`` is a reference to the raw surfaces in the
@@ -43,7 +44,8 @@ class Shape3D(JobModel):
                 f"FlashVDM {'on' if model.flashvdm else 'off'}, texture {model.texture}{note}")
 
     def info(self) -> ModelInfo:
-        """``model_type`` names the shape model, FlashVDM and the texturing that actually runs."""
+        """``model_type`` names the shape model, FlashVDM and the texturing that actually runs;
+        ``note`` says why it projects where ``texture: auto`` would have painted."""
         flags = "+flashvdm" if self.model.flashvdm else ""
         digest = hashlib.sha256(self.model.weights_sha256().encode())
         digest.update(self.model.texture.encode())
@@ -51,6 +53,8 @@ class Shape3D(JobModel):
             model_type=f"{self.model.name}{flags}+texture={self.model.texture}",
             weights=weights_label(self.model.trained),
             checkpoint_sha256=digest.hexdigest(),
+            note=(f"colours are projected from the input view, not painted: "
+                  f"{self.model.texture_note}" if self.model.texture_note else None),
         )
 
     async def generate(self, request: MeshRequest) -> AsyncIterator[dict]:

@@ -5,7 +5,8 @@ runs it in a worker thread and streams what the callback reports as plain dicts 
 them with ``handle.options(stream=True)``):
 
 - ``{"type": "progress", "stage": str, "step": int, "total": int}``: step ``step`` of ``total`` of
-  ``stage`` is done (stages such as ``conditioning``, ``denoise``, ``decode``);
+  ``stage`` is done (stages such as ``conditioning``, ``denoise``, ``decode``); with ``"part"``
+  and ``"parts"`` where the job makes several things (the parts of a layered mesh);
 - ``{"type": "artifact", "name": str, "media_type": str, "data": bytes, "meta": dict}``: an
   intermediate result worth sending at once (the untextured mesh before the textured one);
 - ``{"type": "result", "media_type": str, "data": bytes, "meta": dict}``: the last event.
@@ -52,9 +53,13 @@ class ProgressReporter:
         if self._cancelled.is_set():
             raise JobCancelled()
 
-    def report(self, stage: str, step: int, total: int) -> None:
+    def report(self, stage: str, step: int, total: int, part: int | None = None,
+               parts: int | None = None) -> None:
         self.check_cancelled()
-        self._put({"type": "progress", "stage": stage, "step": step, "total": total})
+        event = {"type": "progress", "stage": stage, "step": step, "total": total}
+        if parts is not None:
+            event.update(part=part, parts=parts)
+        self._put(event)
 
     def artifact(self, name: str, media_type: str, data: bytes, meta: dict | None = None) -> None:
         self.check_cancelled()

@@ -155,16 +155,26 @@ def remove_unreferenced_vertices(vertices: np.ndarray,
     return vertices[used], index[faces]
 
 
-def clean_up(mesh: trimesh.Trimesh, max_faces: int,
-             decimate: Decimator = decimate_quadric) -> trimesh.Trimesh:
-    """Floaters removed, degenerate faces removed, reduced to ``max_faces`` when above it."""
+CLEANUP_STEPS = 3  # floaters and degenerate faces, decimation, the repair after it
+
+
+def clean_up(mesh: trimesh.Trimesh, max_faces: int, decimate: Decimator = decimate_quadric,
+             on_step: Callable[[int, int], None] = lambda step, steps: None) -> trimesh.Trimesh:
+    """Floaters removed, degenerate faces removed, reduced to ``max_faces`` when above it.
+    ``on_step(i, CLEANUP_STEPS)`` after each step (the last two also when no decimation was
+    needed, so every mesh reports the same steps)."""
     vertices = np.asarray(mesh.vertices, np.float64)
     faces = np.asarray(mesh.faces, np.int64)
     faces = remove_degenerate_faces(vertices, remove_floaters(vertices, faces))
     vertices, faces = remove_unreferenced_vertices(vertices, faces)
-    if len(faces) > max_faces:
+    on_step(1, CLEANUP_STEPS)
+    decimated = len(faces) > max_faces
+    if decimated:
         vertices, faces = decimate(vertices, faces, max_faces)
+    on_step(2, CLEANUP_STEPS)
+    if decimated:
         faces = remove_folded_pairs(remove_degenerate_faces(vertices, faces))
         faces = remove_folded_tetrahedra(faces)
         vertices, faces = remove_unreferenced_vertices(vertices, faces)
+    on_step(3, CLEANUP_STEPS)
     return trimesh.Trimesh(vertices, faces, process=False)

@@ -108,7 +108,8 @@ def peak_gib(device: str) -> float | None:
 
 
 class Silent:
-    def report(self, stage: str, step: int, total: int) -> None: ...
+    def report(self, stage: str, step: int, total: int, part: int | None = None,
+               parts: int | None = None) -> None: ...
 
     def artifact(self, name: str, media_type: str, data: bytes, meta: dict | None = None) -> None:
         ...

@@ -24,6 +24,7 @@ puts the azimuth-0 camera there), x to the right, and the mesh's x/y extent is t
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ CKPT_NAME = "model.fp16.safetensors"  # what from_pretrained reads (safetensors,
 RANDOM_INIT_KEY = "atelier3d_random_init"
 BOX_V = 1.01  # the pipeline's default bounds of the decoded volume
 STAGES = ("conditioning", "denoise", "volume_decode", "mesh_extraction", "postprocess", "texture")
+# Steps reported inside a long stage: the volume decoder's batches of query points come in
+# thousands at octree 384; the bar needs a few dozen.
+VOLUME_STEPS = 20
+SURFACE_STEPS = 2  # marching cubes, then hy3dgen's export to trimesh
 
 # Tiny profile (docs/architecture.md): every part built by hy3dgen's own
 # instantiate_from_config; the DINOv2 config is inline, so nothing is downloaded. num_freqs=0
@@ -88,7 +93,8 @@ _LOAD_ERRORS = (OSError, RuntimeError, ValueError)  # hub/offline errors are OSE
 class Reporter(Protocol):
     """What :func:`generate` reports to (``streaming.ProgressReporter`` in the deployment)."""
 
-    def report(self, stage: str, step: int, total: int) -> None: ...
+    def report(self, stage: str, step: int, total: int, part: int | None = None,
+               parts: int | None = None) -> None: ...
 
     def artifact(self, name: str, media_type: str, data: bytes,
                  meta: dict | None = None) -> None: ...
@@ -198,8 +204,9 @@ def paint_unavailable(device: str) -> str | None:
     Hunyuan3D-Paint runs on any device (``models/mesh/paint.py``, hy3dgen's pipeline with a torch
     rasterizer where the compiled one is missing); ``auto`` paints on CUDA."""
     if device != "cuda":
-        return ("Hunyuan3D-Paint paints on CUDA under texture: auto; on the CPU its multiview "
-                "diffusion takes minutes even with tiny weights (texture: paint forces it)")
+        return ("this server's mesh model runs on the CPU, and texture: auto paints on CUDA only "
+                "(Hunyuan3D-Paint's multiview diffusion is slow on a CPU; texture: paint "
+                "paints there all the same)")
     return None
 
 
@@ -328,14 +335,28 @@ def diffuse(pipeline: Any, rgba: np.ndarray, seed: int, steps: int, guidance_sca
         hook.remove()
 
 
+def volume_chunks(pipeline: Any, octree_resolution: int, num_chunks: int) -> int | None:
+    """How many batches of query points the volume decoder runs: known for hy3dgen's dense
+    decoder, which queries every point of the (octree + 1)^3 grid; ``None`` for the
+    hierarchical ones (FlashVDM), whose later levels query only near the surface."""
+    from hy3dgen.shapegen.models.autoencoders.volume_decoders import VanillaVolumeDecoder
+
+    if not isinstance(pipeline.vae.volume_decoder, VanillaVolumeDecoder):
+        return None
+    return -(-(octree_resolution + 1) ** 3 // num_chunks)
+
+
 def decode_volume(pipeline: Any, latents: torch.Tensor, octree_resolution: int, num_chunks: int,
-                  mc_level: float, before_chunk: Callable[[], None] = lambda: None) -> torch.Tensor:
+                  mc_level: float, before_chunk: Callable[[int], None] = lambda index: None
+                  ) -> torch.Tensor:
     """The VAE and its volume decoder, as ``_export`` and ``latents2mesh`` chain them.
-    ``before_chunk()`` runs before each batch of query points (a chance to stop)."""
+    ``before_chunk(i)`` runs before the ``i``-th batch of query points (from 0): a chance to
+    report and to stop."""
     import torch
 
     vae = pipeline.vae
-    hook = vae.geo_decoder.register_forward_pre_hook(lambda *_: before_chunk())
+    calls = itertools.count()
+    hook = vae.geo_decoder.register_forward_pre_hook(lambda *_: before_chunk(next(calls)))
     try:
         with torch.inference_mode():
             decoded = vae(1.0 / vae.scale_factor * latents)
@@ -347,8 +368,10 @@ def decode_volume(pipeline: Any, latents: torch.Tensor, octree_resolution: int, 
 
 
 def extract_surface(pipeline: Any, grid: torch.Tensor, octree_resolution: int,
-                    mc_level: float) -> trimesh.Trimesh:
-    """Marching cubes on the decoded volume, then hy3dgen's export to trimesh."""
+                    mc_level: float, on_step: Callable[[int], None] = lambda step: None
+                    ) -> trimesh.Trimesh:
+    """Marching cubes on the decoded volume, then hy3dgen's export to trimesh; ``on_step(i)``
+    after each of the two (``SURFACE_STEPS``)."""
     import torch
     from hy3dgen.shapegen.pipelines import export_to_trimesh
 
@@ -359,25 +382,31 @@ def extract_surface(pipeline: Any, grid: torch.Tensor, octree_resolution: int,
                             f"the iso-level is {mc_level}; try another seed or image")
     outputs = pipeline.vae.surface_extractor(grid, bounds=BOX_V, mc_level=mc_level,
                                              octree_resolution=octree_resolution)
+    on_step(1)
     mesh = export_to_trimesh(outputs)[0]
     if mesh is None or len(mesh.faces) == 0:
         raise Unprocessable("marching cubes found no surface; try another seed or image")
+    on_step(2)
     return mesh
 
 
-def postprocess(mesh: trimesh.Trimesh, max_faces: int,
-                method: PostprocessMethod) -> trimesh.Trimesh:
+def postprocess(mesh: trimesh.Trimesh, max_faces: int, method: PostprocessMethod,
+                on_step: Callable[[int, int], None] = lambda step, steps: None
+                ) -> trimesh.Trimesh:
     """Floaters and degenerate faces removed, reduced to ``max_faces``: by
     ``atelier3d.optimizations.mesh_cleanup`` (``fast``) or by hy3dgen's pymeshlab filters
-    (``pymeshlab``, the reference; ``benchmarks/mesh_postprocess.py`` compares the two)."""
+    (``pymeshlab``, the reference; ``benchmarks/mesh_postprocess.py`` compares the two).
+    ``on_step(i, n)`` after each of its ``n`` steps."""
     if method == "pymeshlab":
-        return postprocess_pymeshlab(mesh, max_faces)
+        return postprocess_pymeshlab(mesh, max_faces, on_step)
     from atelier3d.optimizations.mesh_cleanup import clean_up
 
-    return clean_up(mesh, max_faces)
+    return clean_up(mesh, max_faces, on_step=on_step)
 
 
-def postprocess_pymeshlab(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+def postprocess_pymeshlab(mesh: trimesh.Trimesh, max_faces: int,
+                          on_step: Callable[[int, int], None] = lambda step, steps: None
+                          ) -> trimesh.Trimesh:
     """hy3dgen's FloaterRemover, DegenerateFaceRemover and FaceReducer, as its API server chains
     them, without their temporary files: those classes convert through ``.ply`` files they never
     delete. Here the same pymeshlab filters (hy3dgen's ``remove_floater`` and ``reduce_face``) run
@@ -396,7 +425,11 @@ def postprocess_pymeshlab(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trim
     def back(ms: pymeshlab.MeshSet) -> trimesh.Trimesh:
         return trimesh.Trimesh(ms.current_mesh().vertex_matrix(), ms.current_mesh().face_matrix())
 
-    return back(reduce_face(meshset(back(remove_floater(meshset(mesh)))), max_faces))
+    cleaned = back(remove_floater(meshset(mesh)))
+    on_step(1, 2)
+    reduced = back(reduce_face(meshset(cleaned), max_faces))
+    on_step(2, 2)
+    return reduced
 
 
 # ---- colours, frames, GLB -----------------------------------------------------------------------
@@ -482,9 +515,11 @@ def resolve_params(request: MeshRequest, settings: MeshSettings) -> Params:
 
 
 class _Stages:
-    """Reports each stage's progress over all parts (step k of n parts; denoise counts steps over
-    all parts) and adds up each stage's time. On CUDA the clock waits for the GPU at each stage's
-    end, so queued kernels count for the stage that queued them."""
+    """Reports each stage's progress over all parts and adds up each stage's time. A stage of
+    ``n`` steps on part ``k`` of ``parts`` reports step ``k * n + i`` of ``parts * n`` (so the
+    fraction of the stage over the whole asset), naming the part where there are several. On
+    CUDA the clock waits for the GPU at each stage's end, so queued kernels count for the stage
+    that queued them."""
 
     def __init__(self, reporter: Reporter, parts: int, steps: int, device: str) -> None:
         import torch
@@ -494,20 +529,43 @@ class _Stages:
         self.timings_ms = dict.fromkeys(STAGES, 0.0)
         self._since = perf_counter()
 
-    def done(self, stage: str, part: int) -> None:
-        self.sync()
-        now = perf_counter()
-        self.timings_ms[stage] += (now - self._since) * 1000
-        self._since = now
-        self.reporter.report(stage, part + 1, self.parts)
-
-    def denoised(self, part: int, step: int) -> None:
-        if step == self.steps:  # the stage's time is its last step's report
+    def step(self, stage: str, part: int, step: int, steps: int) -> None:
+        """Step ``step`` (from 1) of the ``steps`` of ``stage`` on ``part`` is done; the stage's
+        time is counted at its last step."""
+        if step == steps:
             self.sync()
             now = perf_counter()
-            self.timings_ms["denoise"] += (now - self._since) * 1000
+            self.timings_ms[stage] += (now - self._since) * 1000
             self._since = now
-        self.reporter.report("denoise", part * self.steps + step, self.parts * self.steps)
+        done, total = part * steps + step, self.parts * steps
+        if self.parts > 1:
+            self.reporter.report(stage, done, total, part + 1, self.parts)
+        else:
+            self.reporter.report(stage, done, total)
+
+    def done(self, stage: str, part: int) -> None:
+        self.step(stage, part, 1, 1)
+
+    def denoised(self, part: int, step: int) -> None:
+        self.step("denoise", part, step, self.steps)
+
+    def decoding(self, part: int, chunks: int | None) -> tuple[Callable[[int], None], int]:
+        """``decode_volume``'s ``before_chunk`` and the stage's steps: a cancel check before
+        each batch of query points, and up to ``VOLUME_STEPS`` reports spread over the
+        ``chunks`` batches (where the decoder's count is unknown, a step per batch up to the
+        last but one). The caller reports the last step when the volume is decoded."""
+        steps = min(VOLUME_STEPS, chunks) if chunks else VOLUME_STEPS
+
+        def before_chunk(index: int) -> None:
+            self.reporter.check_cancelled()
+            if chunks:  # batch ``index`` starts: ``index`` of ``chunks`` are done
+                reached = index * steps // chunks
+                if reached and reached != (index - 1) * steps // chunks:
+                    self.step("volume_decode", part, reached, steps)
+            elif 0 < index < steps:
+                self.step("volume_decode", part, index, steps)
+
+        return before_chunk, steps
 
 
 def _surface(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _Stages,
@@ -516,23 +574,28 @@ def _surface(model: ShapePipeline, rgba: np.ndarray, params: Params, stages: _St
     latents = diffuse(pipeline, rgba, params.seed, params.steps, params.guidance_scale,
                       on_conditioned=lambda: stages.done("conditioning", part),
                       on_step=lambda step: stages.denoised(part, step))
+    before_chunk, volume_steps = stages.decoding(
+        part, volume_chunks(pipeline, params.octree_resolution, params.num_chunks))
     grid = decode_volume(pipeline, latents, params.octree_resolution, params.num_chunks,
-                         params.mc_level, before_chunk=stages.reporter.check_cancelled)
-    stages.done("volume_decode", part)
-    mesh = extract_surface(pipeline, grid, params.octree_resolution, params.mc_level)
+                         params.mc_level, before_chunk=before_chunk)
+    stages.step("volume_decode", part, volume_steps, volume_steps)
+    mesh = extract_surface(
+        pipeline, grid, params.octree_resolution, params.mc_level,
+        on_step=lambda step: stages.step("mesh_extraction", part, step, SURFACE_STEPS))
     del grid  # up to (octree + 1)^3 floats
-    stages.done("mesh_extraction", part)
     return mesh
 
 
-def _texture(model: ShapePipeline, mesh: trimesh.Trimesh, rgba: np.ndarray) -> trimesh.Trimesh:
+def paint_texture(model: ShapePipeline, mesh: trimesh.Trimesh, rgba: np.ndarray,
+                  on_step: Callable[[int, int], None] = lambda step, steps: None
+                  ) -> trimesh.Trimesh:
+    """``mesh`` painted by ``model``'s paint pipeline from the cut-out's box of ``rgba``;
+    ``on_step(i, n)`` after each of its ``n`` phases (``paint.PaintPipeline``)."""
     from PIL import Image
 
-    if model.texture == "paint":
-        x0, y0, x1, y1 = alpha_box(rgba)
-        return model.painter(mesh, image=Image.fromarray(np.ascontiguousarray(
-            rgba[y0:y1, x0:x1])))
-    return project_texture(mesh, rgba)
+    x0, y0, x1, y1 = alpha_box(rgba)
+    return model.painter(mesh, image=Image.fromarray(np.ascontiguousarray(rgba[y0:y1, x0:x1])),
+                         on_phase=on_step)
 
 
 def project_texture(mesh: trimesh.Trimesh, rgba: np.ndarray) -> trimesh.Trimesh:
@@ -584,8 +647,8 @@ def finish(surfaces: Surfaces, reporter: Reporter, painter: ShapePipeline | None
     """A job's second half, on the CPU: each part post-processed, the untextured GLB as the
     ``shape`` artifact as soon as it exists, then textured (vertex colours projected from the
     view; painted by ``painter``'s paint pipeline where the job paints) unless it has none.
-    Progress: ``postprocess`` per part, then ``texture`` per part. Returns the result event's
-    fields."""
+    Progress: ``postprocess`` (the clean-up's steps) per part, then ``texture`` (painting's
+    phases, or one step) per part. Returns the result event's fields."""
     import trimesh
 
     if surfaces.texture == "paint" and painter is None:
@@ -597,8 +660,9 @@ def finish(surfaces: Surfaces, reporter: Reporter, painter: ShapePipeline | None
     for k, (vertices, faces) in enumerate(zip(surfaces.vertices, surfaces.faces, strict=True)):
         # copies: arrays read from the object store are read-only
         surface = trimesh.Trimesh(np.array(vertices), np.array(faces), process=False)
-        shapes.append(postprocess(surface, params.target_face_count, params.postprocess))
-        stages.done("postprocess", k)
+        shapes.append(postprocess(
+            surface, params.target_face_count, params.postprocess,
+            on_step=lambda step, steps, k=k: stages.step("postprocess", k, step, steps)))
 
     if surfaces.layered:  # one frame for all parts, as they lie in the image
         boxes = [alpha_box(rgba) for rgba in surfaces.images]
@@ -629,9 +693,14 @@ def finish(surfaces: Surfaces, reporter: Reporter, painter: ShapePipeline | None
     if surfaces.texture != "none":
         final = []
         for k, (rgba, mesh) in enumerate(zip(surfaces.images, shapes, strict=True)):
-            final.append(_texture(painter, mesh, rgba) if surfaces.texture == "paint"
-                         else project_texture(mesh, rgba))
-            stages.done("texture", k)
+            def on_step(step: int, steps: int, k: int = k) -> None:
+                stages.step("texture", k, step, steps)
+
+            if surfaces.texture == "paint":
+                final.append(paint_texture(painter, mesh, rgba, on_step))
+            else:
+                final.append(project_texture(mesh, rgba))
+                on_step(1, 1)
     timings = {stage: round(ms, 1) for stage, ms in stages.timings_ms.items()}
     if surfaces.texture == "project" and surfaces.texture_note:
         meta["texture_note"] = surfaces.texture_note
@@ -642,6 +711,8 @@ def finish(surfaces: Surfaces, reporter: Reporter, painter: ShapePipeline | None
 def generate(model: ShapePipeline, request: MeshRequest, reporter: Reporter,
              settings: MeshSettings) -> dict:
     """One job in this process: :func:`extract_surfaces`, then :func:`finish`. Progress:
-    ``conditioning``, ``denoise`` (every step), ``volume_decode``, ``mesh_extraction`` per part,
-    then ``postprocess`` per part, then ``texture`` per part."""
+    ``conditioning``, ``denoise`` (every step), ``volume_decode`` (``VOLUME_STEPS`` over its
+    batches of query points), ``mesh_extraction`` (``SURFACE_STEPS``) per part, then
+    ``postprocess`` per part, then ``texture`` per part; a layered asset's reports name the
+    part."""
     return finish(extract_surfaces(model, request, reporter, settings), reporter, model)

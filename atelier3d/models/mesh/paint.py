@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +48,9 @@ TINY_PAINT_DIR = "hunyuan3d-paint-tiny-random"
 RANDOM_INIT_FILE = "atelier3d_random_init.json"  # beside the two subfolders of tiny weights
 TINY_VAE_DOWNSAMPLINGS = 6
 TINY_RENDER_SIZE = 64  # render and texture size with the tiny weights (hy3dgen's: 2048)
+PAINT_PHASES = 5  # delight + UV unwrap, renders, multiview diffusion, bake, inpaint
 Rasterizer = Literal["compiled", "torch"]
+PhaseCallback = Callable[[int, int], None]
 
 
 def install_rasterizer() -> Rasterizer:
@@ -169,16 +172,50 @@ class PaintPipeline(Hunyuan3DPaintPipeline):
     position renders, multiview diffusion, bake, inpaint) on ``config.device``: its renderer
     defaults to CUDA and its multiview step hard-codes it; its models load in half precision
     on CUDA, as hy3dgen loads them, and in float32 elsewhere (half is many times slower on the
-    CPU: 220 s against 14 s for the tiny VAE's encoder on this machine)."""
+    CPU: 220 s against 14 s for the tiny VAE's encoder on this machine). A call may name an
+    ``on_phase(i, PAINT_PHASES)``, told as each phase of hy3dgen's ``__call__`` ends (the
+    methods it calls between them say so; what they compute is hy3dgen's)."""
 
     def __init__(self, config: Hunyuan3DTexGenConfig) -> None:
         install_rasterizer()
         super().__init__(config)
         self.render.device = config.device
+        self._on_phase: PhaseCallback | None = None
 
     def load_models(self) -> None:
         self.models["delight_model"] = _DelightNet(self.config)
         self.models["multiview_model"] = _MultiviewNet(self.config)
+
+    def __call__(self, mesh: Any, image: Any, on_phase: PhaseCallback | None = None) -> Any:
+        self._on_phase = on_phase
+        try:
+            textured = super().__call__(mesh, image)
+        finally:
+            self._on_phase = None
+        if on_phase is not None:
+            on_phase(PAINT_PHASES, PAINT_PHASES)  # inpainted, the textured mesh built
+        return textured
+
+    def _phase_done(self, phase: int) -> None:
+        if self._on_phase is not None:
+            self._on_phase(phase, PAINT_PHASES)
+
+    def render_normal_multiview(self, *args: Any, **kwargs: Any) -> Any:
+        self._phase_done(1)  # the image delit, the mesh UV-unwrapped
+        return super().render_normal_multiview(*args, **kwargs)
+
+    def render_position_multiview(self, *args: Any, **kwargs: Any) -> Any:
+        views = super().render_position_multiview(*args, **kwargs)
+        self._phase_done(2)  # normal and position views rendered
+        return views
+
+    def bake_from_multiview(self, *args: Any, **kwargs: Any) -> Any:
+        self._phase_done(3)  # the multiview diffusion has painted the views
+        return super().bake_from_multiview(*args, **kwargs)
+
+    def texture_inpaint(self, *args: Any, **kwargs: Any) -> Any:
+        self._phase_done(4)  # the views baked into the texture
+        return super().texture_inpaint(*args, **kwargs)
 
 
 def load_paint_pipeline(model: str, device: str, render_size: int | None = None,

@@ -87,6 +87,7 @@ class JobRunner:
             return
         job.status, job.started_at, job.queue_position = "running", time.time(), None
         job.last_report = time.perf_counter()
+        job.stage_weights = job.kind.weights()  # fixed for the run: its bar never jumps back
         self.emit(job, Started())
         try:
             await self._attempts(job, request)
@@ -124,6 +125,7 @@ class JobRunner:
             async for event in stream:
                 self._on_event(job, event)
             kind.mean_seconds = 0.7 * kind.mean_seconds + 0.3 * (time.time() - job.started_at)
+            kind.measured(job.stage_ms)
             self._finish(job, "succeeded")
         except REPLICA_LOST:
             raise
@@ -161,10 +163,11 @@ class JobRunner:
             # From each stage's latest report, not from stage order: a layered mesh goes
             # through conditioning and denoising once per part, alternating.
             job.stage_done[stage] = min(1.0, step / max(total, 1))
-            weights = job.kind.stage_weights
+            weights = job.stage_weights or job.kind.weights()
             done = sum(weights.get(name, 0.0) * part for name, part in job.stage_done.items())
             job.progress = max(job.progress, min(1.0, done))
-            self.emit(job, Progress(stage=stage, step=step, total=total))
+            self.emit(job, Progress(stage=stage, step=step, total=total, part=event.get("part"),
+                                    parts=event.get("parts")))
         elif kind == "artifact":
             name = str(event["name"])
             job.artifacts[name] = Artifact(event["media_type"], event["data"], event["meta"])

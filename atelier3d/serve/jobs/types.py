@@ -40,6 +40,23 @@ class JobKind:
     start: Callable[[Any], Any]
     stage_weights: dict[str, float]  # unknown stages count for nothing
     mean_seconds: float = 30.0  # running estimate of a job's run time, for ETAs
+    # each stage's time in this server's finished jobs (a moving average), for the weights
+    measured_ms: dict[str, float] = field(default_factory=dict)
+
+    def weights(self) -> dict[str, float]:
+        """Each stage's share of a job's time: as measured on this server's finished jobs once
+        there are any (so the progress, and the ETA read from it, moves as the time does: a
+        volume decode that takes half the job takes half the bar), else the stated shares."""
+        total = sum(self.measured_ms.values())
+        if total <= 0:
+            return self.stage_weights
+        return {stage: ms / total for stage, ms in self.measured_ms.items()}
+
+    def measured(self, stage_ms: dict[str, float]) -> None:
+        """Adds a finished job's stage times to the moving average."""
+        for stage, ms in stage_ms.items():
+            before = self.measured_ms.get(stage)
+            self.measured_ms[stage] = ms if before is None else 0.7 * before + 0.3 * ms
 
 
 def streaming_kind(name: str, settings: JobKindSettings, handle: Any, method: str,
@@ -86,12 +103,18 @@ class Started(JobEvent):
 
 @dataclass(frozen=True)
 class Progress(JobEvent):
-    """One step of a stage done (``step`` of ``total``), as the model reported it."""
+    """One step of a stage done (``step`` of ``total``), as the model reported it; on part
+    ``part`` of ``parts`` where the job makes several (a layered mesh)."""
 
     type: ClassVar[str] = "progress"
     stage: str
     step: int
     total: int
+    part: int | None = None
+    parts: int | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {key: value for key, value in super().payload().items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -166,6 +189,7 @@ class Job:
     last_report: float = 0.0  # perf_counter of the last progress report (or the start)
     stage_done: dict[str, float] = field(default_factory=dict)  # stage -> fraction done
     request: dict | None = None  # the API body as submitted (a session's recipe reads it)
+    stage_weights: dict[str, float] = field(default_factory=dict)  # the kind's, as it started
 
     @property
     def finished(self) -> bool:

@@ -141,7 +141,8 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
         # Each tab shows again what it showed, side by side: a tab following a job for minutes
         # must not hold up the others.
         for restore in restores:
-            load.then(restore.fn, restore.inputs, restore.outputs, **EVENTS)
+            load.then(restore.fn, restore.inputs, restore.outputs, **EVENTS,
+                      show_progress_on=restore.progress_on)
     return demo
 
 

@@ -286,6 +286,7 @@ class Restore:
     fn: Callable[..., Any]
     inputs: list[Any]
     outputs: list[Any]
+    progress_on: list[Any] | None = None  # where its progress shows (None: every output)
 
 
 def client_key(request: gr.Request | None) -> str:

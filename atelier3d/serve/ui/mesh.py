@@ -3,6 +3,9 @@ image, as mesh jobs on the server (:class:`atelier3d.serve.mesh.service.MeshServ
 
 The viewer shows the untextured shape as soon as the job has it (its ``shape`` artifact), then
 the finished asset, offered in every format the API converts to, with the time of each stage.
+The progress bar sits where the stage times will be, not over the viewer, so the shape is seen
+while the asset is finished; where the server projects colours instead of painting them, the
+tab says so and why.
 """
 
 from __future__ import annotations
@@ -83,6 +86,16 @@ def timings(job: Job) -> str:
     return "\n".join(["| Stage | Time |", "|---|---:|", *rows, total])
 
 
+def texture_note(meta: dict) -> str:
+    """What the status line says of an asset whose colours were projected where the server
+    was asked to paint where it can (``texture: auto``), and why; "" otherwise."""
+    why = meta.get("texture_note")
+    if meta.get("texture") != "project" or not why:
+        return ""
+    return ("Colours are projected from the picture (the back mirrors the front), not painted "
+            f"by Hunyuan3D-Paint: {why}.")
+
+
 def all_formats(glb: bytes, stem: str) -> dict[str, bytes]:
     return {f"{stem}.{fmt}": convert_mesh(glb, fmt) for fmt in FORMATS}
 
@@ -128,7 +141,8 @@ def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
                     cancel = gr.Button("Cancel", interactive=False, elem_id="mesh-cancel")
                 status = gr.Markdown("Pick a cut-out (or upload one), then run.",
                                      elem_id="mesh-status")
-                stage_times = gr.Markdown(elem_id="mesh-timings")
+                # Also where the job's progress shows (room for its bar), clear of the viewer
+                stage_times = gr.Markdown(elem_id="mesh-timings", min_height=48)
             with gr.Column(scale=2):
                 viewer = gr.Model3D(label="3D asset", height=520, elem_id="mesh-viewer")
                 downloads = gr.HTML(visible=False, elem_id="mesh-download")
@@ -194,6 +208,9 @@ def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
         offered = await asyncio.to_thread(offer, exports, ui, job, files)
         glb = next(file for file in offered if file.name.endswith(".glb"))
         note = f"**3D asset of {run.what}** · done in {job.finished_at - job.started_at:.1f} s"
+        projected = texture_note(job.result.meta)
+        if projected:
+            note = f"{note}\n\n{projected}"
         return (str(glb.path), links(offered, "Downloads"), timings(job), note,
                 cancel_button(False))
 
@@ -240,10 +257,11 @@ def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
         return await studio.picker_update(picker, ui, pui, eui, UPLOAD)
 
     run.click(on_run, [*studio.states, running, source, upload, layered, seed, steps, octree,
-                       faces, texture], outputs, **EVENTS, show_progress_on=[viewer],
+                       faces, texture], outputs, **EVENTS, show_progress_on=[stage_times],
               preprocess=False)  # the upload undecoded (see uploaded_file); the rest as sent
     upload.upload(on_upload, [*studio.states, upload], [source], **EVENTS, preprocess=False)
-    return MeshTab(picker, running, Restore(on_restore, [studio.state, running], outputs))
+    return MeshTab(picker, running, Restore(on_restore, [studio.state, running], outputs,
+                                            progress_on=[stage_times]))
 
 
 def source_stem(label: str) -> str:

@@ -122,6 +122,8 @@ def describe(event: dict) -> str:
         text = f"Queued, {event['queue_position']} job(s) ahead"
     elif kind == "progress":
         text = f"{STAGES.get(event['stage'], event['stage'])} {event['step']}/{event['total']}"
+        if event.get("parts", 1) > 1:
+            text = f"{text} · part {event['part']}/{event['parts']}"
     elif kind == "artifact":
         text = f"{event['name'].capitalize()} ready"
     elif kind == "started":
