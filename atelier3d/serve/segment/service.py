@@ -243,7 +243,7 @@ class SegmentService:
 
             state = await self.store.update(session_id, push)
         end = time.perf_counter()
-        return SegmentResponse(
+        response = SegmentResponse(
             masks=candidates,
             selected=selected,
             object_id=request.object_id,
@@ -254,6 +254,7 @@ class SegmentService:
                 total_ms=(end - start) * 1000,
             ),
         )
+        return response, state
 
     async def _decode(self, session: Session, request: DecodeRequest) -> DecodeResult:
         def decode() -> Awaitable[DecodeResult]:
