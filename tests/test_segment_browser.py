@@ -280,3 +280,63 @@ def test_first_click_after_reset_is_decoded_in_the_browser(page, http, tmp_path)
     recorded = page.evaluate("window.atelierSegment.lastRecorded")
     assert recorded["step"] == 3 and recorded["labels"] == [1] and recorded["can_undo"]
     assert np.abs(np.subtract(recorded["points"], [[192, 400]])).max() <= 1
+
+
+def image_point_on_screen(page: Page, x: float, y: float) -> tuple[float, float]:
+    """Where image pixel (x, y) of the overlay is on the screen."""
+    box = page.locator("#overlay img").evaluate(
+        """(i, [x, y]) => {
+            const r = i.getBoundingClientRect();
+            const s = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight, 1);
+            return [r.left + (r.width - i.naturalWidth * s) / 2 + x * s,
+                    r.top + (r.height - i.naturalHeight * s) / 2 + y * s];
+        }""", [x, y])
+    return box[0], box[1]
+
+
+@pytest.mark.browser
+def test_a_box_dragged_on_the_image_is_one_step(page, http, tmp_path):
+    """Pressing, dragging and releasing on the image (in the add mode) makes one box prompt,
+    decoded here and recorded, with no point and no corner click left over."""
+    upload_character(page, tmp_path)
+    page.wait_for_function("() => window.atelierSegment.stats.embeddingBytes > 0")
+    page.locator("#overlay img").scroll_into_view_if_needed()
+    start, end = image_point_on_screen(page, 90, 30), image_point_on_screen(page, 300, 620)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=8)
+    page.mouse.up()
+    wait_status(page, r"Object 1 · 0 \+ / 0 − points · box .*decoded in the browser")
+    recorded = page.evaluate("window.atelierSegment.lastRecorded")
+    assert recorded["step"] == 1 and recorded["points"] == []
+    assert np.abs(np.subtract(recorded["box"], [90, 30, 300, 620])).max() <= 2
+    assert page.evaluate("window.atelierSegment.stats.clicks") == 1
+    sid = page.evaluate("JSON.parse(document.querySelector('#segment-state textarea').value)")
+    state = http.get(f"/v1/sessions/{sid['session_id']}/objects/{sid['object_id']}").json()
+    assert state["box"] == recorded["box"] and state["step"] == 1
+
+
+@pytest.mark.browser
+def test_keyboard_shortcuts_press_the_tabs_controls(page, tmp_path):
+    """R and B choose the click mode, Ctrl+Z undoes, Ctrl+Y redoes, N adds an object; keys
+    typed into a text field are left alone."""
+    upload_character(page, tmp_path)
+    page.wait_for_function("() => window.atelierSegment.stats.embeddingBytes > 0")
+    click_image(page, 192, 265)
+    wait_status(page, r"Object 1 · 1 \+ / 0 − points")
+    page.locator("body").click(position={"x": 5, "y": 5})  # focus on the page, not a field
+    page.keyboard.press("r")
+    assert page.get_by_label("remove (−)").is_checked()
+    page.keyboard.press("b")
+    assert page.get_by_label("box corner").is_checked()
+    page.keyboard.press("a")
+    assert page.get_by_label("add (+)").is_checked()
+    page.keyboard.press("Control+z")
+    wait_status(page, r"Object 1: click on the image")
+    page.keyboard.press("Control+y")
+    wait_status(page, r"Object 1 · 1 \+ / 0 − points")
+    page.keyboard.press("n")
+    wait_status(page, r"Object 2")
+    page.locator("#object-select input").focus()
+    page.keyboard.press("r")
+    assert page.get_by_label("add (+)").is_checked()

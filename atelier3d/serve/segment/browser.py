@@ -43,7 +43,7 @@ ORT_FILES = {
     "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
     "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
 }
-PAGE_SCRIPTS = {"segment_browser.js"}
+PAGE_SCRIPTS = {"segment_browser.js", "segment_keys.js"}
 IMMUTABLE = "public, max-age=31536000, immutable"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 MEDIA_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}

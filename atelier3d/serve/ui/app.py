@@ -60,8 +60,9 @@ CSS = ("#overlay img { cursor: crosshair; } .a3d-hidden { display: none !importa
        " border-left: 6px solid #d99a00 !important; border-radius: 6px; padding: 4px 12px; }"
        " .a3d-warning * { color: #4d3a00 !important; }")
 
-# The Segment tab's in-browser decoder (atelier3d/serve/ui/static/segment_browser.js).
-HEAD = '<script type="module" src="/ui-static/segment_browser.js"></script>'
+# The Segment tab's in-browser decoder and its keyboard shortcuts (atelier3d/serve/ui/static/).
+HEAD = ('<script type="module" src="/ui-static/segment_browser.js"></script>'
+        '<script type="module" src="/ui-static/segment_keys.js"></script>')
 
 
 def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,

@@ -219,6 +219,8 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
                 inputs=[upload], label="Examples", elem_id="examples",
             )
             mode = gr.Radio([ADD, REMOVE, BOX], value=ADD, label="Click mode",
+                            info="or drag a box on the image · keys: A add, R remove, B box, "
+                                 "N new object, Ctrl+Z undo, Ctrl+Y redo",
                             elem_id="click-mode")
             with gr.Row():
                 objects = gr.Dropdown(label="Object", choices=[],

@@ -33,6 +33,10 @@ const lowResByStep = new Map();  // `${object}:${step}` -> [Float32Array] per ca
 let view = {};  // the tab's object, from the hidden #segment-state box or a recorded step
 let viewText = '';
 let corner = null;  // the first corner of a box being drawn
+let dragTo = null;  // the pointer's corner while a box is dragged out from `corner`
+let dragStart = null;  // where the button went down on the image: {point, x, y, moved}
+let swallowClick = false;  // the click a finished drag ends with is not a point
+const DRAG_PX = 6;  // screen pixels the pointer moves before a press becomes a drag
 let hovering = false;  // a hover decode is running
 let runs = Promise.resolve();  // decodes run one at a time: a session runs one call at once
 let hoverPoint = null;
@@ -314,6 +318,10 @@ function draw() {
     context.lineTo(corner[0] + r, corner[1]);
     context.moveTo(corner[0], corner[1] - r);
     context.lineTo(corner[0], corner[1] + r);
+    if (dragTo) {
+      context.rect(Math.min(corner[0], dragTo[0]), Math.min(corner[1], dragTo[1]),
+                   Math.abs(dragTo[0] - corner[0]), Math.abs(dragTo[1] - corner[1]));
+    }
     context.stroke();
   }
 }
@@ -339,16 +347,25 @@ function nextPrompt(point, mode) {
   return {points, labels, box};
 }
 
+function decodesHere() {
+  return api.mode === 'browser' && view.session_id && embeddings.has(view.session_id);
+}
+
 async function onClick(event) {
-  if (api.mode !== 'browser' || !view.session_id || !embeddings.has(view.session_id)) return;
   const img = overlayImage();
   if (!img || event.target !== img) return;
+  if (swallowClick) {  // the end of a drag: its box is already being decoded
+    swallowClick = false;
+    event.stopPropagation();
+    event.preventDefault();
+    return;
+  }
+  if (!decodesHere()) return;
   const point = imagePoint(img, event);
   if (!point) return;
   // Ours from here: the server's click handler must not decode it too.
   event.stopPropagation();
   event.preventDefault();
-  const started = performance.now();
   const mode = clickMode();
   if (mode === 'box' && !corner) {
     corner = point;
@@ -360,6 +377,61 @@ async function onClick(event) {
     draw();
     return;
   }
+  await commit(point, mode, performance.now());
+}
+
+// A box dragged out on the image, whatever the click mode (as in SAM's demo); two corner clicks
+// in the box mode still work, and so does every click on the server path.
+function onPress(event) {
+  const img = overlayImage();
+  if (event.button !== 0 || !img || event.target !== img || !decodesHere()) return;
+  const point = imagePoint(img, event);
+  if (!point) return;
+  event.preventDefault();  // no native drag of the image, which would swallow the moves
+  dragStart = {point, x: event.clientX, y: event.clientY, moved: false};
+}
+
+function onDrag(event) {
+  if (!dragStart) return;
+  if (!dragStart.moved && Math.hypot(event.clientX - dragStart.x,
+                                     event.clientY - dragStart.y) < DRAG_PX) return;
+  dragStart.moved = true;
+  corner = dragStart.point;
+  dragTo = clampedPoint(overlayImage(), event);
+  hoverMask = null;
+  draw();
+}
+
+async function onRelease(event) {
+  const drag = dragStart;
+  dragStart = null;
+  if (!drag?.moved) return;
+  swallowClick = true;
+  setTimeout(() => { swallowClick = false; }, 0);  // a release off the image makes no click
+  const end = clampedPoint(overlayImage(), event);
+  dragTo = null;
+  if (!end || end[0] === corner[0] || end[1] === corner[1]) {
+    corner = null;
+    draw();
+    return;
+  }
+  await commit(end, 'box', performance.now());
+}
+
+function clampedPoint(img, event) {
+  if (!img) return null;
+  const rect = img.getBoundingClientRect();
+  const scale = Math.min(rect.width / img.naturalWidth, rect.height / img.naturalHeight, 1);
+  const left = rect.left + (rect.width - img.naturalWidth * scale) / 2;
+  const top = rect.top + (rect.height - img.naturalHeight * scale) / 2;
+  const x = Math.round((event.clientX - left) / scale);
+  const y = Math.round((event.clientY - top) / scale);
+  return [Math.min(Math.max(x, 0), img.naturalWidth - 1),
+          Math.min(Math.max(y, 0), img.naturalHeight - 1)];
+}
+
+// Decodes the prompt the click (or the box from ``corner``) makes, draws it, records the step.
+async function commit(point, mode, started) {
   const prompt = nextPrompt(point, mode);
   corner = null;
   hoverMask = null;
@@ -400,7 +472,8 @@ async function onClick(event) {
 }
 
 async function onHover(event) {
-  if (api.mode !== 'browser' || !view.session_id || corner || clickMode() !== 'add') return;
+  if (api.mode !== 'browser' || !view.session_id || corner || dragStart
+      || clickMode() !== 'add') return;
   const img = overlayImage();
   if (!img || event.target !== img || !embeddings.has(view.session_id)) return;
   hoverPoint = imagePoint(img, event);
@@ -467,6 +540,9 @@ async function start() {
 
 // Capture phase: a click the browser decodes never reaches Gradio's own click handler.
 document.addEventListener('click', onClick, true);
+document.addEventListener('mousedown', onPress, true);
+document.addEventListener('mousemove', onDrag, true);
+document.addEventListener('mouseup', onRelease, true);
 document.addEventListener('mousemove', onHover, true);
 document.addEventListener('mouseout', (event) => { if (event.target === overlayImage()) onLeave(); }, true);
 setInterval(watchState, 100);
