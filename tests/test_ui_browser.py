@@ -30,6 +30,7 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from atelier3d.samples import drawn_character
 from atelier3d.serve.ui.parse import FADE
@@ -307,10 +308,14 @@ PARSE_SCREENSHOT = Path("/tmp/ui_parse.png")
 
 
 def wait_text(page: Page, selector: str, pattern: str) -> str:
-    page.wait_for_function(
-        "([s, p]) => new RegExp(p).test(document.querySelector(s)?.innerText ?? '')",
-        arg=[selector, pattern], timeout=TIMEOUT_MS,
-    )
+    try:
+        page.wait_for_function(
+            "([s, p]) => new RegExp(p).test(document.querySelector(s)?.innerText ?? '')",
+            arg=[selector, pattern], timeout=TIMEOUT_MS,
+        )
+    except PlaywrightTimeout:
+        shown = page.evaluate("s => document.querySelector(s)?.innerText", selector)
+        raise AssertionError(f"{selector} never matched {pattern!r}; it shows {shown!r}") from None
     return page.locator(selector).inner_text()
 
 
@@ -449,7 +454,8 @@ def test_body_and_garments_tab(page: Page, tmp_path: Path) -> None:
 EDIT_SCREENSHOT = Path("/tmp/ui_edit.png")
 EDIT_STEPS = 3
 MESH_SCREENSHOT = Path("/tmp/ui_mesh.png")
-MESH_STEPS = 3
+# Enough that the bar, which shows only the latest report every few ms, counts several steps.
+MESH_STEPS = 12
 MESH_STAGES = ["Conditioning", "Denoising", "Decoding the volume", "Extracting the mesh",
                "Post-processing", "Texturing"]
 

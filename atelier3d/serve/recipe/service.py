@@ -120,7 +120,8 @@ class RecipeService:
                 *(["shape3d"] if "mesh" in kinds else [])]
         ready = await self.health.ready()
         sources = model_sources(self.config)
-        models = {name: RecipeModel(source=sources[name], **ready.models[name].model_dump())
+        models = {name: RecipeModel(source=sources[name],
+                                     **ready.models[name].model_dump(exclude={"note"}))
                   for name in used}
         height, width = session.size
         return Recipe(image_sha256=image_sha256(session.image), width=width, height=height,
