@@ -35,7 +35,8 @@ def wait_status(page: Page, pattern: str) -> None:
 
 
 def click_image(page: Page, x: float, y: float) -> None:
-    """Clicks the overlay at image pixel (x, y), undoing the display's scaling and centring."""
+    """Clicks the overlay at image pixel (x, y), undoing the display's scaling and centring.
+    A deliberate copy of the UI tests' ``click_image``: a docs script does not import tests."""
     img = page.locator("#overlay img")
     img.scroll_into_view_if_needed()
     offset = img.evaluate(

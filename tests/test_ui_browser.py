@@ -315,7 +315,9 @@ def wait_text(page: Page, selector: str, pattern: str) -> str:
         )
     except PlaywrightTimeout:
         shown = page.evaluate("s => document.querySelector(s)?.innerText", selector)
-        raise AssertionError(f"{selector} never matched {pattern!r}; it shows {shown!r}") from None
+        toasts = page.locator(".toast-body").all_inner_texts()
+        raise AssertionError(f"{selector} never matched {pattern!r}; it shows {shown!r}; "
+                             f"messages: {toasts}") from None
     return page.locator(selector).inner_text()
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from atelier3d.api.common import ApiModel, FiniteFloat
+from atelier3d.api.mesh import MeshOptions
 
 CharacterStage = Literal["parse", "complete", "t_pose", "checks", "mesh"]
 
@@ -44,14 +45,7 @@ class CharacterEditOptions(ApiModel):
     height: int | None = None
 
 
-class CharacterMeshOptions(ApiModel):
-    seed: int = Field(0, ge=0, lt=2**63)
-    steps: int | None = None
-    guidance_scale: FiniteFloat | None = None
-    octree_resolution: int | None = None
-    num_chunks: int | None = None
-    target_face_count: int | None = None
-    texture: bool = True
+CharacterMeshOptions = MeshOptions  # the mesh stage takes a mesh job's parameters
 
 
 class CharacterJobRequest(ApiModel):
