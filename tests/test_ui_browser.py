@@ -315,7 +315,7 @@ def wait_text(page: Page, selector: str, pattern: str) -> str:
         )
     except PlaywrightTimeout:
         shown = page.evaluate("s => document.querySelector(s)?.innerText", selector)
-        toasts = page.locator(".toast-body").all_inner_texts()
+        toasts = page.locator("[data-testid=toast-text]").all_inner_texts()
         raise AssertionError(f"{selector} never matched {pattern!r}; it shows {shown!r}; "
                              f"messages: {toasts}") from None
     return page.locator(selector).inner_text()
@@ -541,6 +541,9 @@ def image_sources(page: Page, selector: str) -> list[str]:
 
 
 def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path: Path) -> None:
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
     tab(page, "Edit").click()
     page.locator("#edit-run").click()
     page.locator("[data-testid=toast-text]", has_text="Upload an image").first.wait_for()
@@ -586,7 +589,10 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
                lambda: prompt.input_value() == "make the shirt red", "the prompt")
     page.locator("#edit-run").click()
     label = "Edit 2 · free “make the shirt red” ← Edit 1"
-    wait_text(page, "#edit-status", re.escape(label) + " · done in")
+    try:
+        wait_text(page, "#edit-status", re.escape(label) + " · done in")
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}; page errors: {errors[-5:]}") from None
     expect(thumbs).to_have_count(2)
     assert page.locator("#edit-history .caption-label").all_inner_texts() == [first, label]
     # Its "before" is Edit 1's result, pixel for pixel.
