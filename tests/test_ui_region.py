@@ -24,6 +24,21 @@ def test_the_hidden_region_is_shown_and_sent_back_unchanged():
     assert region_value(image)["layers"] == [] and region_value(None) is None
 
 
+def test_a_canvas_over_the_upload_limit_is_shown_smaller_and_sent_back_full_size():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (400, 300, 3), np.uint8)  # noise: PNG barely compresses it
+    hidden = np.zeros((400, 300), bool)
+    hidden[100:300, 60:240] = True
+    limit = 200_000
+    value = region_value(image, hidden, max_bytes=limit)
+    height, width = value["background"].shape[:2]
+    assert height * width * 4 < limit and abs(height / width - 4 / 3) < 0.02
+    assert value["layers"][0].shape[:2] == (height, width)
+    sent = painted_mask(value, (400, 300))
+    assert sent.shape == (400, 300) and (sent != hidden).mean() < 0.01
+    assert region_value(image, hidden, max_bytes=10**9)["background"] is image
+
+
 def test_a_layer_drawn_at_another_scale_lands_where_it_was_drawn():
     layer = np.zeros((80, 60, 4), np.uint8)  # the canvas at twice the source's size
     layer[20:40, 30:60, 3] = 255

@@ -147,7 +147,7 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
         hidden = None
         if preset_name == "complete_occluded":
             hidden = editing.resolver.hidden_region(editing.store.get(ui.session_id), source)
-        return region_value(image, hidden)
+        return region_value(image, hidden, studio.segmentation.config.limits.max_upload_bytes)
 
     async def result(edit: Edit) -> np.ndarray:
         return await asyncio.to_thread(decode_png, jobs.result(edit.job_id).data)

@@ -16,10 +16,22 @@ REGION_HEX = "#{:02x}{:02x}{:02x}".format(*REGION_RGB)
 SHOWN_ALPHA = 160
 
 
-def region_value(image: np.ndarray | None, region: np.ndarray | None = None) -> dict | None:
-    """The ImageEditor's value: ``image`` under a layer with ``region`` painted (or none)."""
+def region_value(image: np.ndarray | None, region: np.ndarray | None = None,
+                 max_bytes: int | None = None) -> dict | None:
+    """The ImageEditor's value: ``image`` under a layer with ``region`` painted (or none).
+
+    The page uploads the editor's canvas back with each run, and Gradio refuses a file over the
+    upload limit (``max_bytes``), so a canvas whose RGBA pixels would not fit under it is shown
+    scaled down; :func:`painted_mask` brings the layers back to the source's size."""
     if image is None:
         return None
+    scale = 1.0 if max_bytes is None else min(1.0, (max_bytes / (4.1 * image.shape[0]
+                                                                 * image.shape[1])) ** 0.5)
+    if scale < 1.0:
+        size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        if region is not None:
+            region = np.asarray(Image.fromarray(region).resize(size, Image.Resampling.NEAREST))
     layers = []
     if region is not None:
         layer = np.zeros((*region.shape, 4), np.uint8)
