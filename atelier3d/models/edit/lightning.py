@@ -108,4 +108,7 @@ def load_lightning(pipe: Any, source: str, weight_name: str) -> str:
         raise LightningLoraError(
             f"Lightning LoRA {where} does not fit this transformer: {what}. Use the file made "
             "for the model, or set edit.lightning_lora to null")
-    return where
+    # What /readyz and recipes show: a hub id as it is, a local folder by its name only (the
+    # server's paths are not for its clients).
+    shown = source.rstrip("/").rsplit("/", 1)[-1] if Path(source).is_dir() else source
+    return f"{shown}/{weight_name}"
