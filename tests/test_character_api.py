@@ -214,6 +214,60 @@ def test_t_pose_from_the_completed_garments(client, first, character):
     assert nodes == set(artifacts(events)["mesh"]["nodes"]) and nodes
 
 
+def test_cancel_mid_stage_keeps_what_the_stages_before_made(client, first, character):
+    """Cancelled through the job route while its T-pose edit runs: the job ends cancelled, the
+    checks and mesh never start, what the stages before made still opens, and the session goes
+    on: a job resumed from the cancelled one runs to the end."""
+    session_id, obj, garment = character
+    first_id, _ = first
+    before = client.get(f"/v1/jobs/{first_id}").json()["result_meta"]["results"]
+    body = {"object_id": obj, "garments": [garment], "t_pose": True, "resume_from": "t_pose",
+            "previous_job_id": first_id, "mesh": FAST["mesh"],
+            "edit": {**FAST["edit"], "steps": 40}}  # long enough to be cancelled mid-run
+    r = client.post(f"/v1/sessions/{session_id}/character3d", json=body)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        for line in response.iter_lines():
+            event = json.loads(line)
+            assert event["type"] not in ("succeeded", "failed"), event
+            if event["type"] == "progress" and event["stage"] == "t_pose" and event["step"] > 0:
+                break  # the T-pose edit is denoising
+    cancelled = client.delete(f"/v1/jobs/{job_id}")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+    events = events_of(client, job_id)
+    assert events[-1]["type"] == "cancelled"
+    assert stage_order(events) == ["parse", "complete", "t_pose"]
+    assert not [e for e in events if e["type"] == "result"]
+    assert list(artifacts(events)) == ["parse", "complete"]
+    state = client.get(f"/v1/jobs/{job_id}").json()
+    assert state["status"] == "cancelled" and state["result_url"] is None
+    assert client.get(f"/v1/jobs/{job_id}/result").status_code == 409
+    # What the stages before the cancel made still opens: the job's own records of them, and
+    # the parse and completion they name, through the ordinary routes.
+    kept = client.get(f"/v1/jobs/{job_id}/result?artifact=complete")
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["results"]["completed"] == before["completed"]
+    parse = client.get(f"/v1/sessions/{session_id}/parses/{before['parse_id']}")
+    assert parse.status_code == 200 and parse.json()["object_id"] == obj
+    edit_id = before["completed"][garment]
+    assert client.get(f"/v1/jobs/{edit_id}").json()["status"] == "succeeded"
+    completed = client.get(f"/v1/jobs/{edit_id}/result")
+    assert completed.status_code == 200 and completed.content.startswith(b"\x89PNG")
+
+    # The session goes on, from what the cancelled job kept: its T-pose again, then the rest.
+    assert client.get(f"/v1/sessions/{session_id}").status_code == 200
+    job_id2, events2 = run(client, session_id, {**body, "previous_job_id": job_id,
+                                                "edit": FAST["edit"]})
+    assert stage_order(events2) == STAGES
+    results = client.get(f"/v1/jobs/{job_id2}").json()["result_meta"]["results"]
+    assert results["parse_id"] == before["parse_id"]
+    assert results["completed"] == before["completed"]
+    assert client.get(f"/v1/jobs/{results['t_pose_job_id']}").json()["status"] == "succeeded"
+    assert glb_nodes(client.get(f"/v1/jobs/{job_id2}/result").content)
+
+
 def test_bad_requests_are_4xx(client, first, character):
     session_id, obj, garment = character
     url = f"/v1/sessions/{session_id}/character3d"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,6 +222,16 @@ class CharacterService:
         yield {"type": "result", "media_type": GLB, "data": mesh.result.data,
                "meta": {**mesh.result.meta, "results": results.model_dump()}}
 
+    async def _submit(self, plan: CharacterPlan, session: Session, kind: str, payload: dict,
+                      make: Callable[[], EditRequest | MeshRequest]) -> Job:
+        """A stage's own ``kind`` job for the character job's client, its request made by
+        ``make()`` when the job service builds it (after its own checks, as for any job)."""
+
+        async def build() -> EditRequest | MeshRequest:
+            return make()
+
+        return await self.jobs.submit(kind, build, payload, session=session, client=plan.client)
+
     async def _child(self, job: Job, stage: CharacterStage, done: int,
                      units: int) -> AsyncIterator[dict]:
         """Follows a stage's own job, reporting its progress as the stage's (``done`` of
@@ -327,12 +337,9 @@ class CharacterService:
                   "true_cfg_scale": options.true_cfg_scale, "width": options.width,
                   "height": options.height}
 
-        async def build() -> EditRequest:
-            return EditRequest.build(self.editing.settings, images=[image], **fields)
-
-        job = await self.jobs.submit(
-            "edit", build, {"character_t_pose": results.model_dump(), **fields},
-            session=session, client=plan.client)
+        job = await self._submit(
+            plan, session, "edit", {"character_t_pose": results.model_dump(), **fields},
+            lambda: EditRequest.build(self.editing.settings, images=[image], **fields))
         async for event in self._child(job, "t_pose", 0, 1):
             yield event
         results.t_pose_job_id = job.job_id
@@ -380,12 +387,9 @@ class CharacterService:
         options = plan.body.mesh.model_dump()
         params = {k: options[k] for k in MESH_PARAMS if options.get(k) is not None}
 
-        async def build() -> MeshRequest:
-            return MeshRequest.build(parts=list(layers.items()), **params)
-
-        job = await self.jobs.submit(
-            "mesh", build, {"character_layers": results.model_dump(), **params},
-            session=session, client=plan.client)
+        job = await self._submit(
+            plan, session, "mesh", {"character_layers": results.model_dump(), **params},
+            lambda: MeshRequest.build(parts=list(layers.items()), **params))
         async for event in self._child(job, "mesh", 0, 1):
             yield event
         results.mesh_job_id = job.job_id
