@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -82,7 +84,20 @@ def drawn_character_labels(width: int = 384, height: int = 640) -> np.ndarray:
     return np.asarray(img)
 
 
-def examples() -> dict[str, np.ndarray]:
-    out = {name: photo(name) for name in PHOTOS}
-    out["drawn character"] = drawn_character()
-    return out
+@dataclass(frozen=True)
+class Example:
+    """A sample image as the UI offers it: its file name, and a caption in words (what a person
+    reads under it, and a screen reader reads for it)."""
+
+    name: str
+    caption: str
+    image: np.ndarray
+
+
+def examples() -> list[Example]:
+    return [
+        Example("drawn", "Anime character, full body", drawn_character()),
+        Example("astronaut", "Astronaut in an orange suit, half length", photo("astronaut")),
+        Example("chelsea", "Tabby cat, face close-up", photo("chelsea")),
+        Example("coffee", "Espresso cup on a saucer, from above", photo("coffee")),
+    ]

@@ -1,15 +1,29 @@
 """The first screen a person meets, in a real headless Chromium against the real app (tiny
-random weights): a title and one line saying the flow, and the untrained-weights banner
-styled as a warning."""
+random weights): a title and one line saying the flow, the untrained-weights banner styled as
+a warning, examples captioned in words (and as alt text), and the objects listed with the
+colours the overlay draws them in."""
 
 # ruff: noqa: F811 - the test takes the browser and page fixtures imported below
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.test_ui_browser import browser, page  # noqa: F401 - the browser and page fixtures
+from atelier3d.samples import examples
+from atelier3d.serve.ui.common import UiState
+from tests.test_ui_browser import (  # noqa: F401 - the browser and page fixtures
+    browser,
+    click_image,
+    fetch_image,
+    overlay_src,
+    page,
+    segment_with_box,
+    wait_status,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -30,3 +44,52 @@ def test_the_first_screen_says_what_this_is_and_the_banner_warns(page: Page) -> 
     assert border == "6px", border
     text_colour = banner.locator("p").first.evaluate("e => getComputedStyle(e).color")
     assert text_colour == "rgb(77, 58, 0)", (colour, text_colour)
+
+
+def test_examples_have_captions_and_alt_texts(page: Page) -> None:
+    captions = [example.caption for example in examples()]
+    items = page.locator("#examples .thumbnail-item")
+    expect(items).to_have_count(len(captions))
+    # Each thumbnail's caption is shown in words under it, and is its image's alt text.
+    expect(page.locator("#examples .caption-label")).to_have_text(captions)
+    for i, caption in enumerate(captions):
+        expect(items.nth(i).locator("img")).to_have_attribute("alt", caption)
+    # Clicking one still opens it in the Segment tab.
+    items.nth(captions.index("Anime character, full body")).click()
+    wait_status(page, r"Object 1.*384×640 ready")
+
+
+def test_objects_are_listed_with_their_overlay_colours(page: Page, tmp_path: Path) -> None:
+    segment_with_box(page, tmp_path)  # object 1: a box from (90, 30) to (300, 620)
+    page.locator("#new-object").click()
+    wait_status(page, r"Object 2: click on the image")
+    page.get_by_label("box corner").check()
+    click_image(page, 100, 180)
+    wait_status(page, r"opposite corner")
+    click_image(page, 290, 345)
+    wait_status(page, r"Object 2 · 0 \+ / 0 − points · box")
+
+    swatches = page.locator("#object-legend .swatch")
+    expect(swatches).to_have_text(["Object 1", "Object 2"])
+    expect(swatches.nth(1)).to_have_attribute("aria-current", "true")  # the one worked on
+    ui = UiState(objects=["first", "second"])
+    palette = [ui.colour("first"), ui.colour("second")]
+    assert palette[0] != palette[1]
+    shown = [swatches.nth(i).locator("span").evaluate(
+        "e => getComputedStyle(e).backgroundColor") for i in range(2)]
+    assert shown == [f"rgb({r}, {g}, {b})" for r, g, b in palette], shown
+
+    # The overlay draws them in those very colours (up to its lossy encoding): each object's
+    # box, drawn while it is the one worked on. (Its mask's outline, one pixel wide, loses its
+    # colour in the encoding.)
+    def near(colour: tuple[int, int, int], box: tuple[slice, slice] = np.s_[:, :]) -> np.ndarray:
+        pixels = fetch_image(page, overlay_src(page))[box].astype(int)
+        return np.abs(pixels - colour).max(axis=-1) <= 16
+
+    # Columns along the top edge of object 2's box (3 px wide, within these 5 rows).
+    assert near(palette[1], np.s_[178:183, 120:270]).any(axis=0).mean() > 0.8
+    page.locator("#object-select input").click()
+    page.get_by_role("option", name="Object 1").click()
+    wait_status(page, r"Object 1 · 0 \+ / 0 − points · box")
+    expect(swatches.nth(0)).to_have_attribute("aria-current", "true")
+    assert near(palette[0], np.s_[28:33, 110:280]).any(axis=0).mean() > 0.8

@@ -58,7 +58,9 @@ CSS = ("#overlay img { cursor: crosshair; } .a3d-hidden { display: none !importa
        # (!important: Gradio's block styles are more specific than one class)
        " .a3d-warning { background: #fff3cd !important; border: 1px solid #f0c36d !important;"
        " border-left: 6px solid #d99a00 !important; border-radius: 6px; padding: 4px 12px; }"
-       " .a3d-warning * { color: #4d3a00 !important; }")
+       " .a3d-warning * { color: #4d3a00 !important; }"
+       # The object being worked on, in the Segment tab's list of objects.
+       " #object-legend .swatch[aria-current] { font-weight: 700; }")
 
 # The Segment tab's in-browser decoder and its keyboard shortcuts (atelier3d/serve/ui/static/).
 HEAD = ('<script type="module" src="/ui-static/segment_browser.js"></script>'

@@ -199,14 +199,14 @@ class ExportDir:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def examples(self) -> list[tuple[str, str]]:
-        """(label, PNG path) of every sample image; gr.Examples wants files."""
+        """(caption, PNG path) of every sample image: the UI offers them as files."""
         folder = self.root / "examples"
         folder.mkdir(exist_ok=True)
         out = []
-        for name, image in samples.examples().items():
-            path = folder / f"{name.split(' ')[0]}.png"
-            Image.fromarray(image).save(path)
-            out.append((name, str(path)))
+        for example in samples.examples():
+            path = folder / f"{example.name}.png"
+            Image.fromarray(example.image).save(path)
+            out.append((example.caption, str(path)))
         return out
 
 
@@ -241,6 +241,20 @@ def links(files: list[OfferedFile], label: str) -> dict:
 
 def hidden_links() -> dict:
     return links([], "")
+
+
+def legend(entries: list[tuple[str, tuple[int, int, int]]], current: str | None = None) -> str:
+    """Names, each after a square of the exact colour an overlay draws it in (HTML); the name
+    ``current`` is marked as the one being worked on."""
+    swatches = []
+    for name, (r, g, b) in entries:
+        marked = ' aria-current="true"' if name == current else ""
+        swatches.append(
+            f'<span class="swatch"{marked}><span aria-hidden="true" style="background: '
+            f"rgb({r},{g},{b}); display: inline-block; width: 0.9em; height: 0.9em; "
+            f'border: 1px solid #888; vertical-align: middle"></span> {html.escape(name)}</span>'
+        )
+    return " &nbsp; ".join(swatches)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import time
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from atelier3d.serve.ui.common import (
     UiState,
     guarded,
     hidden_links,
+    legend,
     links,
     with_progress,
 )
@@ -79,15 +79,11 @@ def render_overlay(image: np.ndarray, result: ParseResult, shown: list[str],
 
 
 def _legend(labels: list[str]) -> str:
-    swatches = []
+    entries = []
     for name in labels:
         r, g, b = (int(v) for v in PALETTE[LABEL_IDS[name]])
-        swatches.append(
-            f'<span class="swatch"><span style="background: rgb({r},{g},{b}); display: '
-            f'inline-block; width: 0.9em; height: 0.9em; border: 1px solid #888; '
-            f'vertical-align: middle"></span> {html.escape(name)}</span>'
-        )
-    return " &nbsp; ".join(swatches)
+        entries.append((name, (r, g, b)))
+    return legend(entries)
 
 
 def _checks(response: ParseResponse) -> str:

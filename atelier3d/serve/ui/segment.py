@@ -26,6 +26,7 @@ from atelier3d.serve.ui.common import (
     client_key,
     guarded,
     hidden_links,
+    legend,
     links,
     sentence,
     uploaded_file,
@@ -133,7 +134,7 @@ def _empty_view(ui: UiState | None = None) -> tuple:
     message = "Upload an image or pick an example to start."
     return (ui or UiState(), None, [], message, gr.update(choices=[], value=None),
             gr.update(interactive=False), gr.update(interactive=False),
-            gr.update(interactive=False), "{}")
+            gr.update(interactive=False), "{}", "")
 
 
 def _refused_view(ui: UiState | None = None) -> tuple:
@@ -168,7 +169,14 @@ async def _view(service: SegmentService, ui: UiState, obj: ObjectState | None = 
         gr.update(interactive=obj.can_redo),
         gr.update(interactive=obj.selected is not None),  # reset: only when there is a mask
         browser_view(ui, obj),
+        object_legend(ui),
     )
+
+
+def object_legend(ui: UiState) -> str:
+    """The objects, each after a square of the colour the overlay draws it in."""
+    return legend([(ui.label(object_id), ui.colour(object_id)) for object_id in ui.objects],
+                  current=ui.label(ui.object_id) if ui.object_id in ui.objects else None)
 
 
 def browser_view(ui: UiState, obj: ObjectState) -> str:
@@ -214,10 +222,12 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
             downscale = gr.Button("Downscale it to fit and use it", visible=False,
                                   elem_id="downscale")
             example_files = exports.examples()
-            gr.Examples(
-                examples=[[path] for _, path in example_files],
-                inputs=[upload], label="Examples", elem_id="examples",
-            )
+            # A gallery, not gr.Examples: its thumbnails show their captions and carry them as
+            # alt text, where gr.Examples' show either the image (no alt) or the label alone.
+            examples = gr.Gallery([(path, caption) for caption, path in example_files],
+                                  label="Examples (click one to use it)", columns=4,
+                                  height="auto", allow_preview=False, object_fit="contain",
+                                  buttons=[], interactive=False, elem_id="examples")
             mode = gr.Radio([ADD, REMOVE, BOX], value=ADD, label="Click mode",
                             info="or drag a box on the image · keys: A add, R remove, B box, "
                                  "N new object, Ctrl+Z undo, Ctrl+Y redo",
@@ -226,6 +236,8 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
                 objects = gr.Dropdown(label="Object", choices=[],
                                       interactive=True, elem_id="object-select")
                 new_object = gr.Button("New object", elem_id="new-object")
+            # Each object's overlay colour next to its name (a dropdown's choices are text).
+            object_colours = gr.HTML(elem_id="object-legend")
             with gr.Row():
                 undo = gr.Button("Undo", interactive=False, elem_id="undo")
                 redo = gr.Button("Redo", interactive=False, elem_id="redo")
@@ -250,7 +262,7 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
     browser_state = gr.Textbox("{}", elem_id="segment-state", elem_classes=["a3d-hidden"])
     browser_sync = gr.Button("sync", elem_id="browser-sync", elem_classes=["a3d-hidden"])
     view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset,
-                    browser_state]
+                    browser_state, object_colours]
 
     async def open_image(ui: UiState, data: bytes, name: str, request: gr.Request,
                          progress: gr.Progress, start: float) -> tuple:
@@ -288,6 +300,10 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
             ui.too_big = upload  # over the pixel limit: offered to downscale
             gr.Warning(f"{sentence(exc.message)} Downscale it to fit, or upload a smaller one.")
             return (*_empty_view(ui), None, gr.update(visible=True))
+
+    def on_example(evt: gr.SelectData) -> str:
+        """The example clicked, put in the upload (whose change event opens it)."""
+        return example_files[evt.index][1]
 
     @guarded(fallback=_refused_view)
     async def on_downscale(ui: UiState, request: gr.Request,
@@ -420,6 +436,7 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
     clicks: dict[str, Any] = {**events, "trigger_mode": "multiple", "show_progress": "minimal"}
     upload.change(on_image, [upload, state], [*view_outputs, upload, downscale], **events,
                   preprocess=False)
+    examples.select(on_example, None, [upload], **events)
     downscale.click(on_downscale, [state], [*view_outputs, upload, downscale], **events)
     overlay.select(on_click, [state, mode], view_outputs, **clicks)
     candidates.select(on_pick, [state], view_outputs, **clicks)
