@@ -23,7 +23,7 @@ from atelier3d.serve.jobs.types import Job
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import StoredParse
-from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, guarded
+from atelier3d.serve.ui.common import EVENTS, ExportDir, ImageGate, UiState, guarded
 from atelier3d.serve.ui.parse import ParseUi
 from atelier3d.stages.mesh import MIN_BOX_PX
 from atelier3d.stages.parse import Part
@@ -190,6 +190,7 @@ class Studio:
     state: gr.State  # UiState: the Segment tab's session and objects
     parse_state: gr.State  # ParseUi: the parse the Body & garments tab shows
     edit_state: gr.State  # EditUi: the Edit tab's history, which the 3D tab picks from too
+    gate: ImageGate  # the buttons that need an image
 
     @property
     def states(self) -> list[gr.State]:
