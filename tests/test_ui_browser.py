@@ -188,10 +188,8 @@ def test_banner_says_the_weights_are_random(page: Page) -> None:
 
 
 def test_segment_click_overlay_candidates_and_cutout(page: Page, tmp_path: Path) -> None:
-    # Before any image, actions explain themselves instead of failing.
-    page.locator("#export").click()
-    toast = page.locator("[data-testid=toast-text]", has_text="Upload an image")
-    toast.first.wait_for()
+    # Before any image, actions that need one cannot be clicked.
+    expect(page.locator("#export")).to_be_disabled()
 
     upload_character(page, tmp_path)
     before = fetch_image(page, overlay_src(page))
@@ -345,8 +343,7 @@ def wait_overlay(page: Page, condition) -> np.ndarray:
 def test_body_and_garments_tab(page: Page, tmp_path: Path) -> None:
     parse_tab = tab(page, "Body & garments")
     parse_tab.click()
-    page.locator("#parse-run").click()
-    page.locator("[data-testid=toast-text]", has_text="Upload an image").first.wait_for()
+    expect(page.locator("#parse-run")).to_be_disabled()  # before any image
 
     # Segment the character with a box in the Segment tab, then parse its object here.
     tab(page, "Segment").click()
@@ -440,8 +437,8 @@ def test_body_and_garments_tab(page: Page, tmp_path: Path) -> None:
 
     # "Send to Edit" / "Send to 3D" open those tabs with the part shown here as their source.
     shown = names[index].split(" · ")[0]
-    expected = f"Object 1 · {shown}" + (" (completed)" if names[index].endswith("completed")
-                                        else "")
+    expected = f"Parts: Object 1 · {shown}" + (
+        " (completed)" if names[index].endswith("completed") else "")
     for button, name, picker in (("send-edit", "Edit", "edit-source"),
                                  ("send-3d", "3D", "mesh-source")):
         parse_tab.click()
@@ -545,14 +542,13 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     tab(page, "Edit").click()
-    page.locator("#edit-run").click()
-    page.locator("[data-testid=toast-text]", has_text="Upload an image").first.wait_for()
+    expect(page.locator("#edit-run")).to_be_disabled()  # before any image
 
     tab(page, "Segment").click()
     segment_with_box(page, tmp_path)
     tab(page, "Edit").click()
     # The current object's cut-out is the default source, previewed with its transparency.
-    wait_picked(page, "edit-source", "Object 1 cut-out")
+    wait_picked(page, "edit-source", "Objects: Object 1 cut-out")
     cutout = np.asarray(Image.open(io.BytesIO(page.request.get(
         loaded_src(page, "#edit-preview")).body())))
     assert cutout.shape[2] == 4 and (cutout[..., 3] == 0).any() and (cutout[..., 3] > 0).any()
@@ -577,9 +573,9 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
     # Branch: go back to Edit 1 in the history (it becomes the source) and edit it freely.
     tab(page, "Segment").click()
     tab(page, "Edit").click()  # the picker refreshes on opening
-    wait_picked(page, "edit-source", "Object 1 cut-out")
+    wait_picked(page, "edit-source", "Objects: Object 1 cut-out")
     thumbs.first.click()
-    wait_picked(page, "edit-source", first)
+    wait_picked(page, "edit-source", f"Edits: {first}")
     wait_text(page, "#edit-status", "the source of the next edit")
     preset = page.locator("#edit-preset input")
     until_kept(lambda: (preset.click(), page.get_by_role("option", name="Free").click()),
@@ -605,7 +601,7 @@ def test_edit_tab_runs_presets_keeps_a_history_and_branches(page: Page, tmp_path
     page.locator("#edit-to-3d").click()
     expect(tab(page, "3D")).to_have_attribute(
         "aria-selected", "true")
-    wait_picked(page, "mesh-source", label)
+    wait_picked(page, "mesh-source", f"Edits: {label}")
     loaded_src(page, "#mesh-preview")
 
 
@@ -652,7 +648,7 @@ def test_3d_tab_meshes_a_cutout_shows_it_and_offers_downloads(page: Page,
                                                                tmp_path: Path) -> None:
     segment_with_box(page, tmp_path)
     tab(page, "3D").click()
-    wait_picked(page, "mesh-source", "Object 1 cut-out")
+    wait_picked(page, "mesh-source", "Objects: Object 1 cut-out")
     loaded_src(page, "#mesh-preview")
 
     page.locator("#mesh-parameters").click()
@@ -791,7 +787,7 @@ def test_one_persons_long_edit_never_blocks_anothers_clicks(browser: Browser, se
     (The UI's events have no Gradio concurrency limit; the edit waits in its own job queue.)"""
     segment_with_box(page, tmp_path)
     tab(page, "Edit").click()
-    wait_picked(page, "edit-source", "Object 1 cut-out")
+    wait_picked(page, "edit-source", "Objects: Object 1 cut-out")
     start_long_edit(page, 100)
 
     other = server_clicks(browser.new_context(viewport={"width": 1400, "height": 1100}))
@@ -819,7 +815,7 @@ def test_edit_tab_sends_the_region_painted_over_the_source(page: Page, tmp_path:
     result names the region the editor repainted, where the stroke was drawn."""
     segment_with_box(page, tmp_path)
     tab(page, "Edit").click()
-    wait_picked(page, "edit-source", "Object 1 cut-out")
+    wait_picked(page, "edit-source", "Objects: Object 1 cut-out")
     cutout = np.asarray(Image.open(io.BytesIO(page.request.get(
         loaded_src(page, "#edit-preview")).body())))
     region = page.locator("#edit-region")
@@ -851,7 +847,7 @@ def test_edit_tab_dresses_the_character_with_a_reference_image(page: Page,
     multi-image pipeline on both."""
     segment_with_box(page, tmp_path)
     tab(page, "Edit").click()
-    wait_picked(page, "edit-source", "Object 1 cut-out")
+    wait_picked(page, "edit-source", "Objects: Object 1 cut-out")
     coat = np.full((160, 128, 3), 120, np.uint8)
     coat[20:150, 24:104] = (30, 60, 160)
     Image.fromarray(coat).save(tmp_path / "coat.png")

@@ -1,7 +1,8 @@
 """The first screen a person meets, in a real headless Chromium against the real app (tiny
 random weights): a title and one line saying the flow, the untrained-weights banner styled as
-a warning, examples captioned in words (and as alt text), and the objects listed with the
-colours the overlay draws them in."""
+a warning, examples captioned in words (and as alt text), the objects listed with the colours
+the overlay draws them in, and the controls that need an image not clickable until there is
+one."""
 
 # ruff: noqa: F811 - the test takes the browser and page fixtures imported below
 
@@ -11,17 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Page, expect
 
-from atelier3d.samples import examples
+from atelier3d.samples import drawn_character, examples
 from atelier3d.serve.ui.common import UiState
 from tests.test_ui_browser import (  # noqa: F401 - the browser and page fixtures
+    TIMEOUT_MS,
     browser,
     click_image,
     fetch_image,
     overlay_src,
     page,
     segment_with_box,
+    tab,
+    upload_character,
     wait_status,
 )
 
@@ -93,3 +98,61 @@ def test_objects_are_listed_with_their_overlay_colours(page: Page, tmp_path: Pat
     wait_status(page, r"Object 1 · 0 \+ / 0 − points · box")
     expect(swatches.nth(0)).to_have_attribute("aria-current", "true")
     assert near(palette[0], np.s_[28:33, 110:280]).any(axis=0).mean() > 0.8
+
+
+# The buttons that need an image, by tab: each does nothing useful before an upload.
+NEED_AN_IMAGE = {
+    "Segment": ["new-object", "export"],
+    "Body & garments": ["parse-run", "send-edit", "send-3d"],
+    "Edit": ["edit-run"],
+    "3D": ["mesh-run"],
+    "Character → 3D": ["character-run"],
+    "Recipe": ["recipe-export-run"],
+}
+
+
+def expect_buttons(page: Page, enabled: bool) -> None:
+    """Every button that needs an image is enabled (or disabled), tab by tab."""
+    for name, buttons in NEED_AN_IMAGE.items():
+        tab(page, name).click()
+        for button in buttons:
+            locator = page.locator(f"#{button}")
+            if enabled:
+                expect(locator).to_be_enabled(timeout=TIMEOUT_MS)
+            else:
+                expect(locator).to_be_disabled(timeout=TIMEOUT_MS)
+    tab(page, "Segment").click()
+
+
+def test_controls_that_need_an_image_wait_for_one(page: Page, tmp_path: Path) -> None:
+    expect_buttons(page, enabled=False)
+    upload_character(page, tmp_path)
+    expect_buttons(page, enabled=True)
+
+    # Cleared: disabled again.
+    page.locator("#upload button[aria-label='Remove Image']").click()
+    wait_status(page, "Upload an image or pick an example to start")
+    expect_buttons(page, enabled=False)
+
+    # Refused (a text file named .png), after an accepted one: disabled again.
+    upload_character(page, tmp_path)
+    expect_buttons(page, enabled=True)
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"hello, I am a PNG\n" * 20)
+    page.locator("#upload input[type=file]").set_input_files(str(notes))
+    wait_status(page, "Upload an image or pick an example to start")
+    expect_buttons(page, enabled=False)
+
+    # The 3D tab meshes an uploaded cut-out without a session: its own upload enables its run
+    # (only), and removing it disables it again.
+    image = drawn_character()
+    alpha = (np.abs(image.astype(int) - image[0, 0]).sum(-1) > 30).astype(np.uint8) * 255
+    Image.fromarray(np.dstack([image, alpha])).save(tmp_path / "cutout.png")
+    tab(page, "3D").click()
+    page.locator("#mesh-upload input[type=file]").set_input_files(str(tmp_path / "cutout.png"))
+    expect(page.locator("#mesh-run")).to_be_enabled(timeout=TIMEOUT_MS)
+    tab(page, "Edit").click()
+    expect(page.locator("#edit-run")).to_be_disabled()
+    tab(page, "3D").click()
+    page.locator("#mesh-upload button[aria-label='Remove Image']").click()
+    expect(page.locator("#mesh-run")).to_be_disabled(timeout=TIMEOUT_MS)

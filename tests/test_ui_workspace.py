@@ -147,7 +147,7 @@ def reload_mid_job_and_after(page: Page, browser: Browser, server: str, tmp_path
 
     # A long edit, then a reload in the middle of it.
     tab(page, "Edit").click()
-    wait_picked(page, "edit-source", "Object 1 cut-out")
+    wait_picked(page, "edit-source", "Objects: Object 1 cut-out")
     expect(page.locator("#edit-cancel")).to_be_disabled()
     start_long_edit(page, 40)
     page.reload(timeout=TIMEOUT_MS)

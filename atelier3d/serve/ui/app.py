@@ -28,7 +28,7 @@ from atelier3d.serve.recipe.service import RecipeService
 from atelier3d.serve.routes import JobServices
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.ui.character import character_tab
-from atelier3d.serve.ui.common import EVENTS, ExportDir, Restore, UiState, guarded
+from atelier3d.serve.ui.common import EVENTS, ExportDir, ImageGate, Restore, UiState, guarded
 from atelier3d.serve.ui.edit import edit_tab
 from atelier3d.serve.ui.mesh import mesh_tab
 from atelier3d.serve.ui.parse import ParseTab, ParseUi, parse_tab
@@ -82,6 +82,7 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
         banner = gr.Markdown(visible=False, elem_id="weights-banner",
                              elem_classes=["a3d-warning"])
         state = gr.State(UiState())
+        gate = ImageGate(state)
         # The states the load event joins to the browser's workspace, in Workspace's order.
         states: list[gr.State | None] = [state, None, None, None]
         restores: list[Restore] = []
@@ -90,18 +91,20 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
             states[2] = gr.State(EditUi())
         with gr.Tabs() as tabs:
             with gr.Tab("Segment", id="segment"):
-                restores.append(segment_tab(service, state, exports))
+                restores.append(segment_tab(service, state, exports, gate))
             if parsing is not None:
-                parse = parse_tab(parsing, state, exports, sends=jobs is not None)
+                parse = parse_tab(parsing, state, exports, gate, sends=jobs is not None)
                 states[1] = parse.state
                 restores.append(parse.restore)
             if jobs is not None:
                 states[3], job_restores = _job_tabs(service, parsing, jobs, exports, tabs,
                                                     [state, parse.state, states[2]], parse,
-                                                    character)
+                                                    gate, character)
                 restores += job_restores
                 with gr.Tab("Recipe", id="recipe"):
-                    recipe_tab(RecipeService(service, parsing, *jobs, health), state, exports)
+                    recipe_tab(RecipeService(service, parsing, *jobs, health), state, exports,
+                               gate)
+        gate.link()
 
         poll = gr.Timer(BANNER_POLL_S, active=False)
 
@@ -151,12 +154,14 @@ def build_ui(health: Health, service: SegmentService, workspaces: Workspaces,
 
 def _job_tabs(service: SegmentService, parsing: ParseService, jobs: JobServices,
               exports: ExportDir, tabs: gr.Tabs, states: list[gr.State], parse: ParseTab,
-              character: CharacterService | None = None) -> tuple[gr.State, list[Restore]]:
+              gate: ImageGate, character: CharacterService | None = None
+              ) -> tuple[gr.State, list[Restore]]:
     """The Edit and 3D tabs, and the buttons that send images to them from the tabs before;
     ``states``: the Segment, Body & garments and Edit tabs' states. Returns the 3D tab's state
     and both tabs' restores."""
     job_service, editing, meshing = jobs
-    studio = Studio(service, parsing, job_service, editing.resolver, exports, tabs, *states)
+    studio = Studio(service, parsing, job_service, editing.resolver, exports, tabs, *states,
+                    gate)
     edit = edit_tab(studio, editing)
     mesh = mesh_tab(studio, meshing)
     if character is not None:

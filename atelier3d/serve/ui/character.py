@@ -55,12 +55,15 @@ def character_tab(studio: Studio, character: CharacterService) -> None:
                                             "its own node)", elem_id="character-garments")
                 t_pose = gr.Checkbox(False, label="Edit to a front T-pose full body first",
                                      elem_id="character-t-pose")
-                run = gr.Button("Character to 3D", variant="primary", elem_id="character-run")
+                run = gr.Button("Character to 3D", variant="primary", interactive=False,
+                                elem_id="character-run")
                 stages = gr.Markdown("Segment the character in the Segment tab, then run.",
                                      elem_id="character-stages")
             with gr.Column(scale=2):
                 viewer = gr.Model3D(label="Layered asset", height=480,
                                     elem_id="character-viewer")
+
+    studio.gate.needs_image(run)
 
     async def shown(job: Job) -> str:
         (glb,) = await asyncio.to_thread(exports.write,

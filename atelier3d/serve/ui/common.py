@@ -324,3 +324,51 @@ async def with_progress(work: Awaitable[Any], fraction: Callable[[], float],
         return await waiter
     finally:
         waiter.cancel()
+
+
+# The session id in the Segment tab's view (its hidden #segment-state JSON), read in the page:
+# the gate's handler then runs when an image comes or goes, not on every click.
+_SESSION_OF_VIEW = "(view) => { try { return JSON.parse(view).session_id ?? ''; } " \
+                   "catch { return ''; } }"
+
+
+class ImageGate:
+    """The buttons that need an image: not clickable until the Segment tab has one (or the
+    tab's own upload has one, for a tab that takes its own), and not again once it is cleared
+    or refused. Their handlers still check, as a click can come before the update."""
+
+    def __init__(self, state: gr.State) -> None:
+        self.state = state  # the Segment tab's UiState
+        self.gated: list[tuple[gr.Button, gr.Image | None]] = []
+        self.view: gr.Textbox | None = None
+
+    def follows(self, view: gr.Textbox) -> None:
+        """The Segment tab's hidden view of its object (JSON with its session id; "{}"
+        without an image)."""
+        self.view = view
+
+    def needs_image(self, *buttons: gr.Button, own: gr.Image | None = None) -> None:
+        """``buttons`` (made with ``interactive=False``) need the Segment tab's image, or
+        ``own``'s upload."""
+        self.gated += [(button, own) for button in buttons]
+
+    def link(self) -> None:
+        """Once every tab is built: follows the Segment tab's view and the tabs' own uploads."""
+        view = self.view
+        if view is None:
+            raise RuntimeError("the Segment tab did not give the gate its view")
+        owns = [own for own in dict.fromkeys(own for _, own in self.gated) if own is not None]
+        session = gr.Textbox("", elem_classes=["a3d-hidden"], elem_id="segment-session")
+        view.change(None, [view], [session], js=_SESSION_OF_VIEW, **EVENTS)
+
+        @guarded()
+        async def on_image(ui: UiState, *uploads: dict | None) -> list[dict]:
+            segmented = ui.session_id is not None and ui.object_id is not None
+            has = {id(own): uploaded_file(upload) is not None
+                   for own, upload in zip(owns, uploads, strict=True)}
+            return [gr.update(interactive=segmented or (own is not None and has[id(own)]))
+                    for _, own in self.gated]
+
+        for trigger in (session, *owns):
+            trigger.change(on_image, [self.state, *owns], [button for button, _ in self.gated],
+                           **EVENTS, show_progress="hidden", preprocess=False)

@@ -120,7 +120,8 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                                            minimum=0, step=SIZE_MULTIPLE,
                                            elem_id="edit-height")
                 with gr.Row():
-                    run = gr.Button("Run the edit", variant="primary", elem_id="edit-run")
+                    run = gr.Button("Run the edit", variant="primary", interactive=False,
+                                    elem_id="edit-run")
                     cancel = gr.Button("Cancel", interactive=False, elem_id="edit-cancel")
                 status = gr.Markdown("Pick a source, a preset and a prompt, then run.",
                                      elem_id="edit-status")
@@ -133,6 +134,7 @@ def edit_tab(studio: Studio, editing: EditService) -> EditTab:
                                      object_fit="contain", format="png", elem_id="edit-history")
                 to_3d = gr.Button("Use this for 3D", interactive=False, elem_id="edit-to-3d")
     picker = Picker("edit", source)
+    studio.gate.needs_image(run)
     studio.link(picker, tab, preview)
     studio.link_cancel(cancel, studio.edit_state, "edit")
 

@@ -137,7 +137,8 @@ def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
                                       precision=0, minimum=0, elem_id="mesh-faces")
                     texture = gr.Checkbox(True, label="Texture", elem_id="mesh-texture")
                 with gr.Row():
-                    run = gr.Button("Make the 3D asset", variant="primary", elem_id="mesh-run")
+                    run = gr.Button("Make the 3D asset", variant="primary", interactive=False,
+                                    elem_id="mesh-run")
                     cancel = gr.Button("Cancel", interactive=False, elem_id="mesh-cancel")
                 status = gr.Markdown("Pick a cut-out (or upload one), then run.",
                                      elem_id="mesh-status")
@@ -147,6 +148,7 @@ def mesh_tab(studio: Studio, meshing: MeshService) -> MeshTab:
                 viewer = gr.Model3D(label="3D asset", height=520, elem_id="mesh-viewer")
                 downloads = gr.HTML(visible=False, elem_id="mesh-download")
     picker = Picker("mesh", source, extra=(("Uploaded image (below)", UPLOAD),))
+    studio.gate.needs_image(run, own=upload)  # an uploaded cut-out needs no session
     studio.link(picker, tab, preview)
     studio.link_cancel(cancel, running, "3D job")
     outputs = [viewer, downloads, stage_times, status, cancel]

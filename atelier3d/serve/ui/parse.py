@@ -23,6 +23,7 @@ from atelier3d.serve.sessions.session import StoredParse
 from atelier3d.serve.ui.common import (
     EVENTS,
     ExportDir,
+    ImageGate,
     Restore,
     UiState,
     guarded,
@@ -113,10 +114,11 @@ def _caption(response: ParseResponse, index: int) -> str:
 # ---- the tab ----------------------------------------------------------------------------------
 
 
-def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
+def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir, gate: ImageGate,
               sends: bool = False) -> ParseTab:
     """Builds the tab (inside the caller's ``gr.Tabs``) and its events; ``sends``: show the
-    buttons sending the part shown to the Edit and 3D tabs (which link them)."""
+    buttons sending the part shown to the Edit and 3D tabs (which link them); ``gate`` gets
+    the buttons that need an image."""
     segmentation = parsing.segmentation
     with gr.Tab("Body & garments", id="parse"):
         pstate = gr.State(ParseUi())
@@ -128,7 +130,7 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
                 complete = gr.Checkbox(True, label="Complete occluded parts of garments",
                                        elem_id="parse-complete")
                 run = gr.Button("Parse the current object", variant="primary",
-                                elem_id="parse-run")
+                                interactive=False, elem_id="parse-run")
                 labels = gr.CheckboxGroup([], label="Labels shown", elem_id="parse-labels")
                 legend = gr.HTML(elem_id="parse-legend")
                 skeleton = gr.Checkbox(True, label="Show the skeleton (pose)",
@@ -136,9 +138,9 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
                 checks = gr.Markdown(elem_id="parse-checks")
                 with gr.Row():
                     send_edit = gr.Button("Send this part to Edit", visible=sends,
-                                          elem_id="send-edit")
+                                          interactive=False, elem_id="send-edit")
                     send_3d = gr.Button("Send this part to 3D", visible=sends,
-                                        elem_id="send-3d")
+                                        interactive=False, elem_id="send-3d")
             with gr.Column(scale=2):
                 status = gr.Markdown("Segment the character in the Segment tab, then parse it "
                                      "here.", elem_id="parse-status")
@@ -157,6 +159,7 @@ def parse_tab(parsing: ParseService, state: gr.State, exports: ExportDir,
                     part_files = gr.HTML(visible=False, elem_id="part-download")
                     zip_file = gr.HTML(visible=False, elem_id="parts-zip")
 
+    gate.needs_image(run, send_edit, send_3d)
     part_outputs = [original, completed, part_files]
     view_outputs = [pstate, status, overlay, labels, legend, checks, parts, zip_file,
                     *part_outputs]

@@ -10,24 +10,35 @@ import gradio as gr
 from atelier3d.api.recipe import Recipe
 from atelier3d.errors import BadRequest
 from atelier3d.serve.recipe.service import RecipeService
-from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, client_key, guarded, links
+from atelier3d.serve.ui.common import (
+    EVENTS,
+    ExportDir,
+    ImageGate,
+    UiState,
+    client_key,
+    guarded,
+    links,
+)
 
 SUFFIXES = {"edit": "png", "mesh": "glb"}
 
 
-def recipe_tab(recipes: RecipeService, state: gr.State, exports: ExportDir) -> None:
+def recipe_tab(recipes: RecipeService, state: gr.State, exports: ExportDir,
+               gate: ImageGate) -> None:
     gr.Markdown("A recipe is how this session's masks, parses, edits and 3D assets were made, "
                 "with the exact models. Replayed on the same image by a server with the same "
                 "models, it gives the same results.")
     with gr.Row():
-        export = gr.Button("Export this session's recipe")
+        export = gr.Button("Export this session's recipe", interactive=False,
+                           elem_id="recipe-export-run")
         exported = gr.HTML(visible=False, elem_id="recipe-export")
     with gr.Row():
         recipe_file = gr.File(label="Recipe to replay (JSON)", file_types=[".json"],
                               type="filepath", elem_id="recipe-upload")
         image_file = gr.File(label="Its image", file_types=["image"], type="filepath",
                              elem_id="recipe-image")
-    replay = gr.Button("Replay", variant="primary")
+    replay = gr.Button("Replay", variant="primary")  # a new session: needs no image here
+    gate.needs_image(export)
     summary = gr.Markdown(elem_id="recipe-summary")
     results = gr.HTML(visible=False, elem_id="recipe-results")
 

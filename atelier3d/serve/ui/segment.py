@@ -21,6 +21,7 @@ from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.ui.common import (
     EVENTS,
     ExportDir,
+    ImageGate,
     Restore,
     UiState,
     client_key,
@@ -212,8 +213,10 @@ async def _first_object(service: SegmentService, ui: UiState, progress: gr.Progr
     return await _view(service, ui, obj, note)
 
 
-def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) -> Restore:
-    """The Segment tab's components and events; call inside its ``gr.Tab``."""
+def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
+                gate: ImageGate) -> Restore:
+    """The Segment tab's components and events; call inside its ``gr.Tab``. Its buttons that
+    need an image, and its view that says when there is one, go to ``gate``."""
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             # Its events take the upload undecoded (preprocess=False): see uploaded_file.
@@ -235,14 +238,14 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
             with gr.Row():
                 objects = gr.Dropdown(label="Object", choices=[],
                                       interactive=True, elem_id="object-select")
-                new_object = gr.Button("New object", elem_id="new-object")
+                new_object = gr.Button("New object", interactive=False, elem_id="new-object")
             # Each object's overlay colour next to its name (a dropdown's choices are text).
             object_colours = gr.HTML(elem_id="object-legend")
             with gr.Row():
                 undo = gr.Button("Undo", interactive=False, elem_id="undo")
                 redo = gr.Button("Redo", interactive=False, elem_id="redo")
                 reset = gr.Button("Reset", interactive=False, elem_id="reset")
-            export = gr.Button("Export cut-out + RLE", variant="primary",
+            export = gr.Button("Export cut-out + RLE", variant="primary", interactive=False,
                                elem_id="export")
             # Hidden until the first export.
             cutout_file = gr.HTML(visible=False, elem_id="cutout-download")
@@ -263,6 +266,8 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir) ->
     browser_sync = gr.Button("sync", elem_id="browser-sync", elem_classes=["a3d-hidden"])
     view_outputs = [state, overlay, candidates, status, objects, undo, redo, reset,
                     browser_state, object_colours]
+    gate.needs_image(new_object, export)
+    gate.follows(browser_state)
 
     async def open_image(ui: UiState, data: bytes, name: str, request: gr.Request,
                          progress: gr.Progress, start: float) -> tuple:

@@ -23,11 +23,13 @@ from atelier3d.serve.jobs.types import Job
 from atelier3d.serve.parse.service import ParseService
 from atelier3d.serve.segment.service import SegmentService
 from atelier3d.serve.sessions.session import StoredParse
-from atelier3d.serve.ui.common import EVENTS, ExportDir, UiState, guarded
+from atelier3d.serve.ui.common import EVENTS, ExportDir, ImageGate, UiState, guarded
 from atelier3d.serve.ui.parse import ParseUi
 from atelier3d.stages.mesh import MIN_BOX_PX
 from atelier3d.stages.parse import Part
 
+# The picker's groups, in the order they are listed (after the original image).
+OBJECTS, PARTS, EDITS = "Objects", "Parts", "Edits"
 UPLOAD = "upload"  # the 3D tab's own choice: an image uploaded there, not from the session
 STAGES = {"encode": "Encoding", "denoise": "Denoising", "decode": "Decoding",
           "conditioning": "Conditioning", "volume_decode": "Decoding the volume",
@@ -107,6 +109,11 @@ def pickable(part: Part) -> bool:
             and bool(part.region.any()))
 
 
+def grouped(group: str, name: str) -> str:
+    """A picker's label: its group first ("Parts: Object 1 · upper-clothes")."""
+    return f"{group}: {name}" if group else name
+
+
 def optional(value: float | None) -> float | None:
     """A number box at 0 (or emptied) means "the server's default"."""
     return value or None
@@ -183,6 +190,7 @@ class Studio:
     state: gr.State  # UiState: the Segment tab's session and objects
     parse_state: gr.State  # ParseUi: the parse the Body & garments tab shows
     edit_state: gr.State  # EditUi: the Edit tab's history, which the 3D tab picks from too
+    gate: ImageGate  # the buttons that need an image
 
     @property
     def states(self) -> list[gr.State]:
@@ -205,14 +213,16 @@ class Studio:
         return ImageSource(kind="part", parse_id=pui.parse_id, part=pui.part,
                            completed=pui.part in stored.result.completed)
 
-    async def choices(self, ui: UiState, pui: ParseUi, eui: EditUi) -> list[tuple[str, str]]:
-        """(label, key) of every image of the session a job can start from."""
+    async def sources(self, ui: UiState, pui: ParseUi, eui: EditUi
+                      ) -> list[tuple[str, str, str]]:
+        """(group, name, key) of every image of the session a job can start from: the original,
+        then the objects' cut-outs, the shown parse's parts (not the empty ones) and the edits."""
         if ui.session_id is None:
             return []
-        out = [("Original image", source_key(ImageSource()))]
+        out = [("", "Original image", source_key(ImageSource()))]
         for object_id in ui.objects:
             if (await self.segmentation.get_object(ui.session_id, object_id)).selected is not None:
-                out.append((f"{ui.label(object_id)} cut-out",
+                out.append((OBJECTS, f"{ui.label(object_id)} cut-out",
                             source_key(ImageSource(kind="object", object_id=object_id))))
         stored = self.shown_parse(ui, pui)
         for part in stored.result.parts if stored else []:
@@ -222,11 +232,17 @@ class Studio:
             for completed in variants:
                 source = ImageSource(kind="part", parse_id=pui.parse_id, part=part.name,
                                      completed=completed)
-                label = f"{pui.object_label} · {part.name}" + (" (completed)" if completed else "")
-                out.append((label, source_key(source)))
-        out += [(edit.label, source_key(edit_source(edit)))
+                name = f"{pui.object_label} · {part.name}" + (" (completed)" if completed else "")
+                out.append((PARTS, name, source_key(source)))
+        out += [(EDITS, edit.label, source_key(edit_source(edit)))
                 for edit in self.done_edits(ui, eui)]
         return out
+
+    async def choices(self, ui: UiState, pui: ParseUi, eui: EditUi) -> list[tuple[str, str]]:
+        """(label, key) of every source, as the picker lists them: a dropdown has no option
+        groups, so each label starts with its group's name."""
+        sources = await self.sources(ui, pui, eui)
+        return [(grouped(group, name), key) for group, name, key in sources]
 
     def done_edits(self, ui: UiState, eui: EditUi) -> list[Edit]:
         """The session's edits that have a result, oldest first. An edit joins the history when
@@ -245,8 +261,9 @@ class Studio:
         return done
 
     async def label(self, ui: UiState, pui: ParseUi, eui: EditUi, key: str) -> str:
-        """How the picker names the source ``key``."""
-        return next((label for label, k in await self.choices(ui, pui, eui) if k == key), "?")
+        """The name of the source ``key``, without its group (what a job's status line, an
+        edit's label and a download's name say it is of)."""
+        return next((name for _, name, k in await self.sources(ui, pui, eui) if k == key), "?")
 
     async def picker_update(self, picker: Picker, ui: UiState, pui: ParseUi, eui: EditUi,
                             wanted: str | None) -> dict:
