@@ -57,9 +57,12 @@ CLICKS_PER_OBJECT = 6  # then a reset: prompts stay as long as a person's
 NOT_SERVER = re.compile(r"chrom|node|playwright", re.IGNORECASE)
 
 # Records the click event's time before any handler (window capture runs first), and the load
-# time of each new server-rendered overlay image.
+# time of each new server-rendered overlay image. Only a person's clicks count: the page's own
+# synthetic click that asks Gradio for the recorded step's view must not move the start.
 PAGE_PROBES = """() => {
-    window.addEventListener('click', () => { window.__t0 = performance.now(); }, true);
+    window.addEventListener('click', (e) => {
+        if (e.isTrusted) window.__t0 = performance.now();
+    }, true);
     window.__lastSrc = null;
     new MutationObserver(() => {
         const img = document.querySelector('#overlay img');
@@ -153,7 +156,13 @@ def served_app(checkpoint: SamCheckpoint, cache_dir: Path, metrics_port: int) ->
 
 
 def screen_point(page: Page, x: float, y: float) -> tuple[float, float]:
-    """Viewport coordinates of image pixel (x, y) on the overlay (scaled to fit, centred)."""
+    """Viewport coordinates of image pixel (x, y) on the overlay (scaled to fit, centred).
+    Waits for the overlay's image to be loaded: just after a reset it is being replaced, and an
+    image with no natural size yet would map the point off the page."""
+    page.wait_for_function("""() => {
+        const i = document.querySelector('#overlay img');
+        return i !== null && i.complete && i.naturalWidth > 0;
+    }""")
     return tuple(page.locator("#overlay img").evaluate(
         """(i, [x, y]) => {
             const r = i.getBoundingClientRect();
