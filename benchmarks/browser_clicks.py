@@ -158,14 +158,19 @@ def served_app(checkpoint: SamCheckpoint, cache_dir: Path, metrics_port: int) ->
 def screen_point(page: Page, x: float, y: float) -> tuple[float, float]:
     """Viewport coordinates of image pixel (x, y) on the overlay (scaled to fit, centred).
     Waits for the overlay's image to be loaded: just after a reset it is being replaced, and an
-    image with no natural size yet would map the point off the page."""
+    image with no natural size yet would map the point off the page. An image the page has
+    scrolled partly out of view is scrolled back first."""
     page.wait_for_function("""() => {
         const i = document.querySelector('#overlay img');
         return i !== null && i.complete && i.naturalWidth > 0;
     }""")
     return tuple(page.locator("#overlay img").evaluate(
         """(i, [x, y]) => {
-            const r = i.getBoundingClientRect();
+            let r = i.getBoundingClientRect();
+            if (r.top < 0 || r.bottom > window.innerHeight) {  // the page scrolled it off
+                i.scrollIntoView({block: 'center'});
+                r = i.getBoundingClientRect();
+            }
             const s = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight, 1);
             return [r.left + (r.width - i.naturalWidth * s) / 2 + x * s,
                     r.top + (r.height - i.naturalHeight * s) / 2 + y * s];
