@@ -117,6 +117,18 @@ def overlay_src(page: Page) -> str:
     return page.locator("#overlay img").get_attribute("src")
 
 
+def second_object_by_box(page: Page) -> str:
+    """A second object, defined by a box drawn with two clicks from (100, 180) to (290, 345);
+    returns the status line."""
+    page.locator("#new-object").click()
+    wait_status(page, r"Object 2: click on the image")
+    page.get_by_label("box corner").check()
+    click_image(page, 100, 180)
+    wait_status(page, r"opposite corner")
+    click_image(page, 290, 345)
+    return wait_status(page, r"Object 2 · 0 \+ / 0 − points · box")
+
+
 def fetch_image(page: Page, src: str) -> np.ndarray:
     response = page.request.get(src, timeout=TIMEOUT_MS)
     assert response.ok, response.status
@@ -249,14 +261,7 @@ def test_objects_undo_redo_and_box(page: Page, tmp_path: Path) -> None:
     page.locator("#redo").click()
     wait_status(page, r"Object 1 · 1 \+ / 1 − points")
 
-    # A second object, defined by a box drawn with two clicks.
-    page.locator("#new-object").click()
-    wait_status(page, r"Object 2: click on the image")
-    page.get_by_label("box corner").check()
-    click_image(page, 100, 180)
-    wait_status(page, r"opposite corner")
-    click_image(page, 290, 345)
-    text = wait_status(page, r"Object 2 · 0 \+ / 0 − points · box")
+    text = second_object_by_box(page)
     assert "score" in text
     overlay = fetch_image(page, overlay_src(page))
     # The box is outlined in object 2's colour (tomato) along its top edge.

@@ -20,10 +20,10 @@ from atelier3d.serve.ui.common import UiState
 from tests.test_ui_browser import (  # noqa: F401 - the browser and page fixtures
     TIMEOUT_MS,
     browser,
-    click_image,
     fetch_image,
     overlay_src,
     page,
+    second_object_by_box,
     segment_with_box,
     tab,
     upload_character,
@@ -66,13 +66,7 @@ def test_examples_have_captions_and_alt_texts(page: Page) -> None:
 
 def test_objects_are_listed_with_their_overlay_colours(page: Page, tmp_path: Path) -> None:
     segment_with_box(page, tmp_path)  # object 1: a box from (90, 30) to (300, 620)
-    page.locator("#new-object").click()
-    wait_status(page, r"Object 2: click on the image")
-    page.get_by_label("box corner").check()
-    click_image(page, 100, 180)
-    wait_status(page, r"opposite corner")
-    click_image(page, 290, 345)
-    wait_status(page, r"Object 2 · 0 \+ / 0 − points · box")
+    second_object_by_box(page)  # object 2: a box from (100, 180) to (290, 345)
 
     swatches = page.locator("#object-legend .swatch")
     expect(swatches).to_have_text(["Object 1", "Object 2"])
