@@ -23,7 +23,7 @@ from atelier3d.config import FairUseSettings, JobKindSettings, JobSettings
 from atelier3d.errors import Conflict, NotFound, TooManyRequests, Unavailable
 from atelier3d.serve.fair_use import FairUse
 from atelier3d.serve.jobs.service import JobService
-from atelier3d.serve.jobs.types import JobKind, job_state
+from atelier3d.serve.jobs.types import Job, JobKind, job_state
 from atelier3d.serve.sessions import records
 from atelier3d.serve.sessions.redis_store import RedisSessionStore
 from atelier3d.serve.sessions.session import SegObject, Step
@@ -441,3 +441,23 @@ async def run_replica(redis_url: str, prefix: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(run_replica(sys.argv[1], sys.argv[2]))
+
+
+async def test_another_replicas_job_read_in_stays_when_the_session_changes(redis_url):
+    """Replica b reads in a finished job of replica a's (``JobService.prefetch``, for a job that
+    names it as a source); a change to the session made elsewhere must not drop it from b's copy
+    (a later stage of b's job reads it from there)."""
+    a, b = replicas(redis_url)
+    sid = (await a.create("client", IMAGE)).session_id
+    await a.update(sid, lambda s: s.jobs.__setitem__("job_of_a", None))
+    copy = await b.load(sid)
+    assert copy.jobs == {"job_of_a": None}  # not b's: b does not run it
+    # What prefetch puts there: a's job as read from Redis, finished.
+    kind = JobKind("edit", JobKindSettings(), start=lambda request: None, stage_weights={})
+    view = Job("job_of_a", kind, sid, "client", "fp", status="succeeded", remote=True)
+    copy.jobs["job_of_a"] = view
+    await a.update(sid, lambda s: s.objects.__setitem__("o", SegObject("o", 8)))
+    again = await b.load(sid)
+    assert "o" in again.objects and again.jobs["job_of_a"] is view
+    await a.update(sid, lambda s: s.jobs.pop("job_of_a"))  # gone from the record: gone here
+    assert "job_of_a" not in (await b.load(sid)).jobs

@@ -371,7 +371,12 @@ class RedisSessionStore:
             objects[object_id] = seg
         session.objects = objects
         session.parses = OrderedDict((pid, parses[pid]) for pid in state["parses"])
-        session.jobs = OrderedDict((jid, self.job_lookup(jid)) for jid in state["jobs"])
+        # Another replica's finished job read in for a job that uses it (prefetch) stays: a
+        # later stage reads it from this copy, and a finished job's record does not change.
+        read_in = {jid: job for jid, job in session.jobs.items()
+                   if job is not None and job.remote and job.finished}
+        session.jobs = OrderedDict((jid, self.job_lookup(jid) or read_in.get(jid))
+                                   for jid in state["jobs"])
         held.version = version
         held.steps = {uid for obj in state["objects"].values() for uid in obj["steps"] if uid}
         held.parses = set(state["parses"])
