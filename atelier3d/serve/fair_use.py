@@ -169,7 +169,7 @@ class FairUseMiddleware:
                 response = error_response(
                     429, TooManyRequests.code,
                     f"too many {kind} from this client (at most {limit.per_s:g}/s, bursts of "
-                    f"{limit.burst}); retry in {math.ceil(wait_s)} s",
+                    f"{limit.burst}); retry in {max(1, math.ceil(wait_s))} s",
                     retry_after_s=wait_s)
                 await response(scope, receive, send)
                 return

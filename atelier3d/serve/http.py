@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -31,7 +32,9 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "m
 
 
 def error_response(status: int, code: str, message: str, retry_after_s: float | None = None):
-    headers = {"Retry-After": str(int(retry_after_s + 0.999))} if retry_after_s else None
+    # Whole seconds, at least 1: a "Retry-After: 0" invites the client to hammer at once.
+    headers = ({"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+               if retry_after_s is not None else None)
     body = {"error": {"code": code, "message": message}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
