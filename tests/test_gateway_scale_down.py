@@ -38,15 +38,19 @@ def main(cache_dir: str, redis_url: str) -> None:
         "sessions": {"backend": "redis", "redis_url": redis_url, "redis_prefix": "scaledown"},
         "jobs": {"lease_s": 3.0, "drain_s": SHUTDOWN_S - 30,
                  "mesh": {"max_running": 1, "max_queued": 32}}})
-    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    gateway = deployments["Gateway"]
     gateway.update(num_replicas=2, graceful_shutdown_timeout_s=SHUTDOWN_S)
+    # One Shape3D replica runs one shape at a time: the second job would show progress only
+    # once the first had nearly finished. Two run both jobs side by side.
+    deployments["Shape3D"]["num_replicas"] = 2
     runner.start(config, num_cpus=8)
     report: dict = {}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             jobs: dict[str, str] = {}  # replica -> its job
             for _ in range(12):  # one job on each replica; any more are cancelled
-                job_id, replica = submit_mesh(http, steps=60)
+                job_id, replica = submit_mesh(http, steps=200)
                 if replica in jobs:
                     http.delete(f"/v1/jobs/{job_id}")
                 else:

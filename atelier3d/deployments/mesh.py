@@ -17,6 +17,8 @@ cleans up this one. A job that paints finishes here (the paint pipeline is on th
 from __future__ import annotations
 
 import hashlib
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -30,6 +32,33 @@ from atelier3d.models.loading import weights_label
 from atelier3d.models.mesh.hunyuan3d import extract_surfaces, finish, generate, load_shape_pipeline
 from atelier3d.stages.mesh import SURFACES, MeshRequest
 
+SURFACES_HOLD_S = 600.0
+
+
+class HeldRefs:
+    """``ray.put`` whose reference this replica keeps for ``hold_s`` after handing it on.
+
+    Ray can free an object put by a streaming generator and nested in one of its items before
+    the reader's borrow is registered (a race in Ray's reference counting): MeshFinish would
+    then find the surfaces deleted. Holding them here for longer than a job waits for MeshFinish
+    closes that window; memory stays bounded by the meshes made within ``hold_s``.
+    """
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self._refs: deque[tuple[float, ray.ObjectRef]] = deque()
+
+    def put(self, value: object) -> ray.ObjectRef:
+        now = time.monotonic()
+        while self._refs and now - self._refs[0][0] > self.hold_s:
+            self._refs.popleft()
+        ref = ray.put(value)
+        self._refs.append((now, ref))
+        return ref
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
 
 @serve.deployment(name="Shape3D")
 class Shape3D(JobModel):
@@ -38,6 +67,7 @@ class Shape3D(JobModel):
 
     def load(self, cfg: AppConfig) -> str:
         self.settings = cfg.mesh
+        self.surfaces = HeldRefs(SURFACES_HOLD_S)
         model = self.model = load_shape_pipeline(cfg.mesh, cfg.models, cfg.cache_path)
         note = f" ({model.texture_note})" if model.texture_note else ""
         return (f"{model.name} on {model.device} ({weights_label(model.trained).upper()}), "
@@ -68,9 +98,9 @@ class Shape3D(JobModel):
             surfaces = extract_surfaces(self.model, request, reporter, self.settings)
             if surfaces.texture == "paint":
                 return finish(surfaces, reporter, self.model)
-            # Owned by this replica: freed once MeshFinish has read it and the Gateway dropped it
+            # Owned by this replica, and held by it for a while (``HeldRefs``)
             return {"media_type": SURFACES, "data": b"", "meta": {},
-                    "surfaces": ray.put(surfaces)}
+                    "surfaces": self.surfaces.put(surfaces)}
 
         async with aclosing(self.stream(work)) as events:
             async for event in events:
