@@ -187,6 +187,8 @@ def browser_view(ui: UiState, obj: ObjectState) -> str:
         "session_id": ui.session_id, "object_id": obj.object_id, "width": width,
         "height": height, "step": obj.step, "points": obj.points, "labels": obj.labels,
         "box": obj.box, "selected": obj.selected,
+        # a box's first corner taken on the server path: the page's next click completes it
+        "corner": list(ui.corner) if ui.corner is not None else None,
     })
 
 

@@ -14,6 +14,7 @@
 
 const STATE_SELECTOR = '#segment-state textarea';
 const MODE_LINE_ID = 'decoder-mode';
+const CORNER_HINT_ID = 'corner-hint';
 const LOW_RES = 256;
 const COLOUR = [30, 144, 255];
 
@@ -291,7 +292,24 @@ function canvasFor(img) {
   return canvas;
 }
 
+// The status line's hint while a box has its first corner only, as the server path says it (the
+// server's next status replaces the whole line, hint included).
+function cornerHint(shown) {
+  const status = document.getElementById('status');
+  const hint = document.getElementById(CORNER_HINT_ID);
+  if (!shown) {
+    hint?.remove();
+    return;
+  }
+  if (!status || hint) return;
+  const line = document.createElement('span');
+  line.id = CORNER_HINT_ID;
+  line.textContent = ' · click the opposite corner of the box';
+  (status.querySelector('p') ?? status).appendChild(line);
+}
+
 function draw() {
+  cornerHint(Boolean(corner) && !dragTo);
   const img = overlayImage();
   if (!img || !view.width) return;
   const canvas = canvasFor(img);
@@ -518,6 +536,7 @@ function watchState() {
     corner = null;
     hoverMask = null;
   }
+  if (next.corner) corner = next.corner;
   view = next;
   committed = null;  // the server's overlay shows the recorded step from here on
   if (api.mode === 'browser' && view.session_id) {
