@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from filelock import FileLock
+
 from atelier3d.config import ModelsMode, default_cache_dir
 
 if TYPE_CHECKING:
@@ -71,7 +73,12 @@ def tiny_dir(cache_dir: Path | None, folder: str, marker: str,
     time (``marker``, a file written last, is how a complete copy is known)."""
     path = (cache_dir or default_cache_dir()) / folder
     if not (path / marker).exists():
-        write(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Replicas (or test processes) starting together on one cache: one writes, the others
+        # wait for it instead of reading a half-written copy.
+        with FileLock(f"{path}.lock"):
+            if not (path / marker).exists():
+                write(path)
     return path
 
 
