@@ -8,7 +8,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, driver_env
+
+pytestmark = pytest.mark.cluster  # a Ray and Serve of its own, in a subprocess
 
 STAGES = ("encode", "click", "parse", "edit", "mesh")
 MODEL_DEPLOYMENTS = ("SamEncoder", "SamDecoder", "HumanParser", "ImageEditor", "Shape3D")
