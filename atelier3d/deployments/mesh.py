@@ -56,9 +56,6 @@ class HeldRefs:
         self._refs.append((now, ref))
         return ref
 
-    def __len__(self) -> int:
-        return len(self._refs)
-
 
 @serve.deployment(name="Shape3D")
 class Shape3D(JobModel):
