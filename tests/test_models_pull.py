@@ -506,8 +506,13 @@ def test_serve_real_starts_offline_on_the_pulled_cache(hub, pulled):
         sam = next(iter(hub.files.values()))
         assert info["models"]["sam_encoder"]["checkpoint_sha256"] == hashlib.sha256(
             sam).hexdigest()
-        # Printed once every deployment (parser, editor, shape too) runs, its weights loaded.
-        assert "atelier3d is serving the UI and API" in log.read_text()
+        # Printed once every deployment (parser, editor, shape too) runs, its weights loaded:
+        # when `serve` sees the application RUNNING, which may come a moment after /readyz.
+        deadline = time.monotonic() + 60
+        while ("atelier3d is serving the UI and API" not in log.read_text()
+               and time.monotonic() < deadline and proc.poll() is None):
+            time.sleep(0.5)
+        assert "atelier3d is serving the UI and API" in log.read_text(), log.read_text()[-4000:]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
