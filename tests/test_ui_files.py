@@ -5,11 +5,13 @@ to that user only; gone with their session."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from atelier3d.config import AppConfig
 from atelier3d.serve.http import install_error_handlers
@@ -127,3 +129,21 @@ def test_a_page_used_before_its_load_event_keeps_its_work_and_downloads(served) 
     # Files the new page offers are its browser's too.
     (second,) = workspaces.exports.offer(again_ui, {"character-object2.png": b"\x89PNG 2"})
     assert client.get(f"/ui-files/{second.file_id}/{second.name}").status_code == 200
+
+
+
+def test_a_picture_shown_again_is_never_rewritten() -> None:
+    """The overlay of a step shown again (undo back to it, another object chosen) has the same
+    bytes: its file is left as it is (a browser may be reading it), never written over."""
+    exports = ExportDir()
+    rows, cols = np.mgrid[0:120, 0:90]
+    image = np.stack([rows * 2, cols * 2, rows + cols], axis=-1).astype(np.uint8)
+    first = Path(exports.picture(image, "overlay"))
+    written = first.stat()
+    again = Path(exports.picture(image, "overlay"))
+    assert again == first
+    assert (again.stat().st_ino, again.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    shown = np.asarray(Image.open(first).convert("RGB")).astype(int)
+    assert shown.shape == image.shape and np.abs(shown - image).mean() < 4  # lossy WebP
+    assert exports.picture(image[::-1].copy(), "overlay") != str(first)
+    assert not list(first.parent.glob(".*"))  # no staging file left behind

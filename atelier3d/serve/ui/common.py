@@ -7,9 +7,12 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import html
 import inspect
+import io
 import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -37,6 +40,7 @@ COLOURS = [(30, 144, 255), (255, 99, 71), (60, 200, 60), (238, 130, 238), (255, 
 POLL_S = 0.2  # how often the encode progress bar is refreshed
 
 EXPORT_TTL_S = 3600.0  # exported files are Gradio-cached copies; our originals go after this
+PICTURE_TTL_S = 600.0  # shown pictures: Gradio copies each as soon as it is returned
 
 # Options every event of every tab shares (why: see ``events`` in build_ui).
 EVENTS: dict[str, Any] = {"concurrency_limit": None, "api_visibility": "private"}
@@ -163,6 +167,7 @@ class ExportDir:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="atelier3d-ui-"))
+        self._pictures_pruned = 0.0
 
     def write(self, files: dict[str, bytes], prefix: str = "export-") -> list[str]:
         self._prune()
@@ -192,11 +197,42 @@ class ExportDir:
                 del ui.offered[file_id]
                 shutil.rmtree(file.path.parent, ignore_errors=True)
 
+    def picture(self, image: np.ndarray, name: str) -> str:
+        """``image`` as a WebP file to show (what Gradio does with an array, but written under a
+        temporary name and renamed into place). Gradio writes an array's encoding over the file of
+        the same content in place, so a browser (or test) fetching a picture that is shown again
+        at that moment could read it truncated; files are copied into its cache atomically."""
+        with io.BytesIO() as out:
+            Image.fromarray(image).save(out, "webp")
+            data = out.getvalue()
+        folder = self.root / "pictures" / hashlib.sha256(data).hexdigest()[:32]
+        path = folder / f"{name}.webp"
+        if path.exists():
+            os.utime(folder)  # shown again: pruned on the schedule of its last use
+            return str(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+        self._prune_pictures()
+        return str(path)
+
     def _prune(self) -> None:
         cutoff = time.time() - EXPORT_TTL_S
         for folder in self.root.glob("export-*"):
             if folder.stat().st_mtime < cutoff:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _prune_pictures(self) -> None:
+        now = time.time()
+        if now - self._pictures_pruned < PICTURE_TTL_S / 10:  # a glob per picture would cost
+            return
+        self._pictures_pruned = now
+        for folder in (self.root / "pictures").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if folder.stat().st_mtime < now - PICTURE_TTL_S:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def examples(self) -> list[tuple[str, str]]:
         """(caption, PNG path) of every sample image: the UI offers them as files."""

@@ -117,6 +117,16 @@ def render(ui: UiState, obj: ObjectState, others: list[ObjectState]
     return overlay, gallery
 
 
+def render_files(exports: ExportDir, ui: UiState, obj: ObjectState, others: list[ObjectState]
+                 ) -> tuple[str, list[tuple[str, str]]]:
+    """``render``'s pictures as files, which reach the browser whole however often they are
+    shown again (``ExportDir.picture``)."""
+    overlay, gallery = render(ui, obj, others)
+    return (exports.picture(overlay, "overlay"),
+            [(exports.picture(thumb, f"candidate{i + 1}"), caption)
+             for i, (thumb, caption) in enumerate(gallery)])
+
+
 def _describe(ui: UiState, obj: ObjectState) -> str:
     name = ui.label(obj.object_id)
     if obj.selected is None:
@@ -144,8 +154,8 @@ def _refused_view(ui: UiState | None = None) -> tuple:
     return (*_empty_view(ui), None, gr.update(visible=False))
 
 
-async def _view(service: SegmentService, ui: UiState, obj: ObjectState | None = None,
-                note: str = "") -> tuple:
+async def _view(service: SegmentService, exports: ExportDir, ui: UiState,
+                obj: ObjectState | None = None, note: str = "") -> tuple:
     """Every output that depends on the session, in the order of ``view_outputs``."""
     if ui.session_id is None or ui.object_id is None:
         return _empty_view(ui)
@@ -153,7 +163,7 @@ async def _view(service: SegmentService, ui: UiState, obj: ObjectState | None = 
         obj = await service.get_object(ui.session_id, ui.object_id)
     others = [await service.get_object(ui.session_id, other)
               for other in ui.objects if other != ui.object_id]
-    overlay, thumbs = await asyncio.to_thread(render, ui, obj, others)
+    overlay, thumbs = await asyncio.to_thread(render_files, exports, ui, obj, others)
     status = _describe(ui, obj)
     if ui.corner is not None:
         status += " · click the opposite corner of the box"
@@ -201,8 +211,8 @@ async def _wait_encoded(service: SegmentService, session_id: str,
                         "Encoding the image")
 
 
-async def _first_object(service: SegmentService, ui: UiState, progress: gr.Progress,
-                        start: float) -> tuple:
+async def _first_object(service: SegmentService, exports: ExportDir, ui: UiState,
+                        progress: gr.Progress, start: float) -> tuple:
     """Waits for the session's encode, then makes its first object: the view of a new image
     (also after a reload in the middle of the encode); ``start``: when the upload began, so the
     time to ready counts the decode too."""
@@ -212,7 +222,7 @@ async def _first_object(service: SegmentService, ui: UiState, progress: gr.Progr
     ui.objects, ui.object_id = [obj.object_id], obj.object_id
     height, width = ui.image.shape[:2]
     note = f"image {width}×{height} ready in {time.monotonic() - start:.1f} s"
-    return await _view(service, ui, obj, note)
+    return await _view(service, exports, ui, obj, note)
 
 
 def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
@@ -279,7 +289,7 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
         # Owned from here on, so the next upload deletes it even if this one fails below.
         ui.start(info.session_id, service.store.get(info.session_id).image, None)
         ui.image_name = name
-        return (*await _first_object(service, ui, progress, start), gr.skip(),
+        return (*await _first_object(service, exports, ui, progress, start), gr.skip(),
                 gr.update(visible=False))
 
     async def forget(ui: UiState) -> None:
@@ -336,8 +346,8 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
             ui.start(None, None, None)
             return _empty_view(ui)
         if ui.object_id is None:  # reloaded while the image was encoding
-            return await _first_object(service, ui, progress, time.monotonic())
-        return await _view(service, ui, note="restored after a reload")
+            return await _first_object(service, exports, ui, progress, time.monotonic())
+        return await _view(service, exports, ui, note="restored after a reload")
 
     @guarded()
     async def on_click(ui: UiState, click_mode: str, evt: gr.SelectData) -> tuple:
@@ -350,12 +360,12 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
         if click_mode == BOX:
             if ui.corner is None:  # first corner: only remembered, nothing to segment yet
                 ui.corner = (x, y)
-                return await _view(service, ui, obj)
+                return await _view(service, exports, ui, obj)
             (x0, y0), ui.corner = ui.corner, None
             box = (min(x0, x), min(y0, y), max(x0, x), max(y0, y))
             if box[2] <= box[0] or box[3] <= box[1]:
                 gr.Warning("The box's corners must differ in x and y; start again.")
-                return await _view(service, ui, obj)
+                return await _view(service, exports, ui, obj)
         else:
             points.append((x, y))
             labels.append(0 if click_mode == REMOVE else 1)
@@ -367,14 +377,14 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
         # The object's new state comes back with the step: no second load to show it.
         result, obj = await service.segment_step(ui.session_id, request)
         note = f"{result.timings_ms.total_ms:.0f} ms"
-        return await _view(service, ui, obj, note=note)
+        return await _view(service, exports, ui, obj, note=note)
 
     @guarded()
     async def on_pick(ui: UiState, evt: gr.SelectData) -> tuple:
         if ui.session_id is None or ui.object_id is None:
             return gr.skip()
         obj = await service.select(ui.session_id, ui.object_id, int(evt.index))
-        return await _view(service, ui, obj)
+        return await _view(service, exports, ui, obj)
 
     @guarded()
     async def on_new_object(ui: UiState) -> tuple:
@@ -384,21 +394,21 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
         obj = await service.create_object(ui.session_id)
         ui.objects.append(obj.object_id)
         ui.object_id, ui.corner = obj.object_id, None
-        return await _view(service, ui, obj)
+        return await _view(service, exports, ui, obj)
 
     @guarded()
     async def on_switch(ui: UiState, object_id: str | None) -> tuple:
         if ui.session_id is None or object_id not in ui.objects:
             return gr.skip()
         ui.object_id, ui.corner = object_id, None
-        return await _view(service, ui)
+        return await _view(service, exports, ui)
 
     @guarded()
     async def on_browser_step(ui: UiState) -> tuple:
         if ui.session_id is None or ui.object_id is None:
             return gr.skip()
         ui.corner = None
-        return await _view(service, ui, note="decoded in the browser")
+        return await _view(service, exports, ui, note="decoded in the browser")
 
     def make_edit(action: str) -> Callable[[UiState], Awaitable[tuple]]:
         @guarded()
@@ -407,7 +417,7 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
                 return gr.skip()
             ui.corner = None
             obj = await service.edit_object(ui.session_id, ui.object_id, action)
-            return await _view(service, ui, obj)
+            return await _view(service, exports, ui, obj)
 
         on_edit.__name__ = f"on_{action}"
         return on_edit
