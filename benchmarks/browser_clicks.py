@@ -195,7 +195,12 @@ class Meter:
 
     @contextlib.contextmanager
     def phase(self, out: dict, clicks: int) -> Iterator[None]:
-        time.sleep(12)  # Ray exports metrics every few seconds: let the last phase's arrive
+        # Ray exports metrics every few seconds: let the last phase's arrive. The page is idle
+        # meanwhile, so the server's CPU then is its background (Ray's GCS, raylet, metrics,
+        # Gradio's queue), which runs through the phase too and is not the clicks' cost.
+        idle_cpu0, idle0 = server_cpu_seconds(), time.monotonic()
+        time.sleep(12)
+        idle_rate = (server_cpu_seconds() - idle_cpu0) / (time.monotonic() - idle0)
         decodes0, cpu0, seen0, wall0 = (decode_count(self.metrics_url), server_cpu_seconds(),
                                         len(self.requests), time.monotonic())
         load = load_average()
@@ -210,6 +215,8 @@ class Meter:
             "server_requests_per_100_clicks": round(len(requests) * per_100, 1),
             "server_requests_by_path": _by_path(requests, self.base_url),
             "server_cpu_s_per_100_clicks": round(cpu * per_100, 2),
+            "server_idle_cpu_cores": round(idle_rate, 3),
+            "server_cpu_s_per_100_clicks_net": round((cpu - idle_rate * wall) * per_100, 2),
             "server_decodes_per_100_clicks": round(decodes * per_100, 1),
         })
 
