@@ -203,7 +203,9 @@ class ExportDir:
         the same content in place, so a browser (or test) fetching a picture that is shown again
         at that moment could read it truncated; files are copied into its cache atomically."""
         with io.BytesIO() as out:
-            Image.fromarray(image).save(out, "webp")
+            # method 0: a third of the default's encode time (a render per click) for ~25% more
+            # bytes, which a page on the server's network fetches in no time.
+            Image.fromarray(image).save(out, "webp", method=0)
             data = out.getvalue()
         folder = self.root / "pictures" / hashlib.sha256(data).hexdigest()[:32]
         path = folder / f"{name}.webp"

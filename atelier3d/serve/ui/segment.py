@@ -59,9 +59,15 @@ def _tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
           alpha: float) -> np.ndarray:
     """Blends ``colour`` over the masked pixels and draws their outline opaque."""
     out = image.copy()
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return out
+    # Only the mask's bounding box (and a pixel around it, for the outline) is worked on.
+    box = np.s_[max(rows[0] - 1, 0):rows[-1] + 2, max(cols[0] - 1, 0):cols[-1] + 2]
+    part, inside = out[box], mask[box]
     tint = np.array(colour, np.float32)
-    out[mask] = (out[mask] * (1 - alpha) + tint * alpha).astype(np.uint8)
-    out[_edges(mask)] = colour
+    part[inside] = (part[inside] * (1 - alpha) + tint * alpha).astype(np.uint8)
+    part[_edges(inside)] = colour
     return out
 
 
