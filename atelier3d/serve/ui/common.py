@@ -210,8 +210,9 @@ class ExportDir:
         folder = self.root / "pictures" / hashlib.sha256(data).hexdigest()[:32]
         path = folder / f"{name}.webp"
         if path.exists():
-            os.utime(folder)  # shown again: pruned on the schedule of its last use
-            return str(path)
+            with contextlib.suppress(FileNotFoundError):  # pruned meanwhile: written again
+                os.utime(folder)  # shown again: pruned on the schedule of its last use
+                return str(path)
         folder.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
         with os.fdopen(fd, "wb") as file:
