@@ -105,25 +105,43 @@ def test_two_gateway_instances_on_one_redis_hold_one_rate(redis_url) -> None:
             settings, redis=redis.asyncio.Redis.from_url(redis_url), prefix=prefix)))
             for _ in range(2)]
 
-        def clicks(url: str, until: float) -> list[tuple[float, int]]:
-            sent = []
+        def clicks(url: str, until: float) -> list[tuple[float, float, int]]:
+            sent = []  # (sent at, answered at, status)
             with httpx.Client(base_url=url, timeout=10) as client:
                 while time.monotonic() < until:
                     at = time.monotonic()
-                    sent.append((at, client.post("/v1/sessions/ses_x/segment").status_code))
+                    code = client.post("/v1/sessions/ses_x/segment").status_code
+                    sent.append((at, time.monotonic(), code))
             return sent
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             until = time.monotonic() + duration_s
             per_instance = list(pool.map(clicks, urls, [until, until]))
-    accepted = [sum(code == 200 for _, code in sent) for sent in per_instance]
-    refused = sum(code == 429 for sent in per_instance for _, code in sent)
+    accepted = [sum(code == 200 for *_, code in sent) for sent in per_instance]
+    refused = sum(code == 429 for sent in per_instance for *_, code in sent)
     assert all(n > 0 for n in accepted) and refused > sum(accepted), (accepted, refused)
-    # from the first request sent to the last one answered: the burst, then per_s
-    window_s = (max(at for sent in per_instance for at, _ in sent)
-                - min(at for sent in per_instance for at, _ in sent))
+    requests = sorted(r for sent in per_instance for r in sent)
+    # At most one bucket's worth, from the first request sent to the last one answered: the
+    # burst, then per_s (two buckets would give nearly twice it).
+    window_s = max(answered for _, answered, _ in requests) - requests[0][0]
     allowed = limit.burst + limit.per_s * window_s
-    assert abs(sum(accepted) - allowed) <= 0.1 * limit.per_s * window_s, (accepted, allowed)
+    tolerance = 0.1 * limit.per_s * window_s
+    assert sum(accepted) <= allowed + tolerance, (accepted, allowed)
+    # And not fewer than one bucket gives these very requests: the machine may pause the
+    # clients, and a pause refills the bucket to its burst only.
+    one_bucket = shared_bucket_accepts([at for at, _, _ in requests], limit)
+    assert sum(accepted) >= one_bucket - tolerance, (accepted, one_bucket)
+
+
+def shared_bucket_accepts(times: list[float], limit: RateLimit) -> int:
+    """How many of requests arriving at ``times`` (sorted) one token bucket accepts."""
+    tokens, last, accepted = float(limit.burst), times[0], 0
+    for at in times:
+        tokens, last = min(limit.burst, tokens + (at - last) * limit.per_s), at
+        if tokens >= 1:
+            tokens -= 1
+            accepted += 1
+    return accepted
 
 
 def as_client(address: str) -> dict[str, str]:
