@@ -62,6 +62,9 @@ class UiState:
     corner: tuple[float, float] | None = None  # first click of a box in "box corner" mode
     image_name: str = "image"  # the uploaded file's name without suffix: names the downloads
     too_big: UploadedFile | None = None  # an upload over the pixel limit, offered to downscale
+    # The upload was cleared by a refusal: its change event (empty) must not forget a session
+    # opened meanwhile (the downscaled image, when that event comes late).
+    clearing_upload: bool = False
     # Set by the page's load event: whether this workspace had a session then, so the tabs have
     # something to show again (and nothing to redo when the page is new).
     reloaded: bool = False

@@ -157,7 +157,14 @@ def _empty_view(ui: UiState | None = None) -> tuple:
 def _refused_view(ui: UiState | None = None) -> tuple:
     """What a refused upload leaves: the empty view, and the upload cleared (the warning says
     why it was refused)."""
+    if ui is not None:
+        ui.clearing_upload = True
     return (*_empty_view(ui), None, gr.update(visible=False))
+
+
+def _failed_downscale_view(ui: UiState | None = None) -> tuple:
+    """The empty view; the upload is empty already (cleared when the image was refused)."""
+    return (*_empty_view(ui), gr.skip(), gr.update(visible=False))
 
 
 async def _view(service: SegmentService, exports: ExportDir, ui: UiState,
@@ -308,8 +315,11 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
     @guarded(fallback=_refused_view)
     async def on_image(payload: dict | None, ui: UiState, request: gr.Request,
                        progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
-        await forget(ui)
         upload = uploaded_file(payload)
+        if upload is None and ui.clearing_upload:  # our own clearing of a refused image
+            ui.clearing_upload = False
+            return gr.skip()
+        await forget(ui)
         if upload is None:
             return (*_empty_view(ui), gr.skip(), gr.skip())
         start = time.monotonic()
@@ -322,13 +332,14 @@ def segment_tab(service: SegmentService, state: gr.State, exports: ExportDir,
                 raise
             ui.too_big = upload  # over the pixel limit: offered to downscale
             gr.Warning(f"{sentence(exc.message)} Downscale it to fit, or upload a smaller one.")
+            ui.clearing_upload = True
             return (*_empty_view(ui), None, gr.update(visible=True))
 
     def on_example(evt: gr.SelectData) -> str:
         """The example clicked, put in the upload (whose change event opens it)."""
         return example_files[evt.index][1]
 
-    @guarded(fallback=_refused_view)
+    @guarded(fallback=_failed_downscale_view)
     async def on_downscale(ui: UiState, request: gr.Request,
                            progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
         if ui.too_big is None:
