@@ -403,12 +403,21 @@ def apply_deployment_overrides(config: dict, overrides: list[str]) -> None:
 
 @contextlib.contextmanager
 def served_system(checkpoint: SamCheckpoint, cache_dir: Path, models: str,
-                  overrides: list[str]) -> Iterator[str]:
-    """The real app (every deployment in local.yaml) on a local Ray, as ``atelier3d serve``."""
+                  overrides: list[str], direct_ingress: bool = False) -> Iterator[str]:
+    """The real app (every deployment in local.yaml) on a local Ray, as ``atelier3d serve``.
+    ``direct_ingress``: yields the Gateway replica's own port instead of Serve's proxy."""
     from atelier3d.serve import runner
 
     os.environ.setdefault("ATELIER3D_RAY_LOGS", "0")
     port = free_port()
+    if direct_ingress:
+        # Ray Serve's feature flag: the ingress replica serves HTTP itself on a port from this
+        # range (the first one for the only Gateway replica); the proxy runs beside it. Read by
+        # Serve's controller and replicas, which inherit this environment from ray.init.
+        replica_port = free_port()
+        os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(replica_port),
+                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(replica_port + 20))
     config = runner.load_serve_config(
         models=models,
         port=port,
@@ -426,7 +435,7 @@ def served_system(checkpoint: SamCheckpoint, cache_dir: Path, models: str,
     apply_deployment_overrides(config, overrides)
     try:
         runner.start(config, timeout_s=600)
-        base_url = f"http://{LOOPBACK}:{port}"
+        base_url = f"http://{LOOPBACK}:{replica_port if direct_ingress else port}"
         check_served_sam(base_url, checkpoint)
         yield base_url
     finally:
@@ -573,7 +582,8 @@ def run_served(args: argparse.Namespace, checkpoint: SamCheckpoint, size: tuple[
         print(f"   {label}: {fmt(summary)}", flush=True)
         return summary
 
-    with served_system(checkpoint, args.cache_dir, args.models, args.deployment) as base_url:
+    with served_system(checkpoint, args.cache_dir, args.models, args.deployment,
+                       args.direct_ingress) as base_url:
         usage: dict = {}
         with cpu_meter(usage):
             session_id, encode_s = asyncio.run(open_session(base_url, pngs[0]))
@@ -820,6 +830,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deployment", action="append", default=[], metavar="NAME.KEY=VALUE",
                         help="what-if: override the served deployments' sizing, e.g. "
                              "SamDecoder.max_ongoing_requests=1 (repeatable; default: none)")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="what-if: send (b) and (c) to the Gateway replica's own HTTP port "
+                             "(Ray Serve's RAY_SERVE_ENABLE_DIRECT_INGRESS), not through the proxy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wait-load", type=float, default=None,
                         help="first wait (bounded) until the 1-min load average is below this")
