@@ -93,6 +93,15 @@ def _runs_from_string(counts: str) -> np.ndarray:
     return runs
 
 
+def decode_own(rle: dict) -> np.ndarray:
+    """An RLE this server encoded (a decoder's candidate, a session's stored mask) -> ``(H, W)``
+    bool, without ``decode``'s checks of a client's input: on a speckled mask they cost three
+    times the decode itself."""
+    if not isinstance(rle["counts"], str):  # never from ``encode``; checked like a client's
+        return decode(rle, tuple(rle["size"]))
+    return mask_utils.decode(_coco(rle)).astype(bool)
+
+
 def decode(rle: dict, size: tuple[int, int]) -> np.ndarray:
     """A client's RLE -> ``(H, W)`` bool, checked against the image ``size``; 4xx if malformed.
 

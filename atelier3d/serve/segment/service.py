@@ -200,8 +200,7 @@ class SegmentService:
             if current.low_res is not None:
                 mask_logits = current.low_res[current.selected]
             else:  # a step the browser decoded: only its masks were recorded
-                mask = rle.decode(current.candidates[current.selected].rle.model_dump(),
-                                  session.size)
+                mask = rle.decode_own(current.candidates[current.selected].rle.model_dump())
                 mask_logits = mask_to_logits(mask)
         elif request.mask_input is not None:
             mask = rle.decode(request.mask_input.model_dump(), session.size)
@@ -337,10 +336,9 @@ class SegmentService:
             step = session.get_object(source.object_id).current
             if step is None:
                 raise Conflict("the object has no mask yet")
-            mask_rle = step.candidates[step.selected].rle.model_dump()
+            mask = rle.decode_own(step.candidates[step.selected].rle.model_dump())
         else:
-            mask_rle = source.rle.model_dump()
-        mask = rle.decode(mask_rle, session.size)
+            mask = rle.decode(source.rle.model_dump(), session.size)
         if not mask.any():
             raise BadRequest(f"the mask is empty: {empty}")
         return mask
@@ -357,7 +355,7 @@ class SegmentService:
             box=(dx, dy, width - dx, height - dy), mask_logits=None,
             multimask=True, return_low_res=False,
         ))
-        mask = rle.decode(result.candidates[result.best].rle.model_dump(), (height, width))
+        mask = rle.decode_own(result.candidates[result.best].rle.model_dump())
         if not mask.any():
             raise BadRequest("no object found in the image: send a cut-out (an image with alpha) "
                              "or a session object")

@@ -41,8 +41,8 @@ POSITIVE, NEGATIVE, CORNER = (0, 200, 0), (230, 0, 0), (255, 220, 0)
 THUMB_PX = 256  # candidate thumbnails: small, they only need to tell the three apart
 
 
-def _mask(candidate: MaskCandidate, size: tuple[int, int]) -> np.ndarray:
-    return rle.decode(candidate.rle.model_dump(), size)
+def _mask(candidate: MaskCandidate) -> np.ndarray:
+    return rle.decode_own(candidate.rle.model_dump())
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
@@ -98,14 +98,13 @@ def render(ui: UiState, obj: ObjectState, others: list[ObjectState]
     """The overlay (every object's selected mask, the current one brighter, with its prompts)
     and the current object's candidate thumbnails with their scores as captions."""
     image = ui.image
-    size = image.shape[:2]
     overlay = image
     for other in others:  # other objects stay visible, faintly, so objects can be told apart
         if other.selected is not None:
-            mask = _mask(other.masks[other.selected], size)
+            mask = _mask(other.masks[other.selected])
             overlay = _tint(overlay, mask, ui.colour(other.object_id), 0.25)
     colour = ui.colour(obj.object_id)
-    masks = [_mask(candidate, size) for candidate in obj.masks]
+    masks = [_mask(candidate) for candidate in obj.masks]
     if obj.selected is not None:
         overlay = _tint(overlay, masks[obj.selected], colour, 0.5)
     overlay = _draw_prompts(overlay, obj, colour, ui.corner)
